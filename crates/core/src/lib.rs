@@ -1,0 +1,20 @@
+//! Airlock's shared vocabulary.
+//!
+//! Every tier speaks these types: sandbox names and ids, the workspace a sandbox
+//! owns, exec requests and their outcomes, the limits that bound a run, the typed
+//! errors that cross crate boundaries, and the [`Tier`] trait the router routes
+//! across.
+
+mod error;
+mod exec;
+pub mod limits;
+mod names;
+mod tier;
+mod workspace;
+
+pub use error::{Error, Result};
+pub use exec::{ExecOutcome, ExecRequest, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
+pub use limits::{Limit, LimitExceeded, Limits, LimitsError};
+pub use names::{MAX_NAME_LEN, NameError, SandboxId, SandboxName};
+pub use tier::{BoxFuture, Tier, TierKind};
+pub use workspace::{WORKSPACE_GUEST_PATH, Workspace};

@@ -1,0 +1,348 @@
+//! The one Wasmtime engine of a process, and loading guests into it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use airlock_core::Error;
+use airlock_core::limits::{MAX_INSTANCES, MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS};
+use wasmtime::component::{Component, Linker as ComponentLinker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, OptLevel, PoolingAllocationConfig};
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+use crate::cache::{DiskCache, Hash32, Rejected, Sha256Hasher, hex, sha256};
+use crate::guest::{Guest, GuestKind, GuestOrigin};
+use crate::host::{ComponentHost, ModuleHost};
+
+/// How often the engine's epoch advances. Deadlines are checked at each tick,
+/// so a guest overruns its deadline by at most about one tick.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Default number of runs that may execute at once; each takes a slot of the
+/// engine's pooling allocator, whose memory is reserved up front.
+pub const DEFAULT_MAX_CONCURRENT_RUNS: u32 = 256;
+/// Guest call-stack budget. Deep recursion past it traps as the stack limit.
+pub const WASM_STACK_BYTES: usize = 512 * 1024;
+/// Native stack each running guest executes on; must exceed the guest budget
+/// with room for host calls.
+const ASYNC_STACK_BYTES: usize = 2 * 1024 * 1024;
+/// Core instances reserved per concurrent run (a component instantiates several).
+const CORE_INSTANCES_PER_RUN: u32 = 8;
+/// Linear memories and tables reserved per concurrent run.
+const MEMORIES_PER_RUN: u32 = 4;
+const TABLES_PER_RUN: u32 = 4;
+/// Largest guest file accepted (an interpreter component is about 20 MiB).
+pub const MAX_GUEST_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How the engine is set up. Every field is documented with its default.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where compiled guests are cached. Default: [`default_cache_dir`].
+    /// `None` compiles every guest once per process and keeps it in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Runs that may execute at once. Default: [`DEFAULT_MAX_CONCURRENT_RUNS`].
+    /// A run that would pass it fails with a clear error rather than waiting.
+    pub max_concurrent_runs: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { cache_dir: default_cache_dir(), max_concurrent_runs: DEFAULT_MAX_CONCURRENT_RUNS }
+    }
+}
+
+/// `$AIRLOCK_HOME/cache/guests`, else `$XDG_CACHE_HOME/airlock/guests`, else
+/// `$HOME/.cache/airlock/guests`; `None` if none of these is set.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(home) = var("AIRLOCK_HOME") {
+        return Some(home.join("cache").join("guests"));
+    }
+    if let Some(cache) = var("XDG_CACHE_HOME") {
+        return Some(cache.join("airlock").join("guests"));
+    }
+    var("HOME").map(|home| home.join(".cache").join("airlock").join("guests"))
+}
+
+/// A file we loaded before: if its size and modification time are unchanged,
+/// its content hash is reused instead of hashing the file again.
+struct KnownFile {
+    len: u64,
+    modified: Option<SystemTime>,
+    source: Hash32,
+}
+
+pub(crate) struct EngineInner {
+    pub(crate) engine: Engine,
+    component_linker: ComponentLinker<ComponentHost>,
+    module_linker: Linker<ModuleHost>,
+    disk: Option<DiskCache>,
+    guests: Mutex<HashMap<Hash32, Guest>>,
+    files: Mutex<HashMap<PathBuf, KnownFile>>,
+    stop_ticker: Arc<AtomicBool>,
+    ticker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+        if let Some(ticker) = lock(&self.ticker).take() {
+            let _ = ticker.join();
+        }
+    }
+}
+
+/// The isolate tier's engine: Cranelift, the pooling allocator with
+/// copy-on-write memory images, epoch interruption, async execution. Create
+/// one per process and clone it freely (clones share everything).
+#[derive(Clone)]
+pub struct IsolateEngine {
+    pub(crate) inner: Arc<EngineInner>,
+}
+
+impl std::fmt::Debug for IsolateEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsolateEngine").field("cache_dir", &self.cache_dir()).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps hold only finished entries, so a panic elsewhere cannot leave them half-written.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn engine_error(context: &str, error: impl std::fmt::Display) -> Error {
+    Error::Engine(format!("{context}: {error}"))
+}
+
+impl IsolateEngine {
+    pub fn new(config: EngineConfig) -> Result<Self, Error> {
+        let runs = config.max_concurrent_runs.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(runs)
+            .total_core_instances(runs.saturating_mul(CORE_INSTANCES_PER_RUN))
+            .total_memories(runs.saturating_mul(MEMORIES_PER_RUN))
+            .total_tables(runs.saturating_mul(TABLES_PER_RUN))
+            .total_stacks(runs)
+            .max_core_instances_per_component(u32::try_from(MAX_INSTANCES).unwrap_or(u32::MAX))
+            .max_memory_size(usize::try_from(MAX_MEMORY_BYTES).unwrap_or(usize::MAX))
+            .table_elements(usize::try_from(MAX_TABLE_ELEMENTS).unwrap_or(usize::MAX));
+
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .cranelift_opt_level(OptLevel::Speed)
+            .max_wasm_stack(WASM_STACK_BYTES)
+            .async_stack_size(ASYNC_STACK_BYTES)
+            .memory_init_cow(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).map_err(|e| engine_error("cannot create the wasm engine", e))?;
+
+        let mut component_linker = ComponentLinker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
+            .map_err(|e| engine_error("cannot link WASI preview 2", e))?;
+        let mut module_linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |host: &mut ModuleHost| &mut host.wasi)
+            .map_err(|e| engine_error("cannot link WASI preview 1", e))?;
+
+        let disk = config.cache_dir.map(|dir| {
+            let mut hasher = Sha256Hasher::default();
+            std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+            DiskCache::new(dir, hasher.digest())
+        });
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = stop_ticker.clone();
+            std::thread::Builder::new()
+                .name("airlock-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| engine_error("cannot start the epoch thread", e))?
+        };
+
+        Ok(Self {
+            inner: Arc::new(EngineInner {
+                engine,
+                component_linker,
+                module_linker,
+                disk,
+                guests: Mutex::default(),
+                files: Mutex::default(),
+                stop_ticker,
+                ticker: Mutex::new(Some(ticker)),
+            }),
+        })
+    }
+
+    /// The directory of the on-disk guest cache, if there is one.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.inner.disk.as_ref().map(DiskCache::dir)
+    }
+
+    /// The cache file a guest with these bytes is kept in.
+    pub fn cache_path_for(&self, wasm: &[u8]) -> Option<PathBuf> {
+        self.inner.disk.as_ref().map(|disk| disk.path_for(&sha256(wasm)))
+    }
+
+    /// Loads a guest from a `.wasm` (binary) or `.wat` (text) file: a WASI
+    /// preview 2 component exporting `wasi:cli/run`, or a preview 1 module
+    /// exporting `_start`. Compiles it, or takes it from the cache.
+    /// Blocking: compilation can take seconds for large guests.
+    pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Guest, Error> {
+        let path = path.as_ref();
+        let guest_error = |reason: String| Error::Guest { path: path.to_path_buf(), reason };
+        let meta = std::fs::metadata(path).map_err(|e| guest_error(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(guest_error("not a file".into()));
+        }
+        if meta.len() > MAX_GUEST_BYTES {
+            return Err(guest_error(format!(
+                "is {} bytes; the guest size limit is {MAX_GUEST_BYTES} bytes",
+                meta.len()
+            )));
+        }
+        let modified = meta.modified().ok();
+        let known = lock(&self.inner.files)
+            .get(path)
+            .filter(|f| f.len == meta.len() && f.modified == modified && modified.is_some())
+            .map(|f| f.source);
+        if let Some(guest) = known.and_then(|source| lock(&self.inner.guests).get(&source).cloned()) {
+            return Ok(guest.from_memory());
+        }
+        let bytes = std::fs::read(path).map_err(|e| guest_error(e.to_string()))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let guest = self.load_bytes(&name, &bytes).map_err(|e| match e {
+            Error::Guest { reason, .. } => guest_error(reason),
+            other => other,
+        })?;
+        lock(&self.inner.files).insert(
+            path.to_path_buf(),
+            KnownFile { len: meta.len(), modified, source: guest.source_hash() },
+        );
+        Ok(guest)
+    }
+
+    /// Loads a guest from bytes (binary or text); `name` is used in messages
+    /// and as the guest's `argv[0]`.
+    pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Guest, Error> {
+        let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
+        let source = sha256(bytes);
+        if let Some(guest) = lock(&self.inner.guests).get(&source).cloned() {
+            return Ok(guest.from_memory());
+        }
+        if Engine::detect_precompiled(bytes).is_some() {
+            return Err(guest_error("is precompiled native code; pass the .wasm it was built from".into()));
+        }
+        let binary = if bytes.starts_with(b"\0asm") {
+            std::borrow::Cow::Borrowed(bytes)
+        } else {
+            std::borrow::Cow::Owned(
+                wat::parse_bytes(bytes)
+                    .map_err(|e| guest_error(format!("is neither a wasm binary nor valid wasm text: {e}")))?
+                    .into_owned(),
+            )
+        };
+        // Bytes 4..8 are the version: 1 for core modules, a "layer" of 1 in bytes 6..8 for components.
+        let is_component = binary.get(6..8) == Some(&[1, 0]);
+        let (kind, origin) = if is_component {
+            let (component, origin) = self.compile(&source, &binary, compile_component, load_component)?;
+            let pre = self
+                .inner
+                .component_linker
+                .instantiate_pre(&component)
+                .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
+            let pre = CommandPre::new(pre)
+                .map_err(|e| guest_error(format!("is not a WASI command (no wasi:cli/run export): {e}")))?;
+            (GuestKind::Component(pre), origin)
+        } else {
+            let (module, origin) = self.compile(&source, &binary, compile_module, load_module)?;
+            if module.get_export("_start").is_none() {
+                return Err(guest_error("is not a WASI command (no _start export)".into()));
+            }
+            let pre = self
+                .inner
+                .module_linker
+                .instantiate_pre(&module)
+                .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
+            (GuestKind::Module(pre), origin)
+        };
+        let guest = Guest::new(name.to_string(), source, kind, origin);
+        lock(&self.inner.guests).insert(source, guest.clone());
+        Ok(guest)
+    }
+
+    /// Takes compiled code from the disk cache if a valid entry exists, else
+    /// compiles and stores it.
+    fn compile<C>(
+        &self,
+        source: &Hash32,
+        binary: &[u8],
+        compile: fn(&Engine, &[u8]) -> wasmtime::Result<(C, Vec<u8>)>,
+        load: fn(&Engine, &[u8]) -> wasmtime::Result<C>,
+    ) -> Result<(C, GuestOrigin), Error> {
+        let engine = &self.inner.engine;
+        let mut rejected = None;
+        if let Some(disk) = &self.inner.disk {
+            match disk.load(source) {
+                Ok(payload) => match load(engine, &payload) {
+                    Ok(compiled) => return Ok((compiled, GuestOrigin::DiskCache)),
+                    Err(e) => {
+                        tracing::warn!(path = %disk.path_for(source).display(), "guest cache entry refused by the engine: {e}");
+                        rejected = Some(format!("refused by the engine: {e}"));
+                    }
+                },
+                Err(Rejected::Missing) => {}
+                Err(reason) => {
+                    tracing::warn!(path = %disk.path_for(source).display(), ?reason, "guest cache entry rejected; recompiling");
+                    rejected = Some(format!("{reason:?}").to_lowercase());
+                }
+            }
+        }
+        let (compiled, serialized) = compile(engine, binary).map_err(|e| Error::Guest {
+            path: PathBuf::from(hex(&source[..8])),
+            reason: format!("does not compile: {e:#}"),
+        })?;
+        if let Some(disk) = &self.inner.disk
+            && let Err(e) = disk.store(source, &serialized)
+        {
+            // The guest still runs; it is only compiled again next process.
+            tracing::warn!(dir = %disk.dir().display(), "cannot write the guest cache: {e}");
+        }
+        Ok((compiled, GuestOrigin::Compiled { rejected_cache_entry: rejected }))
+    }
+}
+
+fn compile_component(engine: &Engine, binary: &[u8]) -> wasmtime::Result<(Component, Vec<u8>)> {
+    let component = Component::new(engine, binary)?;
+    let serialized = component.serialize()?;
+    Ok((component, serialized))
+}
+
+fn compile_module(engine: &Engine, binary: &[u8]) -> wasmtime::Result<(Module, Vec<u8>)> {
+    let module = Module::new(engine, binary)?;
+    let serialized = module.serialize()?;
+    Ok((module, serialized))
+}
+
+#[allow(unsafe_code)]
+fn load_component(engine: &Engine, payload: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: `payload` comes only from `DiskCache::load`, which returns bytes
+    // whose SHA-256 matches the hash recorded when this process's engine
+    // configuration serialized them, and Wasmtime itself checks that the
+    // artifact was produced by a compatible engine.
+    unsafe { Component::deserialize(engine, payload) }
+}
+
+#[allow(unsafe_code)]
+fn load_module(engine: &Engine, payload: &[u8]) -> wasmtime::Result<Module> {
+    // SAFETY: as for `load_component`.
+    unsafe { Module::deserialize(engine, payload) }
+}

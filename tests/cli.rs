@@ -1,0 +1,146 @@
+//! `airlock run` as a user meets it: output, exit status, limits, and errors
+//! as one clear line on stderr.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Fixture, guest};
+
+fn airlock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An error is exactly one line, says what is wrong, and is no panic or backtrace.
+fn assert_one_line_error(output: &Output, expected: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("airlock: error: "), "{stderr}");
+    assert!(stderr.contains(expected), "expected {expected:?} in {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+}
+
+#[test]
+fn runs_a_guest_and_exits_with_its_status() {
+    let fixture = Fixture::new();
+    let ws = fixture.workspace.host_path().to_str().unwrap().to_string();
+    let hello = guest("hello.wasm");
+    let output = airlock(&["run", hello.to_str().unwrap(), "--workspace", &ws, "-e", "GREETING=yo", "--", "a", "b"]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(text(&output.stdout), "hello, a b\ngreeting: yo\n");
+    assert_eq!(text(&output.stderr), "hello on stderr\n");
+
+    let p1 = guest("hello-p1.wasm");
+    let output = airlock(&["run", p1.to_str().unwrap(), "-e", "EXIT_CODE=9"]);
+    assert_eq!(output.status.code(), Some(9));
+}
+
+#[test]
+fn the_workspace_flag_shares_a_directory_with_the_guest() {
+    let fixture = Fixture::new();
+    let ws = fixture.workspace.host_path().to_str().unwrap().to_string();
+    let io = guest("workspace-io.wasm");
+    let output = airlock(&["run", io.to_str().unwrap(), "--workspace", &ws, "--", "write", "out.txt", "from the cli"]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(std::fs::read_to_string(fixture.path("out.txt")).unwrap(), "from the cli");
+}
+
+#[test]
+fn limits_end_the_run_with_one_line_naming_the_limit() {
+    let spin = guest("spin.wasm");
+    let output = airlock(&["run", spin.to_str().unwrap(), "--timeout", "300ms"]);
+    assert_eq!(output.status.code(), Some(124));
+    assert_one_line_error(&output, "wall-clock deadline of 300ms exceeded");
+
+    let bomb = guest("memory-bomb.wasm");
+    let output = airlock(&["run", bomb.to_str().unwrap(), "--memory", "16MiB"]);
+    assert_eq!(output.status.code(), Some(125));
+    let stderr = text(&output.stderr);
+    assert!(stderr.ends_with("airlock: error: memory limit of 16 MiB exceeded\n"), "{stderr}");
+
+    let flood = guest("output-flood.wasm");
+    let output = airlock(&["run", flood.to_str().unwrap(), "--output-limit", "2KiB"]);
+    assert_eq!(output.status.code(), Some(125));
+    assert_eq!(output.stdout.len(), 2048);
+    assert_one_line_error(&output, "output limit of 2 KiB exceeded");
+}
+
+#[test]
+fn a_guest_blocked_reading_stdin_stops_at_the_deadline() {
+    let blocker = guest("blocker.wasm");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", blocker.to_str().unwrap(), "--timeout", "1s", "--", "stdin"])
+        .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Hold stdin open and silent: the guest waits in a host read.
+    let stdin = child.stdin.take().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    drop(stdin);
+    assert_eq!(output.status.code(), Some(124), "{output:?}");
+    assert_one_line_error(&output, "wall-clock deadline of 1s exceeded");
+    // Twice the deadline, plus process start-up and a cold guest compile.
+    assert!(elapsed < Duration::from_secs(2) + Duration::from_secs(3), "{elapsed:?}");
+}
+
+#[test]
+fn stdin_reaches_the_guest() {
+    let hello = guest("hello.wasm");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", hello.to_str().unwrap(), "--", "--stdin"])
+        .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"typed in").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(text(&output.stdout).contains("stdin: typed in\n"), "{output:?}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let hello = guest("hello.wasm");
+    let hello = hello.to_str().unwrap();
+    let cases: [(&[&str], &str); 8] = [
+        (&["run", "/no/such/file.wasm"], "/no/such/file.wasm"),
+        (&["run", hello, "--memory", "lots"], "\"lots\" is not a size"),
+        (&["run", hello, "--memory", "64GiB"], "memory limit may be at most 4 GiB"),
+        (&["run", hello, "--timeout", "10"], "\"10\" is not a duration"),
+        (&["run", hello, "--workspace", "/no/such/dir"], "workspace /no/such/dir"),
+        (&["run", hello, "--env", "NOEQUALS"], "not KEY=VALUE"),
+        (&["run"], "required"),
+        (&["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, expected) in cases {
+        let output = airlock(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        assert_one_line_error(&output, expected);
+    }
+}
+
+#[test]
+fn help_lists_the_run_options() {
+    let output = airlock(&["run", "--help"]);
+    assert!(output.status.success());
+    let help = text(&output.stdout);
+    for flag in ["--workspace", "--timeout", "--memory", "--output-limit", "--env"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}

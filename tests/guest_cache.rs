@@ -1,0 +1,96 @@
+//! Guests are compiled once and cached on disk, keyed by content and engine;
+//! a damaged or foreign cache file is detected and rebuilt, never loaded.
+
+mod common;
+
+use std::path::Path;
+
+use airlock::wasm::{EngineConfig, GuestOrigin, IsolateEngine};
+use airlock::ExecRequest;
+use common::{Fixture, guest};
+
+fn engine_with_cache(dir: &Path) -> IsolateEngine {
+    // A separate engine per step stands for a new process; a small pool keeps each cheap.
+    IsolateEngine::new(EngineConfig { cache_dir: Some(dir.to_path_buf()), max_concurrent_runs: 4 }).unwrap()
+}
+
+async fn runs_hello(engine: &IsolateEngine, guest: &airlock::Guest) {
+    let fixture = Fixture::new();
+    let outcome = engine.run(guest, &fixture.workspace, &ExecRequest::new("hello").args(["cached"])).await.unwrap();
+    assert_eq!(outcome.stdout_text(), "hello, cached\n");
+}
+
+fn rejected(origin: &GuestOrigin) -> Option<String> {
+    match origin {
+        GuestOrigin::Compiled { rejected_cache_entry } => rejected_cache_entry.clone(),
+        other => panic!("expected a fresh compile, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn compiled_once_then_loaded_from_disk_then_from_memory() {
+    let cache = tempfile::tempdir().unwrap();
+    let wasm = std::fs::read(guest("hello.wasm")).unwrap();
+
+    let first = engine_with_cache(cache.path());
+    let guest_first = first.load_file(guest("hello.wasm")).unwrap();
+    assert_eq!(guest_first.origin(), &GuestOrigin::Compiled { rejected_cache_entry: None });
+    assert!(first.cache_path_for(&wasm).unwrap().is_file());
+    runs_hello(&first, &guest_first).await;
+    assert_eq!(first.load_file(guest("hello.wasm")).unwrap().origin(), &GuestOrigin::Memory);
+
+    let second = engine_with_cache(cache.path());
+    let guest_second = second.load_file(guest("hello.wasm")).unwrap();
+    assert_eq!(guest_second.origin(), &GuestOrigin::DiskCache);
+    runs_hello(&second, &guest_second).await;
+}
+
+#[tokio::test]
+async fn damaged_cache_files_are_rebuilt() {
+    let cache = tempfile::tempdir().unwrap();
+    let wasm = std::fs::read(guest("hello.wasm")).unwrap();
+    let path = engine_with_cache(cache.path()).cache_path_for(&wasm).unwrap();
+    engine_with_cache(cache.path()).load_file(guest("hello.wasm")).unwrap();
+    let good = std::fs::read(&path).unwrap();
+
+    let damages: [(&str, Vec<u8>, &str); 4] = [
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        ("corrupt", { let mut b = good.clone(); let i = b.len() - 100; b[i] ^= 0xff; b }, "corrupt"),
+        ("empty", Vec::new(), "truncated"),
+        ("garbage", b"#!/bin/sh\necho not a cache file at all, but long enough to pass a header check....................................................................................................".to_vec(), "badmagic"),
+    ];
+    for (what, damaged, reason) in damages {
+        std::fs::write(&path, &damaged).unwrap();
+        let engine = engine_with_cache(cache.path());
+        let loaded = engine.load_file(guest("hello.wasm")).unwrap();
+        assert_eq!(rejected(loaded.origin()).as_deref(), Some(reason), "{what}");
+        runs_hello(&engine, &loaded).await;
+        assert_eq!(std::fs::read(&path).unwrap(), good, "{what}: the rebuilt entry should be whole again");
+        // The rebuilt entry is used by the next process.
+        assert_eq!(engine_with_cache(cache.path()).load_file(guest("hello.wasm")).unwrap().origin(), &GuestOrigin::DiskCache);
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_cache_file_is_not_loaded() {
+    let cache = tempfile::tempdir().unwrap();
+    let hello = std::fs::read(guest("hello.wasm")).unwrap();
+    let spin = std::fs::read(guest("spin.wasm")).unwrap();
+    let engine = engine_with_cache(cache.path());
+    engine.load_file(guest("spin.wasm")).unwrap();
+    // Put spin's compiled code where hello's would be: loading it would run the wrong program.
+    std::fs::copy(engine.cache_path_for(&spin).unwrap(), engine.cache_path_for(&hello).unwrap()).unwrap();
+
+    let fresh = engine_with_cache(cache.path());
+    let loaded = fresh.load_file(guest("hello.wasm")).unwrap();
+    assert_eq!(rejected(loaded.origin()).as_deref(), Some("foreign"));
+    runs_hello(&fresh, &loaded).await;
+}
+
+#[tokio::test]
+async fn without_a_cache_dir_guests_still_run() {
+    let engine = IsolateEngine::new(EngineConfig { cache_dir: None, max_concurrent_runs: 2 }).unwrap();
+    assert!(engine.cache_dir().is_none());
+    let loaded = engine.load_file(guest("hello.wasm")).unwrap();
+    runs_hello(&engine, &loaded).await;
+}

@@ -1,0 +1,143 @@
+//! Limits hold against hostile guests, each hit reported as the limit it is,
+//! and a run that traps leaves every other run untouched.
+
+mod common;
+
+use std::time::Duration;
+
+use airlock::limits::{KIB, MIB};
+use airlock::{ExecRequest, Limit, LimitExceeded, Limits, Termination};
+use common::{Fixture, engine, guest};
+
+fn limits(adjust: impl FnOnce(&mut Limits)) -> Limits {
+    let mut limits = Limits::default();
+    adjust(&mut limits);
+    limits
+}
+
+async fn run(name: &str, args: &[&str], limits: Limits) -> airlock::ExecOutcome {
+    let fixture = Fixture::new();
+    let guest = engine().load_file(guest(name)).unwrap();
+    let request = ExecRequest::new(name).args(args.iter().copied()).limits(limits);
+    engine().run(&guest, &fixture.workspace, &request).await.unwrap()
+}
+
+fn assert_limit(outcome: &airlock::ExecOutcome, limit: Limit, value: u64) {
+    assert_eq!(outcome.termination, Termination::LimitExceeded(LimitExceeded { limit, value }), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn an_infinite_loop_stops_within_twice_the_deadline() {
+    let deadline = Duration::from_secs(1);
+    let outcome = run("spin.wasm", &[], limits(|l| l.deadline = deadline)).await;
+    assert_limit(&outcome, Limit::Deadline, 1000);
+    assert!(outcome.wall_time >= deadline, "{:?}", outcome.wall_time);
+    assert!(outcome.wall_time < 2 * deadline, "{:?}", outcome.wall_time);
+    assert_eq!(outcome.termination.to_string(), "wall-clock deadline of 1s exceeded");
+}
+
+#[tokio::test]
+async fn a_guest_sleeping_in_a_host_call_stops_within_twice_the_deadline() {
+    let deadline = Duration::from_secs(1);
+    let outcome = run("blocker.wasm", &["sleep"], limits(|l| l.deadline = deadline)).await;
+    assert_limit(&outcome, Limit::Deadline, 1000);
+    assert!(outcome.wall_time < 2 * deadline, "{:?}", outcome.wall_time);
+}
+
+#[tokio::test]
+async fn a_memory_bomb_hits_the_memory_limit() {
+    let outcome = run("memory-bomb.wasm", &[], limits(|l| l.memory_bytes = 32 * MIB)).await;
+    assert_limit(&outcome, Limit::Memory, 32 * MIB);
+    assert_eq!(outcome.termination.to_string(), "memory limit of 32 MiB exceeded");
+}
+
+#[tokio::test]
+async fn an_output_flood_is_cut_at_the_cap_and_flagged() {
+    let outcome = run("output-flood.wasm", &[], limits(|l| l.output_bytes = 10 * KIB)).await;
+    assert_limit(&outcome, Limit::Output, 10 * KIB);
+    assert_eq!(outcome.stdout.len() as u64, 10 * KIB);
+    assert!(outcome.stdout_truncated);
+    assert!(!outcome.stderr_truncated);
+    assert!(outcome.stdout_text().starts_with("flooding the host"));
+
+    let outcome = run("output-flood.wasm", &["stderr"], limits(|l| l.output_bytes = 4 * KIB)).await;
+    assert_limit(&outcome, Limit::Output, 4 * KIB);
+    assert_eq!(outcome.stderr.len() as u64, 4 * KIB);
+    assert!(outcome.stderr_truncated && !outcome.stdout_truncated);
+}
+
+#[tokio::test]
+async fn deep_recursion_hits_the_stack_limit() {
+    let outcome = run("deep-recursion.wasm", &[], Limits::default()).await;
+    assert_limit(&outcome, Limit::Stack, airlock::wasm::WASM_STACK_BYTES as u64);
+    // Bounded recursion of the same guest is fine.
+    let outcome = run("deep-recursion.wasm", &["1000"], Limits::default()).await;
+    assert!(outcome.success(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_table_bomb_hits_the_table_limit() {
+    let outcome = run("table-bomb.wat", &[], Limits::default()).await;
+    assert_limit(&outcome, Limit::TableElements, Limits::default().table_elements);
+    // With room for it, the same growth succeeds.
+    let outcome = run("table-bomb.wat", &[], limits(|l| l.table_elements = 300_000)).await;
+    assert!(outcome.success(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn an_instance_bomb_hits_the_instance_limit() {
+    let outcome = run("instance-bomb.wat", &[], limits(|l| l.instances = 50)).await;
+    assert_limit(&outcome, Limit::Instances, 50);
+    // 200 core instances fit under a cap of 250.
+    let outcome = run("instance-bomb.wat", &[], limits(|l| l.instances = 250)).await;
+    assert!(outcome.success(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn invalid_limits_are_refused_before_running() {
+    let fixture = Fixture::new();
+    let hello = engine().load_file(guest("hello.wasm")).unwrap();
+    let request = ExecRequest::new("hello").limits(limits(|l| l.memory_bytes = 64 * 1024 * MIB));
+    let err = engine().run(&hello, &fixture.workspace, &request).await.unwrap_err().to_string();
+    assert_eq!(err, "invalid limits: memory limit may be at most 4 GiB, got 64 GiB");
+}
+
+#[tokio::test]
+async fn a_trap_never_affects_another_run() {
+    let fixture = Fixture::new();
+    let hello = engine().load_file(guest("hello.wasm")).unwrap();
+    let hello_once = || {
+        let hello = hello.clone();
+        let workspace = fixture.workspace.clone();
+        async move { engine().run(&hello, &workspace, &ExecRequest::new("hello").args(["again"])).await.unwrap() }
+    };
+    let before = hello_once().await;
+    assert_eq!(before.stdout_text(), "hello, again\n");
+
+    // Hostile runs of every kind, while hello keeps running beside them.
+    let hostile = async {
+        let small = limits(|l| {
+            l.memory_bytes = 16 * MIB;
+            l.output_bytes = KIB;
+            l.deadline = Duration::from_millis(500);
+        });
+        let mut stops = Vec::new();
+        for name in ["memory-bomb.wasm", "deep-recursion.wasm", "output-flood.wasm", "spin.wasm", "table-bomb.wat"] {
+            stops.push(run(name, &[], small).await.termination);
+        }
+        stops
+    };
+    let beside = async {
+        let mut outputs = Vec::new();
+        for _ in 0..20 {
+            outputs.push(hello_once().await.stdout_text());
+        }
+        outputs
+    };
+    let (stops, outputs) = tokio::join!(hostile, beside);
+    assert!(stops.iter().all(|t| matches!(t, Termination::LimitExceeded(_))), "{stops:?}");
+    assert!(outputs.iter().all(|o| o == "hello, again\n"), "{outputs:?}");
+
+    let after = hello_once().await;
+    assert_eq!(after, airlock::ExecOutcome { wall_time: after.wall_time, cpu_time: after.cpu_time, ..before });
+}

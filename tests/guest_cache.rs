@@ -1,6 +1,8 @@
 //! Guests are compiled once and cached on disk, keyed by content and engine;
 //! a damaged or foreign cache file is detected and rebuilt, never loaded.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
+
 mod common;
 
 use std::path::Path;

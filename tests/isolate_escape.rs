@@ -2,6 +2,8 @@
 //! /etc/passwd, symlinks (made by the host or by the guest) and hard links.
 //! After each attempt the workspace is intact and the host outside is untouched.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
+
 mod common;
 
 use airlock::{ExecRequest, Termination};

@@ -1,6 +1,8 @@
 //! Limits hold against hostile guests, each hit reported as the limit it is,
 //! and a run that traps leaves every other run untouched.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
+
 mod common;
 
 use std::time::Duration;

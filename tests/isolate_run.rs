@@ -1,6 +1,8 @@
 //! The isolate tier runs real guests: args, env, stdin, output, exit codes,
 //! preview 1 and 2, the workspace, streaming, and the `Tier` seam.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
+
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -171,7 +171,8 @@ mod tests {
         let (_dir, cache) = cache();
         let source = sha256(b"module");
         let payload = vec![42u8; 1000];
-        let damage: [(&str, fn(&mut Vec<u8>), Rejected); 5] = [
+        type Damage = fn(&mut Vec<u8>);
+        let damage: [(&str, Damage, Rejected); 5] = [
             ("truncated payload", |f| f.truncate(f.len() - 10), Rejected::Truncated),
             ("truncated header", |f| f.truncate(20), Rejected::Truncated),
             ("flipped payload byte", |f| *f.last_mut().unwrap() ^= 1, Rejected::Corrupt),

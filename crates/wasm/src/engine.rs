@@ -215,7 +215,7 @@ impl IsolateEngine {
             .filter(|f| f.len == meta.len() && f.modified == modified && modified.is_some())
             .map(|f| f.source);
         if let Some(guest) = known.and_then(|source| lock(&self.inner.guests).get(&source).cloned()) {
-            return Ok(guest.from_memory());
+            return Ok(guest.again_from_memory());
         }
         let bytes = std::fs::read(path).map_err(|e| guest_error(e.to_string()))?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -236,7 +236,7 @@ impl IsolateEngine {
         let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
         let source = sha256(bytes);
         if let Some(guest) = lock(&self.inner.guests).get(&source).cloned() {
-            return Ok(guest.from_memory());
+            return Ok(guest.again_from_memory());
         }
         if Engine::detect_precompiled(bytes).is_some() {
             return Err(guest_error("is precompiled native code; pass the .wasm it was built from".into()));
@@ -285,8 +285,8 @@ impl IsolateEngine {
         &self,
         source: &Hash32,
         binary: &[u8],
-        compile: fn(&Engine, &[u8]) -> wasmtime::Result<(C, Vec<u8>)>,
-        load: fn(&Engine, &[u8]) -> wasmtime::Result<C>,
+        compile: CompileFn<C>,
+        load: LoadFn<C>,
     ) -> Result<(C, GuestOrigin), Error> {
         let engine = &self.inner.engine;
         let mut rejected = None;
@@ -319,6 +319,11 @@ impl IsolateEngine {
         Ok((compiled, GuestOrigin::Compiled { rejected_cache_entry: rejected }))
     }
 }
+
+/// Compiles wasm into code and its serialized form.
+type CompileFn<C> = fn(&Engine, &[u8]) -> wasmtime::Result<(C, Vec<u8>)>;
+/// Loads code from its verified serialized form.
+type LoadFn<C> = fn(&Engine, &[u8]) -> wasmtime::Result<C>;
 
 fn compile_component(engine: &Engine, binary: &[u8]) -> wasmtime::Result<(Component, Vec<u8>)> {
     let component = Component::new(engine, binary)?;

@@ -55,7 +55,7 @@ impl Guest {
     }
 
     /// The same guest, as handed out again from the engine's memory.
-    pub(crate) fn from_memory(&self) -> Self {
+    pub(crate) fn again_from_memory(&self) -> Self {
         Self { inner: self.inner.clone(), origin: GuestOrigin::Memory }
     }
 

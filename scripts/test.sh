@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine with Rust (rustup) on it:
+# installs what the tests need (the wasm targets), builds the guests, checks
+# lints, then runs every test, including one pass of each benchmark in test mode.
+# Idempotent: everything already present is left as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || { echo "scripts/test.sh: $1 is missing: $2" >&2; exit 1; }
+}
+need cargo "install Rust with rustup (https://rustup.rs) first"
+need rustup "the wasm targets are installed with rustup; install Rust with rustup"
+
+echo "==> wasm targets"
+rustup target add wasm32-wasip2 wasm32-wasip1
+
+echo "==> guests"
+scripts/build-guests.sh
+
+echo "==> lints"
+rustup component add clippy >/dev/null 2>&1 || true
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> tests"
+cargo test --workspace --all-targets --locked
+cargo test --workspace --doc --locked

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds every guest in guests/ into guests/out/: Rust guests for wasm32-wasip2
-# (components), hello also for wasm32-wasip1 (a core module), and the .wat
+# (components; js is the JavaScript interpreter), hello also for wasm32-wasip1
+# (a core module), the Python interpreter with componentize-py, and the .wat
 # sources copied as they are (Airlock loads wasm text directly).
 set -euo pipefail
 cd "$(dirname "$0")/../guests"
@@ -13,4 +14,11 @@ for wasm in target/wasm32-wasip2/release/*.wasm; do
 done
 cp target/wasm32-wasip1/release/hello.wasm out/hello-p1.wasm
 cp wat/*.wat out/
+
+# The Python interpreter: CPython and guests/python/app.py, pre-initialised at build time.
+COMPONENTIZE_PY_VERSION=0.25.1
+if [ "$(python3 -m pip show componentize-py 2>/dev/null | sed -n 's/^Version: //p')" != "$COMPONENTIZE_PY_VERSION" ]; then
+    python3 -m pip install --quiet "componentize-py==$COMPONENTIZE_PY_VERSION"
+fi
+componentize-py -d ../wit -w interpreter componentize app -p python -o out/python.wasm >/dev/null
 echo "guests built into guests/out: $(ls out | tr '\n' ' ')"

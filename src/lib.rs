@@ -23,7 +23,7 @@
 //! ```
 
 pub use airlock_core::{
-    BoxFuture, Error, ExecOutcome, ExecRequest, Limit, LimitExceeded, Limits, LimitsError, NameError, OutputChunk,
+    BoxFuture, CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Error, ExecOutcome, ExecRequest, Limit, LimitExceeded, Limits, LimitsError, NameError, OutputChunk,
     OutputSender, OutputStream, Result, SandboxId, SandboxName, StdinSource, Termination, Tier, TierKind,
     WORKSPACE_GUEST_PATH, Workspace, limits,
 };

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use airlock::limits::{parse_duration, parse_size};
+use airlock::wasm::interpreter::{Interpreters, default_interpreter_dir};
 use airlock::{
-    EngineConfig, ExecRequest, IsolateEngine, Limit, Limits, OutputChunk, OutputSender, OutputStream, StdinSource,
-    Termination, Workspace,
+    EngineConfig, EvalOutcome, EvalResult, ExecRequest, IsolateEngine, Language, Limit, LimitExceeded, Limits,
+    OutputChunk, OutputSender, OutputStream, StdinSource, Termination, Workspace,
 };
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ const EXIT_LIMIT: u8 = 125;
 const EXIT_CRASH: u8 = 134;
 /// Exit status when Airlock itself could not do what was asked (bad input, missing file).
 const EXIT_ERROR: u8 = 2;
+/// Exit status when code needs the container tier (a subprocess, a missing module, the network).
+const EXIT_ESCALATION: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(name = "airlock", version, about = "Run untrusted code in WebAssembly isolates and containers")]
@@ -31,19 +34,30 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a WebAssembly program (a WASI preview 2 component or preview 1 module, .wasm or .wat).
+    /// Run a WebAssembly program (a WASI preview 2 component or preview 1 module, .wasm or .wat),
+    /// or, with --lang, Python or JavaScript code in a fresh interpreter context.
     Run(RunArgs),
+    /// Evaluate Python or JavaScript line by line in one context that keeps its state.
+    Repl(ReplArgs),
 }
 
 #[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// The program to run.
-    file: PathBuf,
-    /// Host directory the program sees as /workspace (must exist).
+struct ReplArgs {
+    /// The language: python or js.
+    #[arg(long, value_name = "LANG")]
+    lang: Language,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+/// Where code runs and what bounds it; shared by `run` and `repl`.
+#[derive(Debug, clap::Args)]
+struct SandboxArgs {
+    /// Host directory the code sees as /workspace (must exist).
     /// Default: a fresh empty directory, removed afterwards.
     #[arg(long, value_name = "DIR")]
     workspace: Option<PathBuf>,
-    /// Wall-clock deadline, such as 500ms, 10s or 2m.
+    /// Wall-clock deadline (per evaluation with --lang), such as 500ms, 10s or 2m.
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     timeout: String,
     /// Memory cap, such as 64MiB or 1GiB.
@@ -52,6 +66,20 @@ struct RunArgs {
     /// Output cap per stream (stdout and stderr each), such as 1MiB.
     #[arg(long, value_name = "SIZE", default_value = "1MiB")]
     output_limit: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The program to run: a .wasm or .wat file; with --lang, a source file.
+    file: Option<PathBuf>,
+    /// Run code in this language (python or js) instead of a WebAssembly program.
+    #[arg(long, value_name = "LANG")]
+    lang: Option<Language>,
+    /// The code to run (with --lang), instead of a file.
+    #[arg(short = 'c', long = "code", value_name = "CODE", requires = "lang", conflicts_with = "file")]
+    code: Option<String>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
     /// Environment variable for the program, as KEY=VALUE (repeatable). Nothing is inherited.
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -94,7 +122,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) if args.lang.is_some() => run_code(args).await,
             Command::Run(args) => run(args).await,
+            Command::Repl(args) => repl(args).await,
         }
     });
     match result {
@@ -104,6 +134,107 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+fn limit_hit(hit: LimitExceeded) -> ExitCode {
+    eprintln!("airlock: error: {hit}");
+    ExitCode::from(if hit.limit == Limit::Deadline { EXIT_DEADLINE } else { EXIT_LIMIT })
+}
+
+fn interpreters(engine: IsolateEngine) -> Interpreters {
+    Interpreters::new(engine, default_interpreter_dir())
+}
+
+/// Prints an evaluation's output and result; returns the exit status it stands for.
+fn report(outcome: &EvalOutcome, show_value: bool) -> ExitCode {
+    let _ = std::io::stdout().write_all(&outcome.stdout);
+    let _ = std::io::stderr().write_all(&outcome.stderr);
+    match &outcome.result {
+        EvalResult::Ok { value } => {
+            if let (true, Some(value)) = (show_value, value) {
+                println!("{}", value.text);
+            }
+            ExitCode::SUCCESS
+        }
+        EvalResult::SyntaxError(error) | EvalResult::RuntimeError(error) => {
+            let text = if error.traceback.is_empty() { format!("{}: {}", error.kind, error.message) } else { error.traceback.clone() };
+            eprintln!("{}", text.trim_end());
+            ExitCode::FAILURE
+        }
+        EvalResult::NeedsEscalation { reason } => {
+            eprintln!("airlock: error: this code needs a container ({reason}); the isolate tier cannot run it");
+            ExitCode::from(EXIT_ESCALATION)
+        }
+        EvalResult::LimitExceeded(hit) => limit_hit(*hit),
+        EvalResult::Crashed { message } => {
+            eprintln!("airlock: error: the interpreter crashed: {}", message.replace('\n', " "));
+            ExitCode::from(EXIT_CRASH)
+        }
+        other => {
+            eprintln!("airlock: error: evaluation ended unexpectedly: {other:?}");
+            ExitCode::from(EXIT_CRASH)
+        }
+    }
+}
+
+async fn run_code(args: RunArgs) -> Result<ExitCode> {
+    let language = args.lang.context("--lang is required to run code")?;
+    let code = match (&args.code, &args.file) {
+        (Some(code), _) => code.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?,
+        (None, None) => bail!("nothing to run: give -c CODE or a source file"),
+    };
+    if !args.env.is_empty() || !args.args.is_empty() {
+        bail!("--env and program arguments apply to WebAssembly programs, not to --lang code");
+    }
+    let limits = args.sandbox.limits()?;
+    let (workspace, _scratch) = args.sandbox.workspace()?;
+    let interpreters = interpreters(IsolateEngine::new(EngineConfig::default())?);
+    let outcome = interpreters.run(language, workspace, &code, limits).await?;
+    Ok(report(&outcome, false))
+}
+
+async fn repl(args: ReplArgs) -> Result<ExitCode> {
+    use std::io::BufRead;
+
+    let limits = args.sandbox.limits()?;
+    let (workspace, _scratch) = args.sandbox.workspace()?;
+    let interpreters = interpreters(IsolateEngine::new(EngineConfig::default())?);
+    let context = interpreters.create_context(args.lang, workspace, limits).await?;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let prompt = |text: &str| {
+        if interactive {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        }
+    };
+    let mut block = String::new();
+    prompt(">>> ");
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        // A line ending in ':' or '{' opens a block, which an empty line closes.
+        let opens = matches!(line.trim_end().chars().last(), Some(':' | '{' | '\\'));
+        if !block.is_empty() || opens {
+            if line.trim().is_empty() {
+                let code = std::mem::take(&mut block);
+                report(&interpreters.eval(&context, &code).await?, true);
+                prompt(">>> ");
+            } else {
+                block.push_str(&line);
+                block.push('\n');
+                prompt("... ");
+            }
+            continue;
+        }
+        if !line.trim().is_empty() {
+            report(&interpreters.eval(&context, &line).await?, true);
+        }
+        prompt(">>> ");
+    }
+    if !block.is_empty() {
+        report(&interpreters.eval(&context, &block).await?, true);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
@@ -116,30 +247,42 @@ fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-async fn run(args: RunArgs) -> Result<ExitCode> {
-    let limits = Limits {
-        deadline: parse_duration(&args.timeout).context("--timeout")?,
-        memory_bytes: parse_size(&args.memory).context("--memory")?,
-        output_bytes: parse_size(&args.output_limit).context("--output-limit")?,
-        ..Limits::default()
-    };
-    limits.validate()?;
-    let env = parse_env(&args.env)?;
+impl SandboxArgs {
+    fn limits(&self) -> Result<Limits> {
+        let limits = Limits {
+            deadline: parse_duration(&self.timeout).context("--timeout")?,
+            memory_bytes: parse_size(&self.memory).context("--memory")?,
+            output_bytes: parse_size(&self.output_limit).context("--output-limit")?,
+            ..Limits::default()
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
 
-    // Without --workspace, the program gets an empty scratch directory that is removed afterwards.
-    let scratch;
-    let workspace = match &args.workspace {
-        Some(dir) => Workspace::open(dir)?,
-        None => {
-            scratch = tempfile::Builder::new().prefix("airlock-workspace-").tempdir()?;
-            Workspace::open(scratch.path())?
-        }
+    /// The workspace, and the scratch directory to remove afterwards when none was named.
+    fn workspace(&self) -> Result<(Workspace, Option<tempfile::TempDir>)> {
+        Ok(match &self.workspace {
+            Some(dir) => (Workspace::open(dir)?, None),
+            None => {
+                let scratch = tempfile::Builder::new().prefix("airlock-workspace-").tempdir()?;
+                (Workspace::open(scratch.path())?, Some(scratch))
+            }
+        })
+    }
+}
+
+async fn run(args: RunArgs) -> Result<ExitCode> {
+    let Some(file) = args.file.clone() else {
+        bail!("nothing to run: name a .wasm file, or use --lang with -c CODE or a source file");
     };
+    let limits = args.sandbox.limits()?;
+    let env = parse_env(&args.env)?;
+    let (workspace, _scratch) = args.sandbox.workspace()?;
 
     let engine = IsolateEngine::new(EngineConfig::default())?;
-    let file = args.file.clone();
+    let args_file = file.clone();
     let loader = engine.clone();
-    let guest = tokio::task::spawn_blocking(move || loader.load_file(file)).await??;
+    let guest = tokio::task::spawn_blocking(move || loader.load_file(args_file)).await??;
 
     // Output is shown as the program writes it, not after it ends.
     let echo: OutputSender = Arc::new(|chunk: OutputChunk| {
@@ -148,7 +291,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             OutputStream::Stderr => std::io::stderr().lock().write_all(&chunk.bytes),
         };
     });
-    let program = args.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let program = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let request = ExecRequest {
         program,
         args: args.args,
@@ -160,10 +303,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let outcome = engine.run(&guest, &workspace, &request).await?;
     Ok(match outcome.termination {
         Termination::Exited { code } => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        Termination::LimitExceeded(hit) => {
-            eprintln!("airlock: error: {hit}");
-            ExitCode::from(if hit.limit == Limit::Deadline { EXIT_DEADLINE } else { EXIT_LIMIT })
-        }
+        Termination::LimitExceeded(hit) => limit_hit(hit),
         Termination::Crashed { message } => {
             eprintln!("airlock: error: the program crashed: {}", message.replace('\n', " "));
             ExitCode::from(EXIT_CRASH)

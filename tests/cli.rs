@@ -15,9 +15,24 @@ fn airlock(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(args)
         .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
+        .env("AIRLOCK_INTERPRETERS", concat!(env!("CARGO_MANIFEST_DIR"), "/guests/out"))
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+fn airlock_with_input(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
+        .env("AIRLOCK_INTERPRETERS", concat!(env!("CARGO_MANIFEST_DIR"), "/guests/out"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -127,7 +142,7 @@ fn bad_input_is_one_clear_line() {
         (&["run", hello, "--timeout", "10"], "\"10\" is not a duration"),
         (&["run", hello, "--workspace", "/no/such/dir"], "workspace /no/such/dir"),
         (&["run", hello, "--env", "NOEQUALS"], "not KEY=VALUE"),
-        (&["run"], "required"),
+        (&["run"], "nothing to run"),
         (&["frobnicate"], "unrecognized subcommand"),
     ];
     for (args, expected) in cases {
@@ -145,4 +160,45 @@ fn help_lists_the_run_options() {
     for flag in ["--workspace", "--timeout", "--memory", "--output-limit", "--env"] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
+}
+
+#[test]
+fn runs_python_and_javascript_one_shot() {
+    guest("python.wasm");
+    guest("js.wasm");
+    let output = airlock(&["run", "--lang", "python", "-c", "print(1+1)"]);
+    assert_eq!((output.status.code(), text(&output.stdout)), (Some(0), "2\n".to_string()), "{output:?}");
+    let output = airlock(&["run", "--lang", "js", "-c", "console.log(1+1)"]);
+    assert_eq!((output.status.code(), text(&output.stdout)), (Some(0), "2\n".to_string()), "{output:?}");
+
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), "import math\nprint(math.factorial(5))\n").unwrap();
+    let output = airlock(&["run", "--lang", "python", script.path().to_str().unwrap()]);
+    assert_eq!(text(&output.stdout), "120\n", "{output:?}");
+
+    let output = airlock(&["run", "--lang", "python", "-c", "1/0"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("ZeroDivisionError: division by zero"), "{output:?}");
+
+    let output = airlock(&["run", "--lang", "python", "-c", "import subprocess; subprocess.run(['ls'])"]);
+    assert_eq!(output.status.code(), Some(3));
+    assert_one_line_error(&output, "needs a container (subprocess)");
+
+    let output = airlock(&["run", "--lang", "js", "-c", "while (true) {}", "--timeout", "500ms"]);
+    assert_eq!(output.status.code(), Some(124));
+    assert_one_line_error(&output, "wall-clock deadline of 500ms exceeded");
+
+    let output = airlock(&["run", "--lang", "ruby", "-c", "1"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert_one_line_error(&output, "unknown language \"ruby\"");
+}
+
+#[test]
+fn the_repl_keeps_one_context() {
+    guest("python.wasm");
+    guest("js.wasm");
+    let output = airlock_with_input(&["repl", "--lang", "python"], "x = 6\ndef times(a):\n    return a * x\n\ntimes(7)\nprint('done')\n");
+    assert_eq!(text(&output.stdout), "42\ndone\n", "{output:?}");
+    let output = airlock_with_input(&["repl", "--lang", "js"], "let items = [1, 2]\nitems.push(3)\nitems.map(i => i * 2)\n");
+    assert_eq!(text(&output.stdout), "3\n[2,4,6]\n", "{output:?}");
 }

@@ -25,6 +25,10 @@ pub enum Error {
     Cache { path: PathBuf, reason: String },
     #[error("engine: {0}")]
     Engine(String),
+    #[error("no context {0} (it was deleted, or never created)")]
+    NoSuchContext(String),
+    #[error("the {language} interpreter is not available: {reason}")]
+    InterpreterUnavailable { language: crate::Language, reason: String },
     #[error("{what} is not supported by the {tier} tier")]
     Unsupported { tier: crate::TierKind, what: String },
 }

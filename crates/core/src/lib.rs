@@ -6,6 +6,7 @@
 //! across.
 
 mod error;
+mod eval;
 mod exec;
 pub mod limits;
 mod names;
@@ -13,6 +14,7 @@ mod tier;
 mod workspace;
 
 pub use error::{Error, Result};
+pub use eval::{CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, UnknownLanguage};
 pub use exec::{ExecOutcome, ExecRequest, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
 pub use limits::{Limit, LimitExceeded, Limits, LimitsError};
 pub use names::{MAX_NAME_LEN, NameError, SandboxId, SandboxName};

@@ -16,6 +16,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use crate::cache::{DiskCache, Hash32, Rejected, Sha256Hasher, hex, sha256};
 use crate::guest::{Guest, GuestKind, GuestOrigin};
 use crate::host::{ComponentHost, ModuleHost};
+use crate::interpreter::bindings::InterpreterPre;
 
 /// How often the engine's epoch advances. Deadlines are checked at each tick,
 /// so a guest overruns its deadline by at most about one tick.
@@ -259,9 +260,18 @@ impl IsolateEngine {
                 .component_linker
                 .instantiate_pre(&component)
                 .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
-            let pre = CommandPre::new(pre)
-                .map_err(|e| guest_error(format!("is not a WASI command (no wasi:cli/run export): {e}")))?;
-            (GuestKind::Component(pre), origin)
+            let kind = match CommandPre::new(pre.clone()) {
+                Ok(command) => GuestKind::Component(command),
+                Err(not_command) => match InterpreterPre::new(pre) {
+                    Ok(interpreter) => GuestKind::Interpreter(interpreter),
+                    Err(_) => {
+                        return Err(guest_error(format!(
+                            "is not a WASI command (no wasi:cli/run export) nor an Airlock interpreter: {not_command}"
+                        )));
+                    }
+                },
+            };
+            (kind, origin)
         } else {
             let (module, origin) = self.compile(&source, &binary, compile_module, load_module)?;
             if module.get_export("_start").is_none() {

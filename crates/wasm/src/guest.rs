@@ -7,6 +7,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::cache::Hash32;
 use crate::host::{ComponentHost, ModuleHost};
+use crate::interpreter::bindings::InterpreterPre;
 
 /// Where a guest's compiled code came from when it was loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +22,11 @@ pub enum GuestOrigin {
 }
 
 pub(crate) enum GuestKind {
+    /// A component exporting `wasi:cli/run`.
     Component(CommandPre<ComponentHost>),
+    /// A component of the `airlock:sandbox/interpreter` world.
+    Interpreter(InterpreterPre<ComponentHost>),
+    /// A core module exporting `_start`.
     Module(InstancePre<ModuleHost>),
 }
 
@@ -65,7 +70,12 @@ impl Guest {
 
     /// Whether this is a WASI preview 2 component (else a preview 1 module).
     pub fn is_component(&self) -> bool {
-        matches!(self.inner.kind, GuestKind::Component(_))
+        !matches!(self.inner.kind, GuestKind::Module(_))
+    }
+
+    /// Whether this is a code interpreter (run through contexts, not as a command).
+    pub fn is_interpreter(&self) -> bool {
+        matches!(self.inner.kind, GuestKind::Interpreter(_))
     }
 
     /// Where this handle's compiled code came from.

@@ -1,6 +1,8 @@
 //! What each store holds: the guest's WASI context and the limiter that
 //! enforces a run's [`Limits`].
 
+use std::time::Instant;
+
 use airlock_core::{Limit, LimitExceeded, Limits};
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -20,6 +22,9 @@ pub(crate) struct Limiter {
     instance_cap: u64,
     /// All linear memories of the store together: the cap is per run, not per memory.
     memory_in_use: u64,
+    /// When the current run or evaluation must end, and the deadline it came from.
+    pub(crate) deadline: Instant,
+    pub(crate) deadline_ms: u64,
     pub(crate) hit: Option<LimitExceeded>,
 }
 
@@ -30,8 +35,16 @@ impl Limiter {
             table_cap: limits.table_elements,
             instance_cap: limits.instances,
             memory_in_use: 0,
+            deadline: Instant::now() + limits.deadline,
+            deadline_ms: u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX),
             hit: None,
         }
+    }
+
+    /// Starts a new deadline (for each evaluation in a long-lived context).
+    pub(crate) fn restart_deadline(&mut self, limits: &Limits) {
+        self.deadline = Instant::now() + limits.deadline;
+        self.deadline_ms = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX);
     }
 
     fn exceeded(&mut self, limit: Limit, value: u64) -> wasmtime::Error {

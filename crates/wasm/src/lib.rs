@@ -17,6 +17,7 @@ mod cache;
 mod engine;
 mod guest;
 mod host;
+pub mod interpreter;
 mod metering;
 mod output;
 mod run;

@@ -71,10 +71,11 @@ impl CapturePipe {
         if taken.len() < bytes.len() { Err(OutputCapHit { stream: self.stream }) } else { Ok(()) }
     }
 
-    /// The captured bytes and whether any were dropped.
+    /// The captured bytes and whether any were dropped, leaving the pipe empty
+    /// (a context's next evaluation gets the whole cap again).
     pub(crate) fn take(&self) -> (Vec<u8>, bool) {
         let mut captured = self.lock();
-        (std::mem::take(&mut captured.bytes), captured.truncated)
+        (std::mem::take(&mut captured.bytes), std::mem::take(&mut captured.truncated))
     }
 }
 

@@ -19,7 +19,7 @@ use crate::metering::Metered;
 use crate::output::{CapturePipe, OutputCapHit};
 
 /// Why a run ended, before it is turned into a [`Termination`].
-enum Ended {
+pub(crate) enum Ended {
     /// The guest ran to the end (or called exit).
     Finished(wasmtime::Result<i32>),
     /// Instantiation failed.
@@ -76,9 +76,15 @@ impl IsolateEngine {
 
         let engine = &self.inner.engine;
         let metered = match guest.kind() {
+            GuestKind::Interpreter(_) => {
+                return Err(Error::Unsupported {
+                    tier: TierKind::Isolate,
+                    what: format!("running the interpreter {} as a command (evaluate code in a context instead)", guest.name()),
+                });
+            }
             GuestKind::Component(pre) => {
                 let host = ComponentHost { wasi: wasi.build(), table: Default::default(), limiter };
-                let mut store = arm(Store::new(engine, host), deadline, limits);
+                let mut store = arm(Store::new(engine, host));
                 let ended = Metered::new(async {
                     let instance = match pre.instantiate_async(&mut store).await {
                         Ok(instance) => instance,
@@ -92,7 +98,7 @@ impl IsolateEngine {
             }
             GuestKind::Module(pre) => {
                 let host = ModuleHost { wasi: wasi.build_p1(), limiter };
-                let mut store = arm(Store::new(engine, host), deadline, limits);
+                let mut store = arm(Store::new(engine, host));
                 let ended = Metered::new(async {
                     let instance = match pre.instantiate_async(&mut store).await {
                         Ok(instance) => instance,
@@ -125,16 +131,17 @@ impl IsolateEngine {
     }
 }
 
-/// Sets up a store's limiter and deadline.
-fn arm<T: HasLimiter + 'static>(mut store: Store<T>, deadline: Instant, limits: Limits) -> Store<T> {
+/// Sets up a store's limiter and deadline check; the deadline itself lives in
+/// the limiter, so a long-lived store (a context) can restart it per evaluation.
+pub(crate) fn arm<T: HasLimiter + 'static>(mut store: Store<T>) -> Store<T> {
     store.limiter(|host| host.limiter());
     // Check the clock at every epoch tick; yield to the executor between ticks so
     // many isolates share worker threads fairly and cancellation can happen.
     store.set_epoch_deadline(1);
-    let deadline_ms = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX);
-    store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline {
-            Err(wasmtime::Error::new(LimitExceeded { limit: Limit::Deadline, value: deadline_ms }))
+    store.epoch_deadline_callback(|mut context| {
+        let limiter = context.data_mut().limiter();
+        if Instant::now() >= limiter.deadline {
+            Err(wasmtime::Error::new(LimitExceeded { limit: Limit::Deadline, value: limiter.deadline_ms }))
         } else {
             Ok(UpdateDeadline::Yield(1))
         }
@@ -144,7 +151,7 @@ fn arm<T: HasLimiter + 'static>(mut store: Store<T>, deadline: Instant, limits: 
 
 /// Drives a metered run until it ends or the deadline passes; the latter
 /// covers a guest blocked in a host call, where epoch checks cannot reach it.
-async fn bounded<F: std::future::Future<Output = Ended>>(run: Metered<F>, deadline: Instant) -> (Ended, std::time::Duration) {
+pub(crate) async fn bounded<F: std::future::Future<Output = Ended>>(run: Metered<F>, deadline: Instant) -> (Ended, std::time::Duration) {
     let mut run = run;
     let metered = tokio::time::timeout_at(deadline.into(), &mut run).await;
     match metered {
@@ -154,13 +161,13 @@ async fn bounded<F: std::future::Future<Output = Ended>>(run: Metered<F>, deadli
 }
 
 /// Finds an error of type `E` anywhere in a wasmtime error's chain.
-fn find<E: std::error::Error + Send + Sync + 'static>(error: &wasmtime::Error) -> Option<&E> {
+pub(crate) fn find<E: std::error::Error + Send + Sync + 'static>(error: &wasmtime::Error) -> Option<&E> {
     error.downcast_ref::<E>().or_else(|| error.chain().find_map(|cause| cause.downcast_ref::<E>()))
 }
 
 /// Turns how a run ended into a [`Termination`]; `Err` only for failures of the
 /// host (the engine could not start the guest for reasons not the guest's).
-fn classify(ended: Ended, limiter_hit: Option<LimitExceeded>, limits: &Limits) -> Result<Termination, Error> {
+pub(crate) fn classify(ended: Ended, limiter_hit: Option<LimitExceeded>, limits: &Limits) -> Result<Termination, Error> {
     let deadline_ms = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX);
     let limit = |limit: Limit, value: u64| Ok(Termination::LimitExceeded(LimitExceeded { limit, value }));
     let error = match ended {

@@ -1,0 +1,9 @@
+//! Code interpreters in isolates: Python and JavaScript components of the
+//! `airlock:sandbox/interpreter` world, evaluated in persistent contexts.
+
+pub(crate) mod bindings;
+mod context;
+mod registry;
+
+pub use context::InterpreterContext;
+pub use registry::{ContextInfo, INTERPRETER_FILES, Interpreters, default_interpreter_dir};

@@ -1,0 +1,146 @@
+//! Contexts by id, the interpreters they run, and the one-shot path.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use airlock_core::{Error, EvalOutcome, Language, Limits, Workspace};
+use serde::Serialize;
+
+use super::InterpreterContext;
+use crate::{Guest, IsolateEngine};
+
+/// The file each language's interpreter component is read from, in the interpreter directory.
+pub const INTERPRETER_FILES: [(Language, &str); 2] = [(Language::Python, "python.wasm"), (Language::JavaScript, "js.wasm")];
+
+/// Where interpreter components are looked for: `$AIRLOCK_INTERPRETERS` if
+/// set; else the first `guests/out` holding `python.wasm` found walking up
+/// from the running executable (a build tree); else `./guests/out`.
+pub fn default_interpreter_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AIRLOCK_INTERPRETERS").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for ancestor in exe.ancestors().skip(1) {
+            let candidate = ancestor.join("guests").join("out");
+            if candidate.join("python.wasm").is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("guests").join("out")
+}
+
+/// What a listing says of a context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContextInfo {
+    pub id: String,
+    pub language: Language,
+    pub evaluations: u64,
+    pub resets: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The interpreters of one engine and the contexts created with them.
+/// Contexts are isolated from each other: each is its own component instance.
+#[derive(Debug)]
+pub struct Interpreters {
+    engine: IsolateEngine,
+    dir: PathBuf,
+    /// Held while an interpreter loads, so concurrent first uses compile it once.
+    guests: tokio::sync::Mutex<HashMap<Language, Guest>>,
+    contexts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<InterpreterContext>>>>,
+    next_id: AtomicU64,
+}
+
+impl Interpreters {
+    /// Interpreters read from `dir` (see [`INTERPRETER_FILES`]) when first used.
+    pub fn new(engine: IsolateEngine, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            engine,
+            dir: dir.into(),
+            guests: tokio::sync::Mutex::default(),
+            contexts: Mutex::default(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The interpreter component for `language`, loaded (and compiled or taken
+    /// from the cache) on first use, off the async workers.
+    pub async fn guest(&self, language: Language) -> Result<Guest, Error> {
+        let mut guests = self.guests.lock().await;
+        if let Some(guest) = guests.get(&language).cloned() {
+            return Ok(guest);
+        }
+        let file = INTERPRETER_FILES.iter().find(|(l, _)| *l == language).map(|(_, f)| *f).unwrap_or_default();
+        let path = self.dir.join(file);
+        if !path.is_file() {
+            return Err(Error::InterpreterUnavailable {
+                language,
+                reason: format!("{} not found (build it with scripts/build-guests.sh, or set AIRLOCK_INTERPRETERS)", path.display()),
+            });
+        }
+        let engine = self.engine.clone();
+        let guest = tokio::task::spawn_blocking(move || engine.load_file(path))
+            .await
+            .map_err(|e| Error::Engine(format!("interpreter loading stopped: {e}")))??;
+        guests.insert(language, guest.clone());
+        Ok(guest)
+    }
+
+    /// Creates a context and returns its id.
+    pub async fn create_context(&self, language: Language, workspace: Workspace, limits: Limits) -> Result<String, Error> {
+        let guest = self.guest(language).await?;
+        let context = InterpreterContext::start(&self.engine, guest, language, workspace, limits).await?;
+        let id = format!("ctx-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        lock(&self.contexts).insert(id.clone(), Arc::new(tokio::sync::Mutex::new(context)));
+        Ok(id)
+    }
+
+    /// Evaluates `code` in context `id`. Evaluations in one context run one at a time.
+    pub async fn eval(&self, id: &str, code: &str) -> Result<EvalOutcome, Error> {
+        let context = lock(&self.contexts).get(id).cloned().ok_or_else(|| Error::NoSuchContext(id.to_string()))?;
+        let mut context = context.lock().await;
+        Ok(context.eval(code).await)
+    }
+
+    /// The contexts, sorted by id. A context busy evaluating is listed with the
+    /// counts it had before.
+    pub fn list(&self) -> Vec<ContextInfo> {
+        let contexts = lock(&self.contexts);
+        let mut infos: Vec<ContextInfo> = contexts
+            .iter()
+            .filter_map(|(id, context)| {
+                let context = context.try_lock().ok()?;
+                Some(ContextInfo {
+                    id: id.clone(),
+                    language: context.language(),
+                    evaluations: context.evaluations(),
+                    resets: context.resets(),
+                })
+            })
+            .collect();
+        infos.sort_by(|a, b| a.id.cmp(&b.id));
+        infos
+    }
+
+    /// Deletes a context and frees its instance.
+    pub fn delete(&self, id: &str) -> Result<(), Error> {
+        lock(&self.contexts).remove(id).map(|_| ()).ok_or_else(|| Error::NoSuchContext(id.to_string()))
+    }
+
+    /// One-shot: evaluates `code` in a fresh context that is discarded after.
+    pub async fn run(&self, language: Language, workspace: Workspace, code: &str, limits: Limits) -> Result<EvalOutcome, Error> {
+        let guest = self.guest(language).await?;
+        let mut context = InterpreterContext::start(&self.engine, guest, language, workspace, limits).await?;
+        Ok(context.eval(code).await)
+    }
+}

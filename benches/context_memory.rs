@@ -51,7 +51,7 @@ fn main() {
                 assert!(runtime.block_on(interpreters.eval(&id, "1")).unwrap().is_ok());
                 ids.push(id);
             }
-            per_context.push((resident_kib() - before) as f64 / batch as f64);
+            per_context.push((resident_kib() as f64 - before as f64) / batch as f64);
         }
         per_context.sort_by(f64::total_cmp);
         let median = per_context[per_context.len() / 2];

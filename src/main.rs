@@ -14,6 +14,13 @@ use airlock::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+/// The CLI runs one thing at a time: a small pool is quicker to set up.
+const CLI_CONCURRENT_RUNS: u32 = 4;
+
+fn cli_engine() -> Result<IsolateEngine> {
+    Ok(IsolateEngine::new(EngineConfig { max_concurrent_runs: CLI_CONCURRENT_RUNS, ..EngineConfig::default() })?)
+}
+
 /// Exit status when the guest ran past its deadline (as timeout(1) does).
 const EXIT_DEADLINE: u8 = 124;
 /// Exit status when the guest hit any other limit (memory, output, table, instances, stack).
@@ -189,7 +196,7 @@ async fn run_code(args: RunArgs) -> Result<ExitCode> {
     }
     let limits = args.sandbox.limits()?;
     let (workspace, _scratch) = args.sandbox.workspace()?;
-    let interpreters = interpreters(IsolateEngine::new(EngineConfig::default())?);
+    let interpreters = interpreters(cli_engine()?);
     let outcome = interpreters.run(language, workspace, &code, limits).await?;
     Ok(report(&outcome, false))
 }
@@ -199,7 +206,7 @@ async fn repl(args: ReplArgs) -> Result<ExitCode> {
 
     let limits = args.sandbox.limits()?;
     let (workspace, _scratch) = args.sandbox.workspace()?;
-    let interpreters = interpreters(IsolateEngine::new(EngineConfig::default())?);
+    let interpreters = interpreters(cli_engine()?);
     let context = interpreters.create_context(args.lang, workspace, limits).await?;
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let prompt = |text: &str| {
@@ -279,7 +286,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let env = parse_env(&args.env)?;
     let (workspace, _scratch) = args.sandbox.workspace()?;
 
-    let engine = IsolateEngine::new(EngineConfig::default())?;
+    let engine = cli_engine()?;
     let args_file = file.clone();
     let loader = engine.clone();
     let guest = tokio::task::spawn_blocking(move || loader.load_file(args_file)).await??;

@@ -22,6 +22,12 @@ async fn runs_hello(engine: &IsolateEngine, guest: &airlock::Guest) {
     assert_eq!(outcome.stdout_text(), "hello, cached\n");
 }
 
+fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut path = path.as_os_str().to_owned();
+    path.push(suffix);
+    path.into()
+}
+
 fn rejected(origin: &GuestOrigin) -> Option<String> {
     match origin {
         GuestOrigin::Compiled { rejected_cache_entry } => rejected_cache_entry.clone(),
@@ -59,7 +65,7 @@ async fn damaged_cache_files_are_rebuilt() {
         ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
         ("corrupt", { let mut b = good.clone(); let i = b.len() - 100; b[i] ^= 0xff; b }, "corrupt"),
         ("empty", Vec::new(), "truncated"),
-        ("garbage", b"#!/bin/sh\necho not a cache file at all, but long enough to pass a header check....................................................................................................".to_vec(), "badmagic"),
+        ("garbage of the same length", vec![b'#'; good.len()], "corrupt"),
     ];
     for (what, damaged, reason) in damages {
         std::fs::write(&path, &damaged).unwrap();
@@ -80,8 +86,11 @@ async fn a_foreign_cache_file_is_not_loaded() {
     let spin = std::fs::read(guest("spin.wasm")).unwrap();
     let engine = engine_with_cache(cache.path());
     engine.load_file(guest("spin.wasm")).unwrap();
-    // Put spin's compiled code where hello's would be: loading it would run the wrong program.
-    std::fs::copy(engine.cache_path_for(&spin).unwrap(), engine.cache_path_for(&hello).unwrap()).unwrap();
+    // Put spin's compiled code, with its own check file, where hello's would be:
+    // loading it would run the wrong program.
+    let (spin_entry, hello_entry) = (engine.cache_path_for(&spin).unwrap(), engine.cache_path_for(&hello).unwrap());
+    std::fs::copy(&spin_entry, &hello_entry).unwrap();
+    std::fs::copy(with_suffix(&spin_entry, ".check"), with_suffix(&hello_entry, ".check")).unwrap();
 
     let fresh = engine_with_cache(cache.path());
     let loaded = fresh.load_file(guest("hello.wasm")).unwrap();

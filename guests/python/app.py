@@ -185,3 +185,25 @@ class Evaluator(exports.Evaluator):
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+
+
+def _warm_up():
+    """Runs the evaluation path once at build time, so the pre-initialised
+    snapshot already holds what the first evaluation would otherwise build
+    (parser and compiler state, caches) and a new context does not pay for it."""
+    import io as _io
+    import contextlib as _contextlib
+
+    scratch = {"__name__": "__main__", "__builtins__": builtins}
+    with _contextlib.redirect_stdout(_io.StringIO()):
+        tree = ast.parse("x = [1, 2]\nprint(len(x))\nx", CODE_FILENAME, "exec")
+        last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, CODE_FILENAME, "exec"), scratch)
+        _value(eval(compile(last, CODE_FILENAME, "eval"), scratch))
+    try:
+        ast.parse("def broken(:", CODE_FILENAME, "exec")
+    except SyntaxError as error:
+        _code_error(error, error.lineno)
+
+
+_warm_up()

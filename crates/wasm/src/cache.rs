@@ -1,22 +1,38 @@
 //! The on-disk cache of compiled guests.
 //!
 //! Compiled code is native machine code that Wasmtime loads without further
-//! checks, so a cache file is trusted only after it proves it is whole and ours:
-//! each file carries a header with the hash of the source it was compiled from,
-//! the key of the engine that compiled it, and a SHA-256 of its payload. A file
-//! that is truncated, corrupt, foreign (another source or another engine) or
-//! unreadable is reported as a miss, deleted, and rebuilt by the caller.
+//! checks, so a cache entry is trusted only after it proves it is whole and
+//! ours. An entry is two files:
+//!
+//! - `<source sha256>-<engine key>.cwasm`: Wasmtime's own artifact, loaded by
+//!   mapping the file (code and memory images are then paged in lazily, which
+//!   keeps a new process's start-up short);
+//! - the same name with `.check`: the SHA-256 of the source it was compiled
+//!   from, the key of the engine that compiled it, the artifact's length and
+//!   its XXH3-128 checksum.
+//!
+//! An artifact that is truncated, corrupt (checksum mismatch), foreign (another
+//! source or engine) or without its check file is reported, deleted, and
+//! rebuilt by the caller. The checksum guards against damage, not against an
+//! attacker who can write the cache directory (who could rewrite both files):
+//! the cache directory must be writable only by the runtime's user.
+//!
+//! The cache also remembers, per guest file path, the source hash of the file
+//! as it was (size, modification time, inode), so a new process does not read
+//! and hash a large guest again to find its entry.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// Identifies the file format; bump the digit when the layout changes.
-const MAGIC: &[u8; 8] = b"AIRLCK01";
+/// Identifies the check-file format; bump the digit when the layout changes.
+const MAGIC: &[u8; 8] = b"AIRLCK02";
 const HASH_LEN: usize = 32;
-/// magic, source hash, engine key, payload hash, payload length.
-const HEADER_LEN: usize = MAGIC.len() + 3 * HASH_LEN + 8;
+/// magic, source hash, engine key, artifact checksum (16), artifact length (8).
+const CHECK_LEN: usize = MAGIC.len() + 2 * HASH_LEN + 16 + 8;
+/// Path-index entries: size (8), modification time in ns (16), inode (8), source hash.
+const INDEX_LEN: usize = 8 + 16 + 8 + HASH_LEN;
 
 pub(crate) type Hash32 = [u8; HASH_LEN];
 
@@ -49,7 +65,7 @@ impl Sha256Hasher {
     }
 }
 
-/// Why a cache file was not used.
+/// Why a cache entry was not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Rejected {
     Missing,
@@ -60,10 +76,41 @@ pub(crate) enum Rejected {
     Corrupt,
 }
 
+/// What identifies a file's version without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    len: u64,
+    modified_ns: i128,
+    inode: u64,
+}
+
+impl FileStamp {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let modified = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(Self { len: meta.len(), modified_ns: modified.as_nanos() as i128, inode: meta.ino() })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct DiskCache {
     dir: PathBuf,
     engine_key: Hash32,
+}
+
+fn checksum(bytes: &[u8]) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes()
+}
+
+/// Writes `contents` under `path` atomically (temporary file, then rename).
+fn write_atomically(dir: &Path, path: &Path, contents: &[&[u8]]) -> std::io::Result<()> {
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    for part in contents {
+        file.write_all(part)?;
+    }
+    file.as_file().sync_data()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 impl DiskCache {
@@ -71,80 +118,128 @@ impl DiskCache {
         Self { dir, engine_key }
     }
 
-    /// The file for a source; the engine key in the name keeps engines of
-    /// different versions or settings from fighting over one file.
+    /// The artifact file for a source; the engine key in the name keeps
+    /// engines of different versions or settings from fighting over one file.
     pub(crate) fn path_for(&self, source: &Hash32) -> PathBuf {
         self.dir.join(format!("{}-{}.cwasm", hex(source), &hex(&self.engine_key)[..16]))
     }
 
-    /// The verified payload for `source`, or why there is none. A file that is
-    /// present but rejected is removed so that the rebuilt one replaces it.
-    pub(crate) fn load(&self, source: &Hash32) -> Result<Vec<u8>, Rejected> {
-        let path = self.path_for(source);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Rejected::Missing),
-            Err(e) => return Err(Rejected::Unreadable(e.to_string())),
-        };
-        let verdict = self.verify(source, bytes);
-        if verdict.is_err() {
-            // Best effort: a file we cannot remove is overwritten by the rebuild anyway.
-            let _ = std::fs::remove_file(&path);
+    fn check_path_for(&self, source: &Hash32) -> PathBuf {
+        let mut path = self.path_for(source).into_os_string();
+        path.push(".check");
+        PathBuf::from(path)
+    }
+
+    /// The path of a verified artifact for `source`, or why there is none. An
+    /// entry that is present but rejected is removed so that the rebuilt one
+    /// replaces it.
+    pub(crate) fn load(&self, source: &Hash32) -> Result<PathBuf, Rejected> {
+        let verdict = self.verify(source);
+        if matches!(verdict, Err(Rejected::Truncated | Rejected::BadMagic | Rejected::Foreign | Rejected::Corrupt)) {
+            // Best effort: an entry we cannot remove is overwritten by the rebuild anyway.
+            let _ = std::fs::remove_file(self.path_for(source));
+            let _ = std::fs::remove_file(self.check_path_for(source));
         }
         verdict
     }
 
-    fn verify(&self, source: &Hash32, mut bytes: Vec<u8>) -> Result<Vec<u8>, Rejected> {
-        if bytes.len() < HEADER_LEN {
-            return Err(if bytes.starts_with(MAGIC) || MAGIC.starts_with(&bytes) {
-                Rejected::Truncated
-            } else {
-                Rejected::BadMagic
-            });
-        }
-        let (header, payload) = bytes.split_at(HEADER_LEN);
-        let (magic, rest) = header.split_at(MAGIC.len());
-        if magic != MAGIC {
+    fn verify(&self, source: &Hash32) -> Result<PathBuf, Rejected> {
+        let path = self.path_for(source);
+        let check = match std::fs::read(self.check_path_for(source)) {
+            Ok(check) => check,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(if path.exists() { Rejected::BadMagic } else { Rejected::Missing });
+            }
+            Err(e) => return Err(Rejected::Unreadable(e.to_string())),
+        };
+        if check.len() != CHECK_LEN || !check.starts_with(MAGIC) {
             return Err(Rejected::BadMagic);
         }
+        let rest = &check[MAGIC.len()..];
         let (file_source, rest) = rest.split_at(HASH_LEN);
         let (file_engine, rest) = rest.split_at(HASH_LEN);
-        let (payload_hash, len) = rest.split_at(HASH_LEN);
+        let (expected_sum, len) = rest.split_at(16);
         if file_source != source || file_engine != self.engine_key {
             return Err(Rejected::Foreign);
         }
         let mut len_bytes = [0u8; 8];
         len_bytes.copy_from_slice(len);
         let expected_len = u64::from_le_bytes(len_bytes);
-        if (payload.len() as u64) < expected_len {
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Rejected::Truncated),
+            Err(e) => return Err(Rejected::Unreadable(e.to_string())),
+        };
+        let actual_len = file.metadata().map_err(|e| Rejected::Unreadable(e.to_string()))?.len();
+        if actual_len < expected_len {
             return Err(Rejected::Truncated);
         }
-        if payload.len() as u64 != expected_len || sha256(payload) != payload_hash {
+        if actual_len != expected_len {
             return Err(Rejected::Corrupt);
         }
-        Ok(bytes.split_off(HEADER_LEN))
+        if checksum(&map(&file)?) != expected_sum {
+            return Err(Rejected::Corrupt);
+        }
+        Ok(path)
     }
 
-    /// Writes a payload atomically (temporary file, then rename), so a crash
-    /// mid-write leaves no half file under the final name.
-    pub(crate) fn store(&self, source: &Hash32, payload: &[u8]) -> std::io::Result<PathBuf> {
+    /// Stores an artifact: the artifact first, its check file last, so a crash
+    /// in between leaves an entry without a check file, which is never loaded.
+    pub(crate) fn store(&self, source: &Hash32, artifact: &[u8]) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path_for(source);
-        let mut file = tempfile::NamedTempFile::new_in(&self.dir)?;
-        file.write_all(MAGIC)?;
-        file.write_all(source)?;
-        file.write_all(&self.engine_key)?;
-        file.write_all(&sha256(payload))?;
-        file.write_all(&(payload.len() as u64).to_le_bytes())?;
-        file.write_all(payload)?;
-        file.as_file().sync_data()?;
-        file.persist(&path).map_err(|e| e.error)?;
+        write_atomically(&self.dir, &path, &[artifact])?;
+        let len = (artifact.len() as u64).to_le_bytes();
+        write_atomically(
+            &self.dir,
+            &self.check_path_for(source),
+            &[MAGIC, source, &self.engine_key, &checksum(artifact), &len],
+        )?;
         Ok(path)
+    }
+
+    fn index_path_for(&self, guest_file: &Path) -> PathBuf {
+        self.dir.join("paths").join(hex(&sha256(guest_file.as_os_str().as_encoded_bytes())))
+    }
+
+    /// The source hash recorded for `guest_file` if the file is unchanged since.
+    pub(crate) fn recall_source(&self, guest_file: &Path, stamp: FileStamp) -> Option<Hash32> {
+        let entry = std::fs::read(self.index_path_for(guest_file)).ok()?;
+        if entry.len() != INDEX_LEN || entry[..32] != encode_stamp(stamp) {
+            return None;
+        }
+        entry[32..].try_into().ok()
+    }
+
+    /// Records the source hash of `guest_file` as it is now. Best effort.
+    pub(crate) fn remember_source(&self, guest_file: &Path, stamp: FileStamp, source: &Hash32) {
+        let path = self.index_path_for(guest_file);
+        if let Some(dir) = path.parent()
+            && std::fs::create_dir_all(dir).is_ok()
+        {
+            let _ = write_atomically(dir, &path, &[&encode_stamp(stamp), source]);
+        }
     }
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+fn encode_stamp(stamp: FileStamp) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..8].copy_from_slice(&stamp.len.to_le_bytes());
+    out[8..24].copy_from_slice(&stamp.modified_ns.to_le_bytes());
+    out[24..].copy_from_slice(&stamp.inode.to_le_bytes());
+    out
+}
+
+#[allow(unsafe_code)]
+fn map(file: &std::fs::File) -> Result<memmap2::Mmap, Rejected> {
+    // SAFETY: the mapping is read only and dropped before this function's
+    // caller returns; a concurrent writer could change the bytes under it, but
+    // cache files are only ever replaced by rename, never written in place.
+    unsafe { memmap2::Mmap::map(file) }.map_err(|e| Rejected::Unreadable(e.to_string()))
 }
 
 #[cfg(test)]
@@ -162,40 +257,73 @@ mod tests {
         let (_dir, cache) = cache();
         let source = sha256(b"module");
         assert_eq!(cache.load(&source), Err(Rejected::Missing));
-        cache.store(&source, b"compiled code").unwrap();
-        assert_eq!(cache.load(&source).unwrap(), b"compiled code");
+        let path = cache.store(&source, b"compiled code").unwrap();
+        assert_eq!(cache.load(&source), Ok(path.clone()));
+        assert_eq!(std::fs::read(path).unwrap(), b"compiled code");
     }
 
     #[test]
-    fn rejects_and_removes_damaged_files() {
+    fn rejects_and_removes_damaged_entries() {
         let (_dir, cache) = cache();
         let source = sha256(b"module");
         let payload = vec![42u8; 1000];
         type Damage = fn(&mut Vec<u8>);
-        let damage: [(&str, Damage, Rejected); 5] = [
-            ("truncated payload", |f| f.truncate(f.len() - 10), Rejected::Truncated),
-            ("truncated header", |f| f.truncate(20), Rejected::Truncated),
-            ("flipped payload byte", |f| *f.last_mut().unwrap() ^= 1, Rejected::Corrupt),
-            ("not ours", |f| f[0] = b'X', Rejected::BadMagic),
-            ("other engine", |f| f[MAGIC.len() + HASH_LEN] ^= 1, Rejected::Foreign),
+        let artifact_damage: [(&str, Damage, Rejected); 4] = [
+            ("truncated", |f| f.truncate(f.len() - 10), Rejected::Truncated),
+            ("emptied", |f| f.clear(), Rejected::Truncated),
+            ("flipped byte", |f| f[500] ^= 1, Rejected::Corrupt),
+            ("grown", |f| f.push(0), Rejected::Corrupt),
         ];
-        for (what, damage, expected) in damage {
+        for (what, damage, expected) in artifact_damage {
             let path = cache.store(&source, &payload).unwrap();
             let mut bytes = std::fs::read(&path).unwrap();
             damage(&mut bytes);
             std::fs::write(&path, &bytes).unwrap();
             assert_eq!(cache.load(&source), Err(expected), "{what}");
-            assert!(!path.exists(), "{what}: rejected file should be removed");
+            assert!(!path.exists(), "{what}: rejected entry should be removed");
         }
+        let check_damage: [(&str, Damage, Rejected); 3] = [
+            ("not ours", |f| f[0] = b'X', Rejected::BadMagic),
+            ("short", |f| f.truncate(10), Rejected::BadMagic),
+            ("other engine", |f| f[MAGIC.len() + HASH_LEN] ^= 1, Rejected::Foreign),
+        ];
+        for (what, damage, expected) in check_damage {
+            let path = cache.store(&source, &payload).unwrap();
+            let check = cache.check_path_for(&source);
+            let mut bytes = std::fs::read(&check).unwrap();
+            damage(&mut bytes);
+            std::fs::write(&check, &bytes).unwrap();
+            assert_eq!(cache.load(&source), Err(expected), "{what}");
+            assert!(!path.exists() && !check.exists(), "{what}: rejected entry should be removed");
+        }
+        let path = cache.store(&source, &payload).unwrap();
+        std::fs::remove_file(cache.check_path_for(&source)).unwrap();
+        assert_eq!(cache.load(&source), Err(Rejected::BadMagic), "artifact without its check file");
+        assert!(!path.exists());
     }
 
     #[test]
-    fn a_file_for_another_source_is_foreign() {
+    fn an_entry_for_another_source_is_foreign() {
         let (_dir, cache) = cache();
         let a = sha256(b"a");
         let b = sha256(b"b");
-        let path_a = cache.store(&a, b"code of a").unwrap();
-        std::fs::copy(&path_a, cache.path_for(&b)).unwrap();
+        cache.store(&a, b"code of a").unwrap();
+        std::fs::copy(cache.path_for(&a), cache.path_for(&b)).unwrap();
+        std::fs::copy(cache.check_path_for(&a), cache.check_path_for(&b)).unwrap();
         assert_eq!(cache.load(&b), Err(Rejected::Foreign));
+    }
+
+    #[test]
+    fn remembers_source_hashes_of_unchanged_files() {
+        let (dir, cache) = cache();
+        let guest = dir.path().join("guest.wasm");
+        std::fs::write(&guest, b"v1").unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&guest).unwrap()).unwrap();
+        assert_eq!(cache.recall_source(&guest, stamp), None);
+        cache.remember_source(&guest, stamp, &sha256(b"v1"));
+        assert_eq!(cache.recall_source(&guest, stamp), Some(sha256(b"v1")));
+        std::fs::write(&guest, b"v2 is longer").unwrap();
+        let changed = FileStamp::of(&std::fs::metadata(&guest).unwrap()).unwrap();
+        assert_eq!(cache.recall_source(&guest, changed), None);
     }
 }

@@ -5,15 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use airlock_core::Error;
 use airlock_core::limits::{MAX_INSTANCES, MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS};
 use wasmtime::component::{Component, Linker as ComponentLinker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, OptLevel, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, OptLevel, PoolingAllocationConfig, Precompiled};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
-use crate::cache::{DiskCache, Hash32, Rejected, Sha256Hasher, hex, sha256};
+use crate::cache::{DiskCache, FileStamp, Hash32, Rejected, Sha256Hasher, sha256};
 use crate::guest::{Guest, GuestKind, GuestOrigin};
 use crate::host::{ComponentHost, ModuleHost};
 use crate::interpreter::bindings::InterpreterPre;
@@ -34,6 +34,11 @@ const CORE_INSTANCES_PER_RUN: u32 = 8;
 /// Linear memories and tables reserved per concurrent run.
 const MEMORIES_PER_RUN: u32 = 4;
 const TABLES_PER_RUN: u32 = 4;
+/// Memory of a finished run kept mapped in its pool slot, reset in place
+/// (only the pages the run dirtied, found with PAGEMAP_SCAN where the kernel
+/// has it) instead of being unmapped: the next run in the slot then takes no
+/// page faults for it. An interpreter dirties a few MiB per context.
+const KEEP_RESIDENT_BYTES: usize = 32 * 1024 * 1024;
 /// Largest guest file accepted (an interpreter component is about 20 MiB).
 pub const MAX_GUEST_BYTES: u64 = 256 * 1024 * 1024;
 
@@ -70,8 +75,7 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 /// A file we loaded before: if its size and modification time are unchanged,
 /// its content hash is reused instead of hashing the file again.
 struct KnownFile {
-    len: u64,
-    modified: Option<SystemTime>,
+    stamp: FileStamp,
     source: Hash32,
 }
 
@@ -129,7 +133,11 @@ impl IsolateEngine {
             .total_stacks(runs)
             .max_core_instances_per_component(u32::try_from(MAX_INSTANCES).unwrap_or(u32::MAX))
             .max_memory_size(usize::try_from(MAX_MEMORY_BYTES).unwrap_or(usize::MAX))
-            .table_elements(usize::try_from(MAX_TABLE_ELEMENTS).unwrap_or(usize::MAX));
+            .table_elements(usize::try_from(MAX_TABLE_ELEMENTS).unwrap_or(usize::MAX))
+            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+            .table_keep_resident(KEEP_RESIDENT_BYTES / 32)
+            .async_stack_keep_resident(ASYNC_STACK_BYTES)
+            .pagemap_scan(wasmtime::Enabled::Auto);
 
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
@@ -194,9 +202,10 @@ impl IsolateEngine {
     }
 
     /// Loads a guest from a `.wasm` (binary) or `.wat` (text) file: a WASI
-    /// preview 2 component exporting `wasi:cli/run`, or a preview 1 module
-    /// exporting `_start`. Compiles it, or takes it from the cache.
-    /// Blocking: compilation can take seconds for large guests.
+    /// preview 2 component exporting `wasi:cli/run`, an Airlock interpreter
+    /// component, or a preview 1 module exporting `_start`. Compiles it, or
+    /// takes it from the cache. Blocking: compilation can take seconds for
+    /// large guests.
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Guest, Error> {
         let path = path.as_ref();
         let guest_error = |reason: String| Error::Guest { path: path.to_path_buf(), reason };
@@ -210,30 +219,54 @@ impl IsolateEngine {
                 meta.len()
             )));
         }
-        let modified = meta.modified().ok();
-        let known = lock(&self.inner.files)
-            .get(path)
-            .filter(|f| f.len == meta.len() && f.modified == modified && modified.is_some())
-            .map(|f| f.source);
-        if let Some(guest) = known.and_then(|source| lock(&self.inner.guests).get(&source).cloned()) {
-            return Ok(guest.again_from_memory());
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let stamp = FileStamp::of(&meta);
+        // Find the file's content hash without reading it when it is known unchanged,
+        // first to this process, then to the disk cache's path index.
+        let known = stamp.and_then(|stamp| {
+            lock(&self.inner.files).get(path).filter(|f| f.stamp == stamp).map(|f| f.source).or_else(|| {
+                self.inner.disk.as_ref().and_then(|disk| disk.recall_source(path, stamp))
+            })
+        });
+        let mut rejected = None;
+        if let Some(source) = known {
+            if let Some(guest) = lock(&self.inner.guests).get(&source).cloned() {
+                return Ok(guest.again_from_memory());
+            }
+            match self.cached_or_rejection(&source, &name)? {
+                Ok(guest) => {
+                    self.remember(path, stamp, &guest);
+                    return Ok(guest);
+                }
+                Err(reason) => rejected = reason,
+            }
         }
         let bytes = std::fs::read(path).map_err(|e| guest_error(e.to_string()))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let guest = self.load_bytes(&name, &bytes).map_err(|e| match e {
+        let guest = self.load_bytes_after(&name, &bytes, rejected).map_err(|e| match e {
             Error::Guest { reason, .. } => guest_error(reason),
             other => other,
         })?;
-        lock(&self.inner.files).insert(
-            path.to_path_buf(),
-            KnownFile { len: meta.len(), modified, source: guest.source_hash() },
-        );
+        self.remember(path, stamp, &guest);
         Ok(guest)
+    }
+
+    fn remember(&self, path: &Path, stamp: Option<FileStamp>, guest: &Guest) {
+        let Some(stamp) = stamp else { return };
+        let source = guest.source_hash();
+        lock(&self.inner.files).insert(path.to_path_buf(), KnownFile { stamp, source });
+        if let Some(disk) = &self.inner.disk {
+            disk.remember_source(path, stamp, &source);
+        }
     }
 
     /// Loads a guest from bytes (binary or text); `name` is used in messages
     /// and as the guest's `argv[0]`.
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Guest, Error> {
+        self.load_bytes_after(name, bytes, None)
+    }
+
+    /// [`Self::load_bytes`], told why a cache entry was already refused for these bytes.
+    fn load_bytes_after(&self, name: &str, bytes: &[u8], rejected_before: Option<String>) -> Result<Guest, Error> {
         let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
         let source = sha256(bytes);
         if let Some(guest) = lock(&self.inner.guests).get(&source).cloned() {
@@ -242,6 +275,10 @@ impl IsolateEngine {
         if Engine::detect_precompiled(bytes).is_some() {
             return Err(guest_error("is precompiled native code; pass the .wasm it was built from".into()));
         }
+        let rejected = match self.cached_or_rejection(&source, name)? {
+            Ok(guest) => return Ok(guest),
+            Err(rejected) => rejected.or(rejected_before),
+        };
         let binary = if bytes.starts_with(b"\0asm") {
             std::borrow::Cow::Borrowed(bytes)
         } else {
@@ -253,111 +290,105 @@ impl IsolateEngine {
         };
         // Bytes 4..8 are the version: 1 for core modules, a "layer" of 1 in bytes 6..8 for components.
         let is_component = binary.get(6..8) == Some(&[1, 0]);
-        let (kind, origin) = if is_component {
-            let (component, origin) = self.compile(&source, &binary, compile_component, load_component)?;
-            let pre = self
-                .inner
-                .component_linker
-                .instantiate_pre(&component)
-                .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
-            let kind = match CommandPre::new(pre.clone()) {
-                Ok(command) => GuestKind::Component(command),
-                Err(not_command) => match InterpreterPre::new(pre) {
-                    Ok(interpreter) => GuestKind::Interpreter(interpreter),
-                    Err(_) => {
-                        return Err(guest_error(format!(
-                            "is not a WASI command (no wasi:cli/run export) nor an Airlock interpreter: {not_command}"
-                        )));
-                    }
-                },
-            };
-            (kind, origin)
-        } else {
-            let (module, origin) = self.compile(&source, &binary, compile_module, load_module)?;
-            if module.get_export("_start").is_none() {
-                return Err(guest_error("is not a WASI command (no _start export)".into()));
-            }
-            let pre = self
-                .inner
-                .module_linker
-                .instantiate_pre(&module)
-                .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
-            (GuestKind::Module(pre), origin)
-        };
-        let guest = Guest::new(name.to_string(), source, kind, origin);
-        lock(&self.inner.guests).insert(source, guest.clone());
-        Ok(guest)
-    }
-
-    /// Takes compiled code from the disk cache if a valid entry exists, else
-    /// compiles and stores it.
-    fn compile<C>(
-        &self,
-        source: &Hash32,
-        binary: &[u8],
-        compile: CompileFn<C>,
-        load: LoadFn<C>,
-    ) -> Result<(C, GuestOrigin), Error> {
         let engine = &self.inner.engine;
-        let mut rejected = None;
-        if let Some(disk) = &self.inner.disk {
-            match disk.load(source) {
-                Ok(payload) => match load(engine, &payload) {
-                    Ok(compiled) => return Ok((compiled, GuestOrigin::DiskCache)),
-                    Err(e) => {
-                        tracing::warn!(path = %disk.path_for(source).display(), "guest cache entry refused by the engine: {e}");
-                        rejected = Some(format!("refused by the engine: {e}"));
-                    }
-                },
-                Err(Rejected::Missing) => {}
-                Err(reason) => {
-                    tracing::warn!(path = %disk.path_for(source).display(), ?reason, "guest cache entry rejected; recompiling");
-                    rejected = Some(format!("{reason:?}").to_lowercase());
-                }
-            }
-        }
-        let (compiled, serialized) = compile(engine, binary).map_err(|e| Error::Guest {
-            path: PathBuf::from(hex(&source[..8])),
-            reason: format!("does not compile: {e:#}"),
-        })?;
+        let compile_error = |e: wasmtime::Error| guest_error(format!("does not compile: {e:#}"));
+        let (kind, serialized) = if is_component {
+            let component = Component::new(engine, &binary).map_err(compile_error)?;
+            let serialized = component.serialize().map_err(compile_error)?;
+            (self.link_component(&component, name)?, serialized)
+        } else {
+            let module = Module::new(engine, &binary).map_err(compile_error)?;
+            let serialized = module.serialize().map_err(compile_error)?;
+            (self.link_module(&module, name)?, serialized)
+        };
         if let Some(disk) = &self.inner.disk
-            && let Err(e) = disk.store(source, &serialized)
+            && let Err(e) = disk.store(&source, &serialized)
         {
             // The guest still runs; it is only compiled again next process.
             tracing::warn!(dir = %disk.dir().display(), "cannot write the guest cache: {e}");
         }
-        Ok((compiled, GuestOrigin::Compiled { rejected_cache_entry: rejected }))
+        let guest = Guest::new(name.to_string(), source, kind, GuestOrigin::Compiled { rejected_cache_entry: rejected });
+        lock(&self.inner.guests).insert(source, guest.clone());
+        Ok(guest)
+    }
+
+    /// A guest from a verified disk-cache entry, or why none was used
+    /// (`None`: there was no entry; `Some(reason)`: an entry was refused).
+    fn cached_or_rejection(&self, source: &Hash32, name: &str) -> Result<Result<Guest, Option<String>>, Error> {
+        let Some(disk) = &self.inner.disk else { return Ok(Err(None)) };
+        let path = match disk.load(source) {
+            Ok(path) => path,
+            Err(Rejected::Missing) => return Ok(Err(None)),
+            Err(reason) => {
+                tracing::warn!(path = %disk.path_for(source).display(), ?reason, "guest cache entry rejected; recompiling");
+                return Ok(Err(Some(format!("{reason:?}").to_lowercase())));
+            }
+        };
+        let engine = &self.inner.engine;
+        let loaded = match Engine::detect_precompiled_file(&path) {
+            Ok(Some(Precompiled::Component)) => load_component(engine, &path).and_then(|c| Ok(self.link_component(&c, name)?)),
+            Ok(Some(Precompiled::Module)) => load_module(engine, &path).and_then(|m| Ok(self.link_module(&m, name)?)),
+            Ok(None) => Err(wasmtime::format_err!("not a Wasmtime artifact")),
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok(kind) => {
+                let guest = Guest::new(name.to_string(), *source, kind, GuestOrigin::DiskCache);
+                lock(&self.inner.guests).insert(*source, guest.clone());
+                Ok(Ok(guest))
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "guest cache entry refused by the engine: {e}");
+                let _ = std::fs::remove_file(&path);
+                Ok(Err(Some(format!("refused by the engine: {e}"))))
+            }
+        }
+    }
+
+    fn link_component(&self, component: &Component, name: &str) -> Result<GuestKind, Error> {
+        let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
+        let pre = self
+            .inner
+            .component_linker
+            .instantiate_pre(component)
+            .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
+        match CommandPre::new(pre.clone()) {
+            Ok(command) => Ok(GuestKind::Component(command)),
+            Err(not_command) => match InterpreterPre::new(pre) {
+                Ok(interpreter) => Ok(GuestKind::Interpreter(interpreter)),
+                Err(_) => Err(guest_error(format!(
+                    "is not a WASI command (no wasi:cli/run export) nor an Airlock interpreter: {not_command}"
+                ))),
+            },
+        }
+    }
+
+    fn link_module(&self, module: &Module, name: &str) -> Result<GuestKind, Error> {
+        let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
+        if module.get_export("_start").is_none() {
+            return Err(guest_error("is not a WASI command (no _start export)".into()));
+        }
+        let pre = self
+            .inner
+            .module_linker
+            .instantiate_pre(module)
+            .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
+        Ok(GuestKind::Module(pre))
     }
 }
 
-/// Compiles wasm into code and its serialized form.
-type CompileFn<C> = fn(&Engine, &[u8]) -> wasmtime::Result<(C, Vec<u8>)>;
-/// Loads code from its verified serialized form.
-type LoadFn<C> = fn(&Engine, &[u8]) -> wasmtime::Result<C>;
-
-fn compile_component(engine: &Engine, binary: &[u8]) -> wasmtime::Result<(Component, Vec<u8>)> {
-    let component = Component::new(engine, binary)?;
-    let serialized = component.serialize()?;
-    Ok((component, serialized))
-}
-
-fn compile_module(engine: &Engine, binary: &[u8]) -> wasmtime::Result<(Module, Vec<u8>)> {
-    let module = Module::new(engine, binary)?;
-    let serialized = module.serialize()?;
-    Ok((module, serialized))
+#[allow(unsafe_code)]
+fn load_component(engine: &Engine, artifact: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: `artifact` comes only from `DiskCache::load`, which returns a
+    // file whose length and checksum match the check file written when an
+    // engine with this engine's key serialized it; Wasmtime itself checks
+    // that the artifact was produced by a compatible engine. Cache files are
+    // replaced only by rename, never modified in place while mapped.
+    unsafe { Component::deserialize_file(engine, artifact) }
 }
 
 #[allow(unsafe_code)]
-fn load_component(engine: &Engine, payload: &[u8]) -> wasmtime::Result<Component> {
-    // SAFETY: `payload` comes only from `DiskCache::load`, which returns bytes
-    // whose SHA-256 matches the hash recorded when this process's engine
-    // configuration serialized them, and Wasmtime itself checks that the
-    // artifact was produced by a compatible engine.
-    unsafe { Component::deserialize(engine, payload) }
-}
-
-#[allow(unsafe_code)]
-fn load_module(engine: &Engine, payload: &[u8]) -> wasmtime::Result<Module> {
+fn load_module(engine: &Engine, artifact: &Path) -> wasmtime::Result<Module> {
     // SAFETY: as for `load_component`.
-    unsafe { Module::deserialize(engine, payload) }
+    unsafe { Module::deserialize_file(engine, artifact) }
 }

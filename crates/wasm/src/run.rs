@@ -35,6 +35,12 @@ impl IsolateEngine {
     ///
     /// Dropping the returned future cancels the run.
     pub async fn run(&self, guest: &Guest, workspace: &Workspace, request: &ExecRequest) -> Result<ExecOutcome, Error> {
+        if guest.is_interpreter() {
+            return Err(Error::Unsupported {
+                tier: TierKind::Isolate,
+                what: format!("running the interpreter {} as a command (evaluate code in a context instead)", guest.name()),
+            });
+        }
         let limits = request.limits;
         limits.validate()?;
         let started = Instant::now();
@@ -42,46 +48,26 @@ impl IsolateEngine {
 
         let stdout = CapturePipe::new(OutputStream::Stdout, limits.output_bytes, request.output.clone());
         let stderr = CapturePipe::new(OutputStream::Stderr, limits.output_bytes, request.output.clone());
-        let mut wasi = WasiCtxBuilder::new();
         let argv0 = if request.program.is_empty() { guest.name() } else { request.program.as_str() };
-        wasi.arg(argv0)
-            .args(&request.args)
-            .envs(&request.env)
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            // Deny-by-default: no sockets and no name lookups until egress policy grants them.
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .initial_cwd(WORKSPACE_GUEST_PATH);
+        let mut wasi = confined_wasi(workspace, &stdout, &stderr)?;
+        wasi.arg(argv0).args(&request.args).envs(&request.env);
         match &request.stdin {
-            StdinSource::Empty => {
-                wasi.stdin(MemoryInputPipe::new(Bytes::new()));
-            }
+            StdinSource::Empty => {}
             StdinSource::Bytes(bytes) => {
                 wasi.stdin(MemoryInputPipe::new(Bytes::copy_from_slice(bytes)));
             }
             StdinSource::Inherit => {
                 wasi.inherit_stdin();
             }
-            // `StdinSource` is non-exhaustive for other crates only; this arm keeps
-            // the match honest if a variant is added here first.
-            #[allow(unreachable_patterns)]
+            // A stdin source added to the vocabulary later is refused until this tier supports it.
             _ => return Err(Error::Unsupported { tier: TierKind::Isolate, what: "this stdin source".into() }),
         }
-        wasi.preopened_dir(workspace.host_path(), WORKSPACE_GUEST_PATH, FsPerms::ReadWrite).map_err(|e| {
-            Error::Workspace { path: workspace.host_path().to_path_buf(), reason: format!("cannot be opened: {e}") }
-        })?;
         let limiter = Limiter::new(&limits);
 
         let engine = &self.inner.engine;
         let metered = match guest.kind() {
-            GuestKind::Interpreter(_) => {
-                return Err(Error::Unsupported {
-                    tier: TierKind::Isolate,
-                    what: format!("running the interpreter {} as a command (evaluate code in a context instead)", guest.name()),
-                });
-            }
+            // Refused at the top of this function.
+            GuestKind::Interpreter(_) => return Err(Error::Engine("an interpreter cannot run as a command".into())),
             GuestKind::Component(pre) => {
                 let host = ComponentHost { wasi: wasi.build(), table: Default::default(), limiter };
                 let mut store = arm(Store::new(engine, host));
@@ -129,6 +115,25 @@ impl IsolateEngine {
             tier: TierKind::Isolate,
         })
     }
+}
+
+/// The WASI context every guest starts from: the workspace as the only
+/// preopen (and the working directory), captured stdout and stderr, empty
+/// stdin, and no sockets or name lookups until egress policy grants them.
+pub(crate) fn confined_wasi(workspace: &Workspace, stdout: &CapturePipe, stderr: &CapturePipe) -> Result<WasiCtxBuilder, Error> {
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stdin(MemoryInputPipe::new(Bytes::new()))
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .initial_cwd(WORKSPACE_GUEST_PATH);
+    wasi.preopened_dir(workspace.host_path(), WORKSPACE_GUEST_PATH, FsPerms::ReadWrite).map_err(|e| Error::Workspace {
+        path: workspace.host_path().to_path_buf(),
+        reason: format!("cannot be opened: {e}"),
+    })?;
+    Ok(wasi)
 }
 
 /// Sets up a store's limiter and deadline check; the deadline itself lives in

@@ -5,12 +5,9 @@ use std::time::{Duration, Instant};
 
 use airlock_core::{
     CodeError, Error, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Limits, OutputStream,
-    Termination, WORKSPACE_GUEST_PATH, Workspace,
+    Termination, Workspace,
 };
-use bytes::Bytes;
 use wasmtime::Store;
-use wasmtime_wasi::p2::pipe::MemoryInputPipe;
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::bindings::Interpreter;
 use super::bindings::exports::airlock::sandbox::evaluator as wit;
@@ -18,7 +15,7 @@ use crate::guest::{Guest, GuestKind};
 use crate::host::{ComponentHost, Limiter};
 use crate::metering::Metered;
 use crate::output::CapturePipe;
-use crate::run::{Ended, arm, classify};
+use crate::run::{Ended, arm, classify, confined_wasi};
 use crate::IsolateEngine;
 
 struct Live {
@@ -113,17 +110,9 @@ impl InterpreterContext {
         };
         let stdout = CapturePipe::new(OutputStream::Stdout, self.limits.output_bytes, None);
         let stderr = CapturePipe::new(OutputStream::Stderr, self.limits.output_bytes, None);
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.arg(self.language.as_str())
-            .stdin(MemoryInputPipe::new(Bytes::new()))
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .initial_cwd(WORKSPACE_GUEST_PATH);
-        wasi.preopened_dir(self.workspace.host_path(), WORKSPACE_GUEST_PATH, FsPerms::ReadWrite)
-            .map_err(|e| EvalResult::Crashed { message: format!("cannot open the workspace: {e}") })?;
+        let mut wasi = confined_wasi(&self.workspace, &stdout, &stderr)
+            .map_err(|e| EvalResult::Crashed { message: e.to_string() })?;
+        wasi.arg(self.language.as_str());
         let host = ComponentHost { wasi: wasi.build(), table: Default::default(), limiter: Limiter::new(&self.limits) };
         let mut store = arm(Store::new(&self.engine.inner.engine, host));
         let deadline = Instant::now() + self.limits.deadline;

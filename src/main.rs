@@ -151,6 +151,12 @@ fn limit_hit(hit: LimitExceeded) -> ExitCode {
     ExitCode::from(if hit.limit == Limit::Deadline { EXIT_DEADLINE } else { EXIT_LIMIT })
 }
 
+/// Reports a crash as one line and returns the crash exit status.
+fn crashed(what: &str, message: &str) -> ExitCode {
+    eprintln!("airlock: error: {what}: {}", message.replace('\n', " "));
+    ExitCode::from(EXIT_CRASH)
+}
+
 fn interpreters(engine: IsolateEngine) -> Interpreters {
     Interpreters::new(engine, default_interpreter_dir())
 }
@@ -176,14 +182,8 @@ fn report(outcome: &EvalOutcome, show_value: bool) -> ExitCode {
             ExitCode::from(EXIT_ESCALATION)
         }
         EvalResult::LimitExceeded(hit) => limit_hit(*hit),
-        EvalResult::Crashed { message } => {
-            eprintln!("airlock: error: the interpreter crashed: {}", message.replace('\n', " "));
-            ExitCode::from(EXIT_CRASH)
-        }
-        other => {
-            eprintln!("airlock: error: evaluation ended unexpectedly: {other:?}");
-            ExitCode::from(EXIT_CRASH)
-        }
+        EvalResult::Crashed { message } => crashed("the interpreter crashed", message),
+        other => crashed("evaluation ended unexpectedly", &format!("{other:?}")),
     }
 }
 
@@ -314,14 +314,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(match outcome.termination {
         Termination::Exited { code } => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Termination::LimitExceeded(hit) => limit_hit(hit),
-        Termination::Crashed { message } => {
-            eprintln!("airlock: error: the program crashed: {}", message.replace('\n', " "));
-            ExitCode::from(EXIT_CRASH)
-        }
-        other => {
-            eprintln!("airlock: error: the program ended unexpectedly: {other}");
-            ExitCode::from(EXIT_CRASH)
-        }
+        Termination::Crashed { message } => crashed("the program crashed", &message),
+        other => crashed("the program ended unexpectedly", &other.to_string()),
     })
 }
 

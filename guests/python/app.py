@@ -86,20 +86,23 @@ def _install_escalation_points():
         "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
     ):
         setattr(os, name, _needs_subprocess)
-    try:
-        import subprocess
-    except ImportError:
-        subprocess = types.ModuleType("subprocess")
-        sys.modules["subprocess"] = subprocess
+    subprocess = _module_or_stand_in("subprocess")
     for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
         setattr(subprocess, name, _needs_subprocess)
-    try:
-        import socket
-    except ImportError:
-        socket = types.ModuleType("socket")
-        sys.modules["socket"] = socket
+    socket = _module_or_stand_in("socket")
     for name in ("socket", "create_connection", "create_server", "getaddrinfo", "gethostbyname", "socketpair", "fromfd"):
         setattr(socket, name, _needs_network)
+
+
+def _module_or_stand_in(name):
+    """The standard module `name`, or an empty stand-in registered under its name
+    when this CPython build cannot import it, so its entry points can still be replaced."""
+    try:
+        return __import__(name)
+    except ImportError:
+        module = types.ModuleType(name)
+        sys.modules[name] = module
+        return module
 
 
 _install_escalation_points()

@@ -2,8 +2,8 @@
 //! task needs a real Linux.
 //!
 //! This crate is the facade a host application depends on. Today it offers the
-//! isolate tier; the container tier and the `Runtime` (sandboxes by name, the
-//! router) arrive behind the same names.
+//! isolate tier and the container tier ([`container`]); the `Runtime`
+//! (sandboxes by name, the router) arrives behind the same names.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), airlock::Error> {
@@ -32,4 +32,9 @@ pub use airlock_wasm::{EngineConfig, Guest, GuestOrigin, IsolateEngine, IsolateT
 /// The isolate tier's full API.
 pub mod wasm {
     pub use airlock_wasm::*;
+}
+
+/// The container tier's full API.
+pub mod container {
+    pub use airlock_container::*;
 }

@@ -46,6 +46,20 @@ enum Command {
     Run(RunArgs),
     /// Evaluate Python or JavaScript line by line in one context that keeps its state.
     Repl(ReplArgs),
+    /// Make the container tier ready: install and start the Docker engine (with no default
+    /// bridge and no iptables rules) and runsc where missing, then build the base image from
+    /// Debian packages if its recipe changed. Needs root on Debian; a no-op when all is there.
+    Setup(SetupArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SetupArgs {
+    /// Skip installing and registering gVisor (runsc).
+    #[arg(long)]
+    no_runsc: bool,
+    /// Skip building the base image.
+    #[arg(long)]
+    no_image: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -135,6 +149,7 @@ fn main() -> ExitCode {
             Command::Run(args) if args.lang.is_some() => run_code(args).await,
             Command::Run(args) => run(args).await,
             Command::Repl(args) => repl(args).await,
+            Command::Setup(args) => setup(args).await,
         }
     });
     match result {
@@ -144,6 +159,20 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+async fn setup(args: SetupArgs) -> Result<ExitCode> {
+    use airlock::container::{DockerEngine, EngineOptions, ImageRecipe, ensure_base_image};
+    let options = EngineOptions { with_runsc: !args.no_runsc, ..EngineOptions::default() };
+    let engine = DockerEngine::connect_or_setup(&options).await?;
+    eprintln!("airlock: docker engine ready at {}", options.socket.display());
+    if !args.no_image {
+        let progress: airlock::container::Progress = Arc::new(|line: &str| eprintln!("airlock: {line}"));
+        let image = ensure_base_image(&engine, &ImageRecipe::default(), progress).await?;
+        eprintln!("airlock: base image {image} ready");
+        println!("{image}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn limit_hit(hit: LimitExceeded) -> ExitCode {
@@ -307,6 +336,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         args: args.args,
         env,
         stdin: StdinSource::Inherit,
+        cwd: None,
         limits,
         output: Some(echo),
     };

@@ -61,6 +61,10 @@ pub struct ExecRequest {
     /// Environment variables; nothing is inherited from the host.
     pub env: Vec<(String, String)>,
     pub stdin: StdinSource,
+    /// Working directory inside the sandbox. `None` is `/workspace`. The
+    /// isolate tier has no working directory of its own and accepts only
+    /// `/workspace`; the container tier accepts any absolute path.
+    pub cwd: Option<String>,
     pub limits: Limits,
     /// Where to stream output as it is written, beside the captured copy.
     pub output: Option<OutputSender>,
@@ -73,6 +77,7 @@ impl fmt::Debug for ExecRequest {
             .field("args", &self.args)
             .field("env", &self.env)
             .field("stdin", &self.stdin)
+            .field("cwd", &self.cwd)
             .field("limits", &self.limits)
             .field("output", &self.output.as_ref().map(|_| "<sender>"))
             .finish()
@@ -100,6 +105,11 @@ impl ExecRequest {
 
     pub fn stdin(mut self, stdin: StdinSource) -> Self {
         self.stdin = stdin;
+        self
+    }
+
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
         self
     }
 

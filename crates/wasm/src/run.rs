@@ -41,6 +41,12 @@ impl IsolateEngine {
                 what: format!("running the interpreter {} as a command (evaluate code in a context instead)", guest.name()),
             });
         }
+        if let Some(cwd) = request.cwd.as_deref().filter(|cwd| cwd.trim_end_matches('/') != WORKSPACE_GUEST_PATH) {
+            return Err(Error::Unsupported {
+                tier: TierKind::Isolate,
+                what: format!("working directory {cwd:?} (isolates run in {WORKSPACE_GUEST_PATH})"),
+            });
+        }
         let limits = request.limits;
         limits.validate()?;
         let started = Instant::now();

@@ -1,0 +1,393 @@
+//! The Docker engine: found, or installed and started by Airlock itself.
+//!
+//! [`DockerEngine::connect_or_setup`] makes the engine available on a fresh
+//! Debian machine as root: it installs `docker.io` and `runsc` when they are
+//! missing, registers `runsc` as a runtime, starts `dockerd` with no default
+//! bridge and no iptables rules (sandboxes never get a network interface), and
+//! waits until it answers. When everything is there it only pings. Everything
+//! after set-up talks to the engine through bollard.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bollard::{API_DEFAULT_VERSION, Docker};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Where a root-run engine listens on Debian.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// How long set-up waits for a freshly started `dockerd` to answer.
+pub const ENGINE_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Timeout of each request to the engine (bollard's per-request timeout).
+pub const ENGINE_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// The flags `dockerd` gets when Airlock starts it: no default bridge, no
+/// iptables rules. Sandboxes run with `--network none`, so nothing is lost.
+pub const DOCKERD_FLAGS: &[&str] = &["--bridge=none", "--iptables=false", "--ip6tables=false"];
+/// Arguments runsc is registered with: gVisor's own network stack off, since
+/// sandboxes have no network; the sentry then has only loopback.
+pub const RUNSC_RUNTIME_ARGS: &[&str] = &["--network=none"];
+
+/// Which OCI runtime a container runs under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerRuntime {
+    /// Linux namespaces and cgroups (Docker's default).
+    #[default]
+    Runc,
+    /// gVisor: a user-space kernel between the sandbox and the host kernel.
+    Runsc,
+}
+
+impl ContainerRuntime {
+    pub fn name(self) -> &'static str {
+        match self {
+            ContainerRuntime::Runc => "runc",
+            ContainerRuntime::Runsc => "runsc",
+        }
+    }
+}
+
+impl std::fmt::Display for ContainerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ContainerRuntime {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "runc" => Ok(ContainerRuntime::Runc),
+            "runsc" | "gvisor" => Ok(ContainerRuntime::Runsc),
+            other => Err(Error::Invalid { what: "container runtime", reason: format!("{other:?}: use runc or runsc") }),
+        }
+    }
+}
+
+/// How to find or set up the engine. Every field has a default (see `Default`).
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The engine's Unix socket.
+    pub socket: PathBuf,
+    /// Install `docker.io`/`runsc` with apt and start `dockerd` when the engine
+    /// does not answer. Off: only connect.
+    pub set_up: bool,
+    /// Also install and register `runsc` (gVisor).
+    pub with_runsc: bool,
+    /// Where a `dockerd` started by Airlock writes its log.
+    pub daemon_log: PathBuf,
+    /// Docker's daemon configuration, where `runsc` is registered.
+    pub daemon_config: PathBuf,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
+            set_up: true,
+            with_runsc: true,
+            daemon_log: PathBuf::from("/var/log/airlock-dockerd.log"),
+            daemon_config: PathBuf::from("/etc/docker/daemon.json"),
+        }
+    }
+}
+
+/// A connected engine: the bollard client, at the API version both sides speak.
+#[derive(Debug, Clone)]
+pub struct DockerEngine {
+    docker: Docker,
+    runtimes: BTreeSet<String>,
+}
+
+impl DockerEngine {
+    /// Connects to a running engine; never installs or starts anything.
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let docker = client(socket)?;
+        let docker = docker.negotiate_version().await.map_err(Error::docker("version"))?;
+        let info = docker.info().await.map_err(Error::docker("info"))?;
+        let runtimes = info.runtimes.unwrap_or_default().into_keys().collect();
+        Ok(Self { docker, runtimes })
+    }
+
+    /// Connects, setting the engine up first where `options` allow it. A no-op
+    /// beyond a ping when the engine answers and every wanted runtime is registered.
+    pub async fn connect_or_setup(options: &EngineOptions) -> Result<Self> {
+        if let Ok(engine) = Self::connect(&options.socket).await {
+            if !options.with_runsc || engine.has_runtime(ContainerRuntime::Runsc) || !options.set_up {
+                return Ok(engine);
+            }
+            // Running, but without runsc: install and register it, then ask dockerd to reload.
+            check_can_set_up()?;
+            install_missing(&["runsc"])?;
+            register_runsc(&options.daemon_config)?;
+            reload_dockerd()?;
+            return wait_for_runtime(&options.socket, ContainerRuntime::Runsc).await;
+        }
+        if !options.set_up {
+            return Err(Error::EngineUnavailable(format!(
+                "nothing answers on {}; start dockerd with {}",
+                options.socket.display(),
+                DOCKERD_FLAGS.join(" ")
+            )));
+        }
+        check_can_set_up()?;
+        let mut packages = vec!["docker.io"];
+        if options.with_runsc {
+            packages.push("runsc");
+        }
+        install_missing(&packages)?;
+        if options.with_runsc {
+            register_runsc(&options.daemon_config)?;
+        }
+        start_dockerd(&options.daemon_log)?;
+        let started = Instant::now();
+        loop {
+            match Self::connect(&options.socket).await {
+                Ok(engine) => return Ok(engine),
+                Err(error) if started.elapsed() > ENGINE_START_TIMEOUT => {
+                    return Err(Error::Setup(format!(
+                        "dockerd did not answer within {}s ({error}); its log is {}:\n{}",
+                        ENGINE_START_TIMEOUT.as_secs(),
+                        options.daemon_log.display(),
+                        tail(&options.daemon_log, 15)
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Whether the engine can start containers under `runtime`.
+    pub fn has_runtime(&self, runtime: ContainerRuntime) -> bool {
+        runtime == ContainerRuntime::Runc || self.runtimes.contains(runtime.name())
+    }
+
+    /// Refuses a runtime the engine does not have, with an error naming it.
+    pub fn require_runtime(&self, runtime: ContainerRuntime) -> Result<()> {
+        if self.has_runtime(runtime) { Ok(()) } else { Err(Error::RuntimeUnavailable(runtime.name().into())) }
+    }
+}
+
+fn client(socket: &Path) -> Result<Docker> {
+    let path = socket.to_str().ok_or_else(|| Error::Invalid {
+        what: "docker socket path",
+        reason: format!("{} is not UTF-8", socket.display()),
+    })?;
+    Docker::connect_with_unix(path, ENGINE_REQUEST_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
+        .map_err(|e| Error::EngineUnavailable(format!("{}: {e}", socket.display())))
+}
+
+/// Set-up installs packages and starts a daemon: it needs root on Debian.
+fn check_can_set_up() -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(Error::EngineUnavailable(
+            "setting it up needs root (to install docker.io and runsc and start dockerd); \
+             run `airlock setup` as root, or start dockerd yourself"
+                .into(),
+        ));
+    }
+    if !Path::new("/etc/debian_version").exists() || which("apt-get").is_none() {
+        return Err(Error::EngineUnavailable(format!(
+            "this is not Debian (no /etc/debian_version or apt-get); install Docker Engine and runsc yourself \
+             and start dockerd with {}",
+            DOCKERD_FLAGS.join(" ")
+        )));
+    }
+    Ok(())
+}
+
+/// The binary each package provides, to tell whether it is installed.
+fn provided_binary(package: &str) -> &str {
+    match package {
+        "docker.io" => "dockerd",
+        other => other,
+    }
+}
+
+/// Installs the packages whose binaries are missing; nothing when all are there.
+pub(crate) fn install_missing(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| which(provided_binary(p)).is_none()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = |update_first: bool| -> Result<std::process::Output> {
+        if update_first {
+            run_quiet(Command::new("apt-get").args(["update", "-q"]))?;
+        }
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(Error::io("running apt-get"))
+    };
+    let mut output = install(false)?;
+    if !output.status.success() {
+        // A fresh machine may have no package lists yet.
+        output = install(true)?;
+    }
+    if !output.status.success() {
+        return Err(Error::Setup(format!(
+            "apt-get install {} failed: {}",
+            missing.join(" "),
+            last_lines(&String::from_utf8_lossy(&output.stderr), 10)
+        )));
+    }
+    Ok(())
+}
+
+/// Adds runsc to the `runtimes` of Docker's daemon configuration, keeping
+/// everything else in it. Nothing is written when it is already there.
+fn register_runsc(config_path: &Path) -> Result<()> {
+    let runsc = which("runsc").ok_or_else(|| Error::Setup("runsc is not installed".into()))?;
+    let mut config: Map<String, Value> = match fs::read_to_string(config_path) {
+        Ok(text) if !text.trim().is_empty() => serde_json::from_str(&text).map_err(|e| {
+            Error::Setup(format!("{} is not a JSON object ({e}); fix or remove it", config_path.display()))
+        })?,
+        Ok(_) => Map::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Map::new(),
+        Err(e) => return Err(Error::io(format!("reading {}", config_path.display()))(e)),
+    };
+    let wanted = serde_json::json!({ "path": runsc, "runtimeArgs": RUNSC_RUNTIME_ARGS });
+    let runtimes = config.entry("runtimes").or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(runtimes) = runtimes else {
+        return Err(Error::Setup(format!("`runtimes` in {} is not an object", config_path.display())));
+    };
+    if runtimes.get("runsc") == Some(&wanted) {
+        return Ok(());
+    }
+    runtimes.insert("runsc".into(), wanted);
+    if let Some(parent) = config_path.parent() {
+        fs::create_dir_all(parent).map_err(Error::io(format!("creating {}", parent.display())))?;
+    }
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Setup(e.to_string()))?;
+    fs::write(config_path, text).map_err(Error::io(format!("writing {}", config_path.display())))
+}
+
+/// Starts `dockerd` in its own session so that it outlives this process.
+fn start_dockerd(log: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let dockerd = which("dockerd").ok_or_else(|| Error::Setup("dockerd is not installed".into()))?;
+    if let Some(parent) = log.parent() {
+        fs::create_dir_all(parent).map_err(Error::io(format!("creating {}", parent.display())))?;
+    }
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(Error::io(format!("opening {}", log.display())))?;
+    let err_file = log_file.try_clone().map_err(Error::io("duplicating the log handle"))?;
+    Command::new(dockerd)
+        .args(DOCKERD_FLAGS)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file)
+        .process_group(0)
+        .spawn()
+        .map_err(Error::io("starting dockerd"))?;
+    Ok(())
+}
+
+/// dockerd re-reads its runtimes on SIGHUP.
+fn reload_dockerd() -> Result<()> {
+    let pid_text = fs::read_to_string("/var/run/docker.pid")
+        .map_err(|_| Error::Setup("dockerd runs but /var/run/docker.pid is missing; restart it to add runsc".into()))?;
+    let pid = pid_text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| Error::Setup(format!("/var/run/docker.pid holds {pid_text:?}")))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP)
+        .map_err(|e| Error::Setup(format!("signalling dockerd to reload: {e}")))
+}
+
+async fn wait_for_runtime(socket: &Path, runtime: ContainerRuntime) -> Result<DockerEngine> {
+    let started = Instant::now();
+    loop {
+        let engine = DockerEngine::connect(socket).await?;
+        if engine.has_runtime(runtime) {
+            return Ok(engine);
+        }
+        if started.elapsed() > ENGINE_START_TIMEOUT {
+            return Err(Error::RuntimeUnavailable(runtime.name().into()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn run_quiet(command: &mut Command) -> Result<()> {
+    let output = command.stdin(Stdio::null()).output().map_err(Error::io(format!("running {command:?}")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Setup(format!("{command:?} failed: {}", last_lines(&String::from_utf8_lossy(&output.stderr), 10))))
+    }
+}
+
+/// Finds `program` on `PATH` or in the sbin directories root's PATH has.
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    fs::read_to_string(path).map(|text| last_lines(&text, lines)).unwrap_or_default()
+}
+
+pub(crate) fn last_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runsc_is_added_beside_existing_settings_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.json");
+        fs::write(&path, r#"{"log-level":"warn","runtimes":{"other":{"path":"/bin/other"}}}"#).unwrap();
+        assert!(which("runsc").is_some(), "runsc is not installed: run `airlock setup` (scripts/test.sh does)");
+        register_runsc(&path).unwrap();
+        let config: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(config["log-level"], "warn");
+        assert_eq!(config["runtimes"]["other"]["path"], "/bin/other");
+        assert_eq!(config["runtimes"]["runsc"]["runtimeArgs"][0], "--network=none");
+        let modified = fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        register_runsc(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), modified, "a second call rewrote the file");
+    }
+
+    #[test]
+    fn a_daemon_config_that_is_not_json_is_named_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.json");
+        fs::write(&path, "not json").unwrap();
+        assert!(which("runsc").is_some(), "runsc is not installed: run `airlock setup` (scripts/test.sh does)");
+        let error = register_runsc(&path).unwrap_err().to_string();
+        assert!(error.contains("is not a JSON object"), "{error}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "not json");
+    }
+
+    #[test]
+    fn runtimes_parse_by_name() {
+        assert_eq!("runsc".parse::<ContainerRuntime>().unwrap(), ContainerRuntime::Runsc);
+        assert_eq!("runc".parse::<ContainerRuntime>().unwrap(), ContainerRuntime::Runc);
+        assert!("kata".parse::<ContainerRuntime>().unwrap_err().to_string().contains("use runc or runsc"));
+    }
+}

@@ -1,0 +1,433 @@
+//! One command in a running sandbox: streamed output with caps, stdin, a
+//! deadline at which the command's whole process tree is killed.
+//!
+//! Docker has no API to kill an exec, so every exec carries a marker in its
+//! environment (`AIRLOCK_EXEC=<id>`), which its children inherit. Killing runs
+//! a second exec, as the same user, of a bash script made only of builtins
+//! (it must not fork: the pids limit may be exhausted by the very fork bomb it
+//! stops). It stops every marked process, then kills them, round after round,
+//! until none is left. This works the same under runc and runsc, where the
+//! host cannot see the sandbox's processes. A process that both leaves the
+//! tree and wipes its environment escapes it; it still lives inside the
+//! sandbox's pids, memory and CPU limits and ends when the sandbox stops.
+
+use std::time::{Duration, Instant};
+
+use airlock_core::{
+    ExecOutcome, ExecRequest, Limit, LimitExceeded, OutputChunk, OutputSender, OutputStream, StdinSource, Termination,
+    TierKind, WORKSPACE_GUEST_PATH,
+};
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::query_parameters::WaitContainerOptions;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{Error, Result};
+use crate::sandbox::ContainerSandbox;
+
+/// The environment variable that marks an exec's processes.
+pub const EXEC_MARKER_VAR: &str = "AIRLOCK_EXEC";
+/// How long output is drained after a kill before the run is given up on.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Attempts at starting the kill script: under a fork bomb, exec itself can
+/// fail for want of a free pid until a slot frees up.
+const KILL_ATTEMPTS: u32 = 50;
+/// Rounds of stop-then-kill before the kill script gives up.
+const KILL_ROUNDS: u32 = 200;
+
+const KILL_SCRIPT: &str = r#"
+target="AIRLOCK_EXEC=$AIRLOCK_KILL_TARGET"
+for ((round = 0; round < AIRLOCK_KILL_ROUNDS; round++)); do
+  pids=()
+  for dir in /proc/[0-9]*; do
+    pid=${dir#/proc/}
+    [[ $pid == "$$" ]] && continue
+    while IFS= read -r -d '' entry; do
+      if [[ $entry == "$target" ]]; then pids+=("$pid"); break; fi
+    done 2>/dev/null < "$dir/environ"
+  done
+  ((${#pids[@]} == 0)) && exit 0
+  if [[ $AIRLOCK_KILL_SIGNAL == KILL ]]; then
+    kill -STOP "${pids[@]}" 2>/dev/null
+    kill -KILL "${pids[@]}" 2>/dev/null
+  else
+    kill -"$AIRLOCK_KILL_SIGNAL" "${pids[@]}" 2>/dev/null
+    exit 0
+  fi
+done
+exit 3
+"#;
+
+/// A signal to send to a process tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Signal {
+    Hup,
+    Int,
+    Quit,
+    Kill,
+    Usr1,
+    Usr2,
+    Term,
+    Cont,
+    Stop,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Hup => "HUP",
+            Signal::Int => "INT",
+            Signal::Quit => "QUIT",
+            Signal::Kill => "KILL",
+            Signal::Usr1 => "USR1",
+            Signal::Usr2 => "USR2",
+            Signal::Term => "TERM",
+            Signal::Cont => "CONT",
+            Signal::Stop => "STOP",
+        }
+    }
+}
+
+/// A new marker for one exec's process tree.
+pub(crate) fn new_marker() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The command line, environment and working directory of an exec, checked.
+pub(crate) fn exec_options(
+    request: &ExecRequest,
+    user: &str,
+    marker: &str,
+    attach_stdin: bool,
+    tty: bool,
+) -> Result<CreateExecOptions<String>> {
+    if request.program.is_empty() {
+        return Err(Error::Invalid { what: "command", reason: "the program is empty".into() });
+    }
+    let cwd = request.cwd.clone().unwrap_or_else(|| WORKSPACE_GUEST_PATH.to_string());
+    if !cwd.starts_with('/') {
+        return Err(Error::Invalid { what: "working directory", reason: format!("{cwd:?} is not absolute") });
+    }
+    let mut env = Vec::with_capacity(request.env.len() + 1);
+    for (key, value) in &request.env {
+        if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+            return Err(Error::Invalid { what: "environment variable", reason: format!("{key:?}") });
+        }
+        if key == EXEC_MARKER_VAR {
+            return Err(Error::Invalid { what: "environment variable", reason: format!("{key} is Airlock's") });
+        }
+        env.push(format!("{key}={value}"));
+    }
+    env.push(format!("{EXEC_MARKER_VAR}={marker}"));
+    let mut cmd = vec![request.program.clone()];
+    cmd.extend(request.args.iter().cloned());
+    Ok(CreateExecOptions {
+        attach_stdin: Some(attach_stdin),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        tty: Some(tty),
+        env: Some(env),
+        cmd: Some(cmd),
+        user: Some(user.to_string()),
+        working_dir: Some(cwd),
+        ..CreateExecOptions::default()
+    })
+}
+
+/// Captured output of one stream, up to a cap.
+#[derive(Debug)]
+struct Capture {
+    stream: OutputStream,
+    bytes: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capture {
+    fn new(stream: OutputStream, cap: u64) -> Self {
+        Self { stream, bytes: Vec::new(), cap: usize::try_from(cap).unwrap_or(usize::MAX), truncated: false }
+    }
+
+    /// Keeps what fits under the cap; returns whether anything was cut.
+    fn push(&mut self, chunk: &[u8], sender: Option<&OutputSender>) -> bool {
+        let room = self.cap.saturating_sub(self.bytes.len());
+        let taken = &chunk[..chunk.len().min(room)];
+        self.bytes.extend_from_slice(taken);
+        if !taken.is_empty()
+            && let Some(sender) = sender
+        {
+            sender(OutputChunk { stream: self.stream, bytes: taken.to_vec() });
+        }
+        if taken.len() < chunk.len() {
+            self.truncated = true;
+        }
+        self.truncated
+    }
+}
+
+/// Why Airlock ended a run early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Deadline,
+    Output,
+}
+
+impl ContainerSandbox {
+    /// Runs `request` as the sandbox's user and waits for it to end. Output is
+    /// captured up to the request's cap per stream (a command that writes past
+    /// it is killed with an output-limit error), the deadline kills the
+    /// command's whole process tree, and an OOM kill inside the container is
+    /// reported as the memory limit.
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutcome> {
+        let user = self.spec().user.clone();
+        self.exec_as(&user, request).await
+    }
+
+    /// As [`exec`](Self::exec), as another user of the image (such as `root`
+    /// for a package install; capabilities stay as the sandbox has them).
+    pub async fn exec_as(&self, user: &str, request: ExecRequest) -> Result<ExecOutcome> {
+        request.limits.validate()?;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + request.limits.deadline);
+        let marker = new_marker();
+        let attach_stdin = !matches!(request.stdin, StdinSource::Empty);
+        let options = exec_options(&request, user, &marker, attach_stdin, false)?;
+        let docker = self.engine().docker();
+        let cgroup = self.cgroup();
+        let cpu_before = cgroup.cpu_usage();
+        let oom_before = cgroup.oom_kills();
+
+        let exec = docker.create_exec(self.container_id(), options).await.map_err(|e| self.exec_error(e))?;
+        let started_exec = docker.start_exec(&exec.id, None::<StartExecOptions>).await.map_err(|e| self.exec_error(e))?;
+        let StartExecResults::Attached { mut output, mut input } = started_exec else {
+            return Err(Error::Invalid { what: "exec", reason: "the engine started it detached".into() });
+        };
+        let stdin_task = match request.stdin.clone() {
+            StdinSource::Bytes(bytes) => Some(tokio::spawn(async move {
+                let _ = input.write_all(&bytes).await;
+                let _ = input.shutdown().await;
+            })),
+            StdinSource::Inherit => Some(tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut input).await;
+                let _ = input.shutdown().await;
+            })),
+            _ => {
+                drop(input);
+                None
+            }
+        };
+
+        let mut stdout = Capture::new(OutputStream::Stdout, request.limits.output_bytes);
+        let mut stderr = Capture::new(OutputStream::Stderr, request.limits.output_bytes);
+        let sender = request.output.as_ref();
+        // Resolves if the whole container stops meanwhile (under runsc an OOM
+        // kill takes the sandbox down, and the exec's stream may then never end).
+        let mut container_stopped = docker.wait_container(self.container_id(), None::<WaitContainerOptions>);
+        let mut stopped = false;
+        let mut cut = None;
+        let mut give_up_at = deadline;
+        // The kill runs beside the drain: the engine handles one container's
+        // exec exits in order, and the killed command's exit waits for its
+        // output to be read, so a kill awaited here would wait on itself.
+        let mut kill: Option<tokio::task::JoinHandle<Result<()>>> = None;
+        loop {
+            tokio::select! {
+                biased;
+                frame = output.next() => {
+                    let over_cap = match frame {
+                        Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => stdout.push(&message, sender),
+                        Some(Ok(LogOutput::StdErr { message })) => stderr.push(&message, sender),
+                        Some(Ok(LogOutput::StdIn { .. })) => false,
+                        Some(Err(error)) => return Err(Error::Docker { operation: "exec output", source: error }),
+                        None => break,
+                    };
+                    if over_cap && cut.is_none() {
+                        cut = Some(Cut::Output);
+                        give_up_at = tokio::time::Instant::now() + KILL_GRACE;
+                        kill = Some(self.spawn_kill(user, &marker));
+                    }
+                }
+                _ = container_stopped.next(), if !stopped => {
+                    stopped = true;
+                    break;
+                }
+                () = tokio::time::sleep_until(give_up_at) => {
+                    if cut.is_some() {
+                        // Killed, yet the stream stays open past the grace period: give up on it.
+                        break;
+                    }
+                    cut = Some(Cut::Deadline);
+                    give_up_at = tokio::time::Instant::now() + KILL_GRACE;
+                    kill = Some(self.spawn_kill(user, &marker));
+                }
+            }
+        }
+        if let Some(task) = stdin_task {
+            task.abort();
+        }
+        if let Some(kill) = kill {
+            kill.await.map_err(|e| Error::Invalid { what: "kill", reason: e.to_string() })??;
+        }
+        let (exit_code, container_oom) = if stopped {
+            (None, self.oom_killed().await)
+        } else {
+            (self.exit_code(&exec.id).await?, false)
+        };
+        let cpu_time = match (cpu_before, cgroup.cpu_usage()) {
+            (Some(before), Some(after)) => after.saturating_sub(before),
+            _ => Duration::ZERO,
+        };
+        let oom_killed = container_oom
+            || match (oom_before, cgroup.oom_kills()) {
+                (Some(before), Some(after)) => after > before && exit_code == Some(137),
+                _ => false,
+            };
+        let termination = match cut {
+            Some(Cut::Deadline) => Termination::LimitExceeded(LimitExceeded {
+                limit: Limit::Deadline,
+                value: u64::try_from(request.limits.deadline.as_millis()).unwrap_or(u64::MAX),
+            }),
+            Some(Cut::Output) => {
+                Termination::LimitExceeded(LimitExceeded { limit: Limit::Output, value: request.limits.output_bytes })
+            }
+            // SIGKILL (128 + 9) while the OOM killer acted in the container,
+            // or the whole container killed for memory (runsc).
+            None if oom_killed => Termination::LimitExceeded(LimitExceeded {
+                limit: Limit::Memory,
+                value: self.spec().resources.memory_bytes,
+            }),
+            None if stopped => Termination::Crashed { message: "the sandbox container stopped during the command".into() },
+            None => match exit_code {
+                Some(code) => Termination::Exited { code },
+                None => Termination::Crashed { message: "the engine reported no exit code".into() },
+            },
+        };
+        Ok(ExecOutcome {
+            termination,
+            stdout_truncated: stdout.truncated,
+            stderr_truncated: stderr.truncated,
+            stdout: stdout.bytes,
+            stderr: stderr.bytes,
+            wall_time: started.elapsed(),
+            cpu_time,
+            tier: TierKind::Container,
+        })
+    }
+
+    /// The exit code of a finished exec; waits briefly for the engine to record it.
+    pub(crate) async fn exit_code(&self, exec_id: &str) -> Result<Option<i32>> {
+        for _ in 0..100 {
+            let inspected = self.engine().docker().inspect_exec(exec_id).await.map_err(Error::docker("inspect exec"))?;
+            if inspected.running != Some(true) {
+                return Ok(inspected.exit_code.and_then(|code| i32::try_from(code).ok()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(None)
+    }
+
+    fn spawn_kill(&self, user: &str, marker: &str) -> tokio::task::JoinHandle<Result<()>> {
+        let (sandbox, user, marker) = (self.clone(), user.to_string(), marker.to_string());
+        tokio::spawn(async move { sandbox.signal_tree(&user, &marker, Signal::Kill).await })
+    }
+
+    /// Sends `signal` to every process carrying `marker`; for `Kill`, stops
+    /// and kills them until none is left.
+    pub(crate) async fn signal_tree(&self, user: &str, marker: &str, signal: Signal) -> Result<()> {
+        let docker = self.engine().docker();
+        let options = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(vec!["bash".to_string(), "-c".to_string(), KILL_SCRIPT.to_string()]),
+            env: Some(vec![
+                format!("AIRLOCK_KILL_TARGET={marker}"),
+                format!("AIRLOCK_KILL_SIGNAL={}", signal.name()),
+                format!("AIRLOCK_KILL_ROUNDS={KILL_ROUNDS}"),
+            ]),
+            user: Some(user.to_string()),
+            working_dir: Some("/".to_string()),
+            ..CreateExecOptions::default()
+        };
+        let mut last_failure = String::new();
+        for _ in 0..KILL_ATTEMPTS {
+            let attempt = async {
+                let exec = docker.create_exec(self.container_id(), options.clone()).await?;
+                if let StartExecResults::Attached { mut output, .. } =
+                    docker.start_exec(&exec.id, None::<StartExecOptions>).await?
+                {
+                    while output.next().await.is_some() {}
+                }
+                Ok::<_, bollard::errors::Error>(exec.id)
+            };
+            match attempt.await {
+                Ok(exec_id) => match self.exit_code(&exec_id).await? {
+                    Some(0) => return Ok(()),
+                    other => last_failure = format!("the kill script ended with {other:?}"),
+                },
+                Err(error) => {
+                    if self.is_gone().await {
+                        return Ok(());
+                    }
+                    last_failure = error.to_string();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::Invalid { what: "kill", reason: format!("could not signal the process tree: {last_failure}") })
+    }
+
+    /// Whether the engine recorded the container as killed for memory.
+    async fn oom_killed(&self) -> bool {
+        let inspected = self
+            .engine()
+            .docker()
+            .inspect_container(self.container_id(), None::<bollard::query_parameters::InspectContainerOptions>)
+            .await;
+        inspected.ok().and_then(|c| c.state).and_then(|state| state.oom_killed).unwrap_or(false)
+    }
+
+    fn exec_error(&self, source: bollard::errors::Error) -> Error {
+        match &source {
+            bollard::errors::Error::DockerResponseServerError { status_code: 409, .. } => {
+                Error::NotRunning(self.container_id().to_string())
+            }
+            _ => Error::Docker { operation: "exec", source },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_past_the_cap_is_cut_and_flagged() {
+        let mut capture = Capture::new(OutputStream::Stdout, 4);
+        assert!(!capture.push(b"abc", None));
+        assert!(capture.push(b"defg", None));
+        assert_eq!(capture.bytes, b"abcd");
+        assert!(capture.truncated);
+    }
+
+    #[test]
+    fn exactly_the_cap_is_not_truncated() {
+        let mut capture = Capture::new(OutputStream::Stderr, 4);
+        assert!(!capture.push(b"abcd", None));
+        assert!(!capture.truncated);
+    }
+
+    #[test]
+    fn the_marker_is_airlocks_and_bad_requests_are_refused() {
+        let options = exec_options(&ExecRequest::new("ls").args(["-l"]), "1000:1000", "m1", false, false).unwrap();
+        assert_eq!(options.cmd.unwrap(), vec!["ls", "-l"]);
+        assert!(options.env.unwrap().contains(&"AIRLOCK_EXEC=m1".to_string()));
+        assert_eq!(options.working_dir.as_deref(), Some("/workspace"));
+        let spoofed = ExecRequest::new("ls").env(EXEC_MARKER_VAR, "x");
+        assert!(exec_options(&spoofed, "u", "m", false, false).is_err());
+        assert!(exec_options(&ExecRequest::new(""), "u", "m", false, false).is_err());
+        assert!(exec_options(&ExecRequest::new("ls").cwd("relative"), "u", "m", false, false).is_err());
+        assert!(exec_options(&ExecRequest::new("ls").env("A=B", "c"), "u", "m", false, false).is_err());
+    }
+}

@@ -1,0 +1,52 @@
+//! The container tier: hardened Docker sandboxes through bollard.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), airlock_container::Error> {
+//! use airlock_container::{ContainerSandbox, DockerEngine, EngineOptions, ImageRecipe, SandboxSpec, ensure_base_image};
+//! use airlock_core::ExecRequest;
+//! use std::sync::Arc;
+//!
+//! let engine = DockerEngine::connect_or_setup(&EngineOptions::default()).await?;
+//! let image = ensure_base_image(&engine, &ImageRecipe::default(), Arc::new(|line: &str| eprintln!("{line}"))).await?;
+//! let spec = SandboxSpec::new("sbx-example", image, "/tmp/example-workspace");
+//! let sandbox = ContainerSandbox::create_started(&engine, spec).await?;
+//! let outcome = sandbox.exec(ExecRequest::new("git").args(["--version"])).await?;
+//! println!("{}", outcome.stdout_text());
+//! sandbox.remove().await?;
+//! # Ok(()) }
+//! ```
+
+mod cgroup;
+mod engine;
+mod error;
+mod exec;
+mod forward;
+mod image;
+mod pool;
+mod process;
+mod pty;
+mod sandbox;
+mod spec;
+mod tier;
+
+pub use engine::{
+    ContainerRuntime, DEFAULT_DOCKER_SOCKET, DOCKERD_FLAGS, DockerEngine, ENGINE_REQUEST_TIMEOUT, ENGINE_START_TIMEOUT,
+    EngineOptions, RUNSC_RUNTIME_ARGS,
+};
+pub use error::{Error, Result};
+pub use exec::{EXEC_MARKER_VAR, Signal};
+pub use forward::PortStream;
+pub use image::{
+    BASE_IMAGE_REPOSITORY, ImageRecipe, Progress, RECIPE_LABEL, SANDBOX_UID, SANDBOX_USER, ensure_base_image,
+    image_exists,
+};
+pub use pool::{MAX_POOL_SIZE, PoolTemplate, WarmPool};
+pub use process::{PROCESS_LOG_BYTES, ProcessEvent, ProcessFollower, ProcessInfo, ProcessStatus};
+pub use pty::{PtySession, PtySize};
+pub use sandbox::{ContainerSandbox, ContainerState, LabelledContainer, STOP_GRACE, container_name, list_labelled};
+pub use spec::{
+    ContainerResources, DEFAULT_CONTAINER_CPU_MILLIS, DEFAULT_CONTAINER_MEMORY_BYTES, DEFAULT_CONTAINER_PIDS,
+    KEPT_CAPABILITIES, MAX_CONTAINER_CPU_MILLIS, RUNSC_PIDS_HEADROOM, MAX_CONTAINER_MEMORY_BYTES, MAX_CONTAINER_PIDS, POOL_LABEL,
+    SANDBOX_LABEL, SandboxSpec,
+};
+pub use tier::ContainerTier;

@@ -1,0 +1,356 @@
+//! One sandbox container: create, start, stop, pause, remove, adopt.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use airlock_core::WORKSPACE_GUEST_PATH;
+use bollard::models::ContainerStateStatusEnum;
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+
+use crate::cgroup::ContainerCgroup;
+use crate::engine::{ContainerRuntime, DockerEngine};
+use crate::error::{Error, Result};
+use crate::image::image_exists;
+use crate::process::ProcessTable;
+use crate::spec::{ContainerResources, POOL_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec};
+
+/// How long `stop` lets processes end on SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The state the engine reports for a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ContainerState {
+    Created,
+    Running,
+    Paused,
+    Restarting,
+    Exited,
+    Removing,
+    Dead,
+    /// The engine no longer has it.
+    Gone,
+}
+
+impl From<Option<ContainerStateStatusEnum>> for ContainerState {
+    fn from(status: Option<ContainerStateStatusEnum>) -> Self {
+        match status {
+            Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+            Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running,
+            Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
+            Some(ContainerStateStatusEnum::RESTARTING) => ContainerState::Restarting,
+            Some(ContainerStateStatusEnum::REMOVING) => ContainerState::Removing,
+            Some(ContainerStateStatusEnum::DEAD) => ContainerState::Dead,
+            _ => ContainerState::Exited,
+        }
+    }
+}
+
+/// A handle on one sandbox container. Cheap to clone; clones share the
+/// background-process table.
+#[derive(Debug, Clone)]
+pub struct ContainerSandbox {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: DockerEngine,
+    container_id: String,
+    spec: SandboxSpec,
+    cgroup: OnceLock<ContainerCgroup>,
+    processes: ProcessTable,
+}
+
+impl ContainerSandbox {
+    /// Creates the container (not started). Refuses an image the engine does
+    /// not have and a runtime it does not know, naming them. The container's
+    /// name is `airlock-<sandbox id>`, so the engine itself refuses a second
+    /// container for one sandbox.
+    pub async fn create(engine: &DockerEngine, spec: SandboxSpec) -> Result<Self> {
+        spec.validate()?;
+        engine.require_runtime(spec.runtime)?;
+        if !image_exists(engine, &spec.image).await? {
+            return Err(Error::NoSuchImage(spec.image.clone()));
+        }
+        hand_workspace_to_user(&spec)?;
+        let options = CreateContainerOptionsBuilder::new().name(&container_name(&spec.sandbox_id)).build();
+        let created = engine
+            .docker()
+            .create_container(Some(options), spec.container_config())
+            .await
+            .map_err(Error::docker("create container"))?;
+        Ok(Self::from_parts(engine.clone(), created.id, spec))
+    }
+
+    /// Creates and starts.
+    pub async fn create_started(engine: &DockerEngine, spec: SandboxSpec) -> Result<Self> {
+        let sandbox = Self::create(engine, spec).await?;
+        if let Err(error) = sandbox.start().await {
+            let _ = sandbox.remove().await;
+            return Err(error);
+        }
+        Ok(sandbox)
+    }
+
+    /// Takes over an existing Airlock container (after a restart), rebuilding
+    /// its spec from what the engine reports.
+    pub async fn adopt(engine: &DockerEngine, container_id: &str) -> Result<Self> {
+        let inspected = engine
+            .docker()
+            .inspect_container(container_id, None::<InspectContainerOptions>)
+            .await
+            .map_err(Error::docker("inspect container"))?;
+        let config = inspected.config.unwrap_or_default();
+        let host = inspected.host_config.unwrap_or_default();
+        let labels = config.labels.unwrap_or_default();
+        let sandbox_id = labels.get(SANDBOX_LABEL).cloned().ok_or_else(|| Error::Invalid {
+            what: "container",
+            reason: format!("{container_id} has no {SANDBOX_LABEL} label: not Airlock's"),
+        })?;
+        let workspace = host
+            .binds
+            .unwrap_or_default()
+            .iter()
+            .find_map(|bind| {
+                let mut parts = bind.split(':');
+                let source = parts.next()?;
+                (parts.next()? == WORKSPACE_GUEST_PATH).then(|| PathBuf::from(source))
+            })
+            .ok_or_else(|| Error::Invalid { what: "container", reason: format!("{container_id} has no workspace") })?;
+        let runtime = host.runtime.as_deref().unwrap_or("runc").parse().unwrap_or(ContainerRuntime::Runc);
+        let defaults = ContainerResources::default();
+        let resources = ContainerResources {
+            memory_bytes: host.memory.and_then(|m| u64::try_from(m).ok()).unwrap_or(defaults.memory_bytes),
+            pids: host
+                .pids_limit
+                .and_then(|p| u32::try_from(p).ok())
+                .map(|p| if runtime == ContainerRuntime::Runsc { p.saturating_sub(RUNSC_PIDS_HEADROOM) } else { p })
+                .unwrap_or(defaults.pids),
+            cpu_millis: host.nano_cpus.and_then(|n| u32::try_from(n / 1_000_000).ok()).unwrap_or(defaults.cpu_millis),
+        };
+        // Only Airlock's own container labels; the image's labels show up here too.
+        let extra_labels: HashMap<String, String> =
+            labels.into_iter().filter(|(key, _)| key == POOL_LABEL).collect();
+        let spec = SandboxSpec {
+            sandbox_id,
+            image: config.image.unwrap_or_default(),
+            runtime,
+            resources,
+            user: config.user.unwrap_or_default(),
+            workspace,
+            labels: extra_labels,
+        };
+        Ok(Self::from_parts(engine.clone(), inspected.id.unwrap_or_else(|| container_id.to_string()), spec))
+    }
+
+    fn from_parts(engine: DockerEngine, container_id: String, spec: SandboxSpec) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                container_id,
+                spec,
+                cgroup: OnceLock::new(),
+                processes: ProcessTable::default(),
+            }),
+        }
+    }
+
+    pub fn container_id(&self) -> &str {
+        &self.inner.container_id
+    }
+
+    pub fn sandbox_id(&self) -> &str {
+        &self.inner.spec.sandbox_id
+    }
+
+    pub fn spec(&self) -> &SandboxSpec {
+        &self.inner.spec
+    }
+
+    pub fn engine(&self) -> &DockerEngine {
+        &self.inner.engine
+    }
+
+    pub(crate) fn processes_table(&self) -> &ProcessTable {
+        &self.inner.processes
+    }
+
+    /// The container's cgroup on the host, found once it has run.
+    pub(crate) fn cgroup(&self) -> ContainerCgroup {
+        if let Some(found) = self.inner.cgroup.get() {
+            return found.clone();
+        }
+        let found = ContainerCgroup::find(self.container_id());
+        if found.cpu_usage().is_some() {
+            let _ = self.inner.cgroup.set(found.clone());
+        }
+        found
+    }
+
+    /// CPU time the whole container has used since it was created, from its cgroup.
+    pub fn cpu_usage(&self) -> Option<Duration> {
+        self.cgroup().cpu_usage()
+    }
+
+    pub async fn start(&self) -> Result<()> {
+        self.inner
+            .engine
+            .docker()
+            .start_container(self.container_id(), None::<bollard::query_parameters::StartContainerOptions>)
+            .await
+            .map_err(Error::docker("start container"))
+    }
+
+    /// Stops every process (SIGTERM, then SIGKILL after [`STOP_GRACE`]). The
+    /// container's filesystem and the workspace stay; `start` resumes it.
+    pub async fn stop(&self) -> Result<()> {
+        let grace = i32::try_from(STOP_GRACE.as_secs()).unwrap_or(2);
+        let options = StopContainerOptionsBuilder::new().t(grace).build();
+        match self.inner.engine.docker().stop_container(self.container_id(), Some(options)).await {
+            Ok(()) => Ok(()),
+            // 304: already stopped.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(source) => Err(Error::Docker { operation: "stop container", source }),
+        }
+    }
+
+    /// Freezes every process in the container (the cgroup freezer).
+    pub async fn pause(&self) -> Result<()> {
+        self.inner.engine.docker().pause_container(self.container_id()).await.map_err(Error::docker("pause container"))
+    }
+
+    pub async fn unpause(&self) -> Result<()> {
+        self.inner
+            .engine
+            .docker()
+            .unpause_container(self.container_id())
+            .await
+            .map_err(Error::docker("unpause container"))
+    }
+
+    /// Removes the container and everything written outside `/workspace`.
+    /// The workspace directory on the host is kept.
+    pub async fn remove(&self) -> Result<()> {
+        // A frozen gVisor sandbox cannot be killed; thaw it first.
+        if self.state().await? == ContainerState::Paused {
+            let _ = self.unpause().await;
+        }
+        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        match self.inner.engine.docker().remove_container(self.container_id(), Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(Error::Docker { operation: "remove container", source }),
+        }
+    }
+
+    pub async fn state(&self) -> Result<ContainerState> {
+        match self.inner.engine.docker().inspect_container(self.container_id(), None::<InspectContainerOptions>).await {
+            Ok(inspected) => Ok(inspected.state.and_then(|s| s.status).into()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(ContainerState::Gone),
+            Err(source) => Err(Error::Docker { operation: "inspect container", source }),
+        }
+    }
+
+    /// The container's main process as the host sees it (for entering its namespaces).
+    pub(crate) async fn host_pid(&self) -> Result<i32> {
+        let inspected = self
+            .inner
+            .engine
+            .docker()
+            .inspect_container(self.container_id(), None::<InspectContainerOptions>)
+            .await
+            .map_err(Error::docker("inspect container"))?;
+        let state = inspected.state.unwrap_or_default();
+        match (state.running, state.paused, state.pid) {
+            (Some(true), Some(false) | None, Some(pid)) if pid > 0 => {
+                i32::try_from(pid).map_err(|_| Error::NotRunning(self.container_id().into()))
+            }
+            _ => Err(Error::NotRunning(self.container_id().into())),
+        }
+    }
+
+    pub(crate) async fn is_gone(&self) -> bool {
+        !matches!(self.state().await, Ok(ContainerState::Running))
+    }
+}
+
+/// Gives the workspace and what is in it to the sandbox's user, so that
+/// commands can write there: the host side (and the isolate tier) create files
+/// as the host's user. Only when Airlock runs as root, which can; symlinks are
+/// changed themselves, never followed.
+fn hand_workspace_to_user(spec: &SandboxSpec) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let mut ids = spec.user.split(':').map(str::parse::<u32>);
+    let (Some(Ok(uid)), gid) = (ids.next(), ids.next()) else { return Ok(()) };
+    let gid = match gid {
+        Some(Ok(gid)) => gid,
+        _ => uid,
+    };
+    let mut pending = vec![spec.workspace.clone()];
+    while let Some(path) = pending.pop() {
+        let metadata = std::fs::symlink_metadata(&path).map_err(Error::io(format!("reading {}", path.display())))?;
+        if std::os::unix::fs::MetadataExt::uid(&metadata) != uid || std::os::unix::fs::MetadataExt::gid(&metadata) != gid {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+                .map_err(Error::io(format!("giving {} to the sandbox user", path.display())))?;
+        }
+        if metadata.is_dir() {
+            let entries = std::fs::read_dir(&path).map_err(Error::io(format!("listing {}", path.display())))?;
+            pending.extend(entries.flatten().map(|entry| entry.path()));
+        }
+    }
+    Ok(())
+}
+
+/// The engine-level name of a sandbox's container.
+pub fn container_name(sandbox_id: &str) -> String {
+    format!("airlock-{sandbox_id}")
+}
+
+/// One container that carries Airlock's label, as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelledContainer {
+    pub container_id: String,
+    pub sandbox_id: String,
+    pub state: ContainerState,
+    pub image: String,
+    /// Set on containers a warm pool holds.
+    pub pool: Option<String>,
+}
+
+/// Every container carrying Airlock's label, running or not, so that a runtime
+/// can adopt or remove them after a restart.
+pub async fn list_labelled(engine: &DockerEngine) -> Result<Vec<LabelledContainer>> {
+    let filters = HashMap::from([("label".to_string(), vec![SANDBOX_LABEL.to_string()])]);
+    let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+    let listed = engine.docker().list_containers(Some(options)).await.map_err(Error::docker("list containers"))?;
+    Ok(listed
+        .into_iter()
+        .filter_map(|summary| {
+            let labels = summary.labels.unwrap_or_default();
+            Some(LabelledContainer {
+                container_id: summary.id?,
+                sandbox_id: labels.get(SANDBOX_LABEL)?.clone(),
+                state: match summary.state.as_ref().map(|s| s.to_string()).as_deref() {
+                    Some("running") => ContainerState::Running,
+                    Some("paused") => ContainerState::Paused,
+                    Some("created") => ContainerState::Created,
+                    Some("restarting") => ContainerState::Restarting,
+                    Some("removing") => ContainerState::Removing,
+                    Some("dead") => ContainerState::Dead,
+                    _ => ContainerState::Exited,
+                },
+                image: summary.image.unwrap_or_default(),
+                pool: labels.get(POOL_LABEL).cloned(),
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,270 @@
+//! What a sandbox container is made of, and the hardening every one gets
+//! (DESIGN.md decision 4): no network interface, every capability dropped but a
+//! short list kept for a reason, `no-new-privileges`, Docker's default seccomp
+//! profile, pids/memory/CPU limits, a non-root user, the workspace at
+//! `/workspace`, and Airlock's label.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use airlock_core::WORKSPACE_GUEST_PATH;
+use airlock_core::limits::{GIB, MIB, format_size};
+use bollard::models::{ContainerCreateBody, HostConfig};
+
+use crate::engine::ContainerRuntime;
+use crate::error::{Error, Result};
+use crate::image::SANDBOX_UID;
+
+/// Label every Airlock container carries; its value is the sandbox id.
+pub const SANDBOX_LABEL: &str = "airlock.sandbox";
+/// Label on containers a warm pool made; its value is the pool's key.
+pub const POOL_LABEL: &str = "airlock.pool";
+
+/// Capabilities kept; everything else is dropped. Commands run as the
+/// unprivileged sandbox user, for whom these are inert; they matter only to
+/// commands run as root inside the sandbox, such as a package install.
+pub const KEPT_CAPABILITIES: &[(&str, &str)] = &[
+    ("CHOWN", "package managers set the owner of the files they unpack"),
+    ("DAC_OVERRIDE", "root in the sandbox must write files the sandbox user owns, such as those in /workspace"),
+    ("FOWNER", "dpkg and tar set modes and times on files they did not create"),
+    ("SETUID", "apt drops to its _apt user to download; root may switch to the sandbox user"),
+    ("SETGID", "the group half of the switch above"),
+];
+
+/// Default memory of a sandbox container (RAM; swap is not allowed).
+pub const DEFAULT_CONTAINER_MEMORY_BYTES: u64 = GIB;
+pub const MIN_CONTAINER_MEMORY_BYTES: u64 = 16 * MIB;
+pub const MAX_CONTAINER_MEMORY_BYTES: u64 = 64 * GIB;
+/// Default cap on processes and threads in a sandbox: contains fork bombs.
+pub const DEFAULT_CONTAINER_PIDS: u32 = 256;
+pub const MIN_CONTAINER_PIDS: u32 = 8;
+pub const MAX_CONTAINER_PIDS: u32 = 32_768;
+/// Under runsc the pids limit also binds gVisor's own host threads (the
+/// sentry's and, on the ptrace platform, one stub per sandbox thread): this
+/// much is added so that the sandbox's own processes get what was asked.
+/// A fork bomb still ends the whole gVisor sandbox rather than failing forks.
+pub const RUNSC_PIDS_HEADROOM: u32 = 128;
+/// Default CPU share, in thousandths of a CPU (1000 = one full CPU).
+pub const DEFAULT_CONTAINER_CPU_MILLIS: u32 = 1000;
+pub const MIN_CONTAINER_CPU_MILLIS: u32 = 10;
+pub const MAX_CONTAINER_CPU_MILLIS: u32 = 64_000;
+
+/// The resource limits of one sandbox container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ContainerResources {
+    /// Memory cap in bytes; the kernel's OOM killer acts inside the sandbox at it.
+    pub memory_bytes: u64,
+    /// Cap on processes and threads.
+    pub pids: u32,
+    /// CPU in thousandths of a CPU.
+    pub cpu_millis: u32,
+}
+
+impl Default for ContainerResources {
+    fn default() -> Self {
+        Self {
+            memory_bytes: DEFAULT_CONTAINER_MEMORY_BYTES,
+            pids: DEFAULT_CONTAINER_PIDS,
+            cpu_millis: DEFAULT_CONTAINER_CPU_MILLIS,
+        }
+    }
+}
+
+impl ContainerResources {
+    /// Checks each limit against its range; the error names the limit.
+    pub fn validate(&self) -> Result<()> {
+        let out_of_range = |what: &'static str, got: String, min: String, max: String| Error::Invalid {
+            what,
+            reason: format!("{got} is outside {min}..={max}"),
+        };
+        if !(MIN_CONTAINER_MEMORY_BYTES..=MAX_CONTAINER_MEMORY_BYTES).contains(&self.memory_bytes) {
+            return Err(out_of_range(
+                "container memory limit",
+                format_size(self.memory_bytes),
+                format_size(MIN_CONTAINER_MEMORY_BYTES),
+                format_size(MAX_CONTAINER_MEMORY_BYTES),
+            ));
+        }
+        if !(MIN_CONTAINER_PIDS..=MAX_CONTAINER_PIDS).contains(&self.pids) {
+            return Err(out_of_range(
+                "container pids limit",
+                self.pids.to_string(),
+                MIN_CONTAINER_PIDS.to_string(),
+                MAX_CONTAINER_PIDS.to_string(),
+            ));
+        }
+        if !(MIN_CONTAINER_CPU_MILLIS..=MAX_CONTAINER_CPU_MILLIS).contains(&self.cpu_millis) {
+            return Err(out_of_range(
+                "container cpu limit (thousandths of a cpu)",
+                self.cpu_millis.to_string(),
+                MIN_CONTAINER_CPU_MILLIS.to_string(),
+                MAX_CONTAINER_CPU_MILLIS.to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything that makes one sandbox container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// The sandbox this container belongs to: the value of its label.
+    pub sandbox_id: String,
+    /// A local image (Airlock never pulls).
+    pub image: String,
+    pub runtime: ContainerRuntime,
+    pub resources: ContainerResources,
+    /// `uid:gid` commands run as unless an exec names another user.
+    pub user: String,
+    /// The host directory mounted read-write at `/workspace`.
+    pub workspace: PathBuf,
+    /// Extra labels (the warm pool marks its containers).
+    pub labels: HashMap<String, String>,
+}
+
+impl SandboxSpec {
+    /// A spec with the default runtime (runc), resources and the unprivileged sandbox user.
+    pub fn new(sandbox_id: impl Into<String>, image: impl Into<String>, workspace: impl Into<PathBuf>) -> Self {
+        Self {
+            sandbox_id: sandbox_id.into(),
+            image: image.into(),
+            runtime: ContainerRuntime::default(),
+            resources: ContainerResources::default(),
+            user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
+            workspace: workspace.into(),
+            labels: HashMap::new(),
+        }
+    }
+
+    pub fn runtime(mut self, runtime: ContainerRuntime) -> Self {
+        self.runtime = runtime;
+        self
+    }
+
+    pub fn resources(mut self, resources: ContainerResources) -> Self {
+        self.resources = resources;
+        self
+    }
+
+    /// The pids limit the engine gets (see [`RUNSC_PIDS_HEADROOM`]).
+    pub(crate) fn host_pids_limit(&self) -> u32 {
+        match self.runtime {
+            ContainerRuntime::Runc => self.resources.pids,
+            ContainerRuntime::Runsc => self.resources.pids.saturating_add(RUNSC_PIDS_HEADROOM),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.resources.validate()?;
+        if self.sandbox_id.is_empty() || !self.sandbox_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(Error::Invalid {
+                what: "sandbox id",
+                reason: format!("{:?}: use letters, digits and -", self.sandbox_id),
+            });
+        }
+        if !self.workspace.is_absolute() || !self.workspace.is_dir() {
+            return Err(Error::Workspace {
+                path: self.workspace.clone(),
+                reason: "must be an existing directory given by an absolute path".into(),
+            });
+        }
+        if self.workspace.to_str().is_none_or(|path| path.contains(':')) {
+            return Err(Error::Workspace { path: self.workspace.clone(), reason: "must be UTF-8 without ':'".into() });
+        }
+        Ok(())
+    }
+
+    /// The engine's create request: the hardening lives here.
+    pub(crate) fn container_config(&self) -> ContainerCreateBody {
+        let mut labels = self.labels.clone();
+        labels.insert(SANDBOX_LABEL.into(), self.sandbox_id.clone());
+        let memory = i64::try_from(self.resources.memory_bytes).unwrap_or(i64::MAX);
+        ContainerCreateBody {
+            image: Some(self.image.clone()),
+            // docker-init (tini) is PID 1 and reaps orphans; this keeps the container up.
+            cmd: Some(vec!["sleep".into(), "infinity".into()]),
+            entrypoint: Some(vec![]),
+            user: Some(self.user.clone()),
+            working_dir: Some(WORKSPACE_GUEST_PATH.into()),
+            hostname: Some("sandbox".into()),
+            env: Some(vec![format!("HOME=/home/{}", crate::image::SANDBOX_USER), "LANG=C.UTF-8".into()]),
+            labels: Some(labels),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                // No interface but loopback: the only way out is none at all (or, later, the egress socket).
+                network_mode: Some("none".into()),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(KEPT_CAPABILITIES.iter().map(|(cap, _)| (*cap).to_string()).collect()),
+                // Docker applies its default seccomp profile unless told otherwise; never `seccomp=unconfined`.
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                privileged: Some(false),
+                pids_limit: Some(i64::from(self.host_pids_limit())),
+                memory: Some(memory),
+                // Equal to memory: no swap, so the memory cap is the real cap.
+                memory_swap: Some(memory),
+                nano_cpus: Some(i64::from(self.resources.cpu_millis) * 1_000_000),
+                binds: Some(vec![format!("{}:{WORKSPACE_GUEST_PATH}:rw", self.workspace.display())]),
+                runtime: Some(self.runtime.name().into()),
+                init: Some(true),
+                ipc_mode: Some("private".into()),
+                readonly_rootfs: Some(false),
+                ..HostConfig::default()
+            }),
+            ..ContainerCreateBody::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec::new("sbx-1", "airlock/base:test", std::env::temp_dir())
+    }
+
+    #[test]
+    fn the_create_request_is_hardened() {
+        let config = spec().container_config();
+        let host = config.host_config.unwrap();
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        let kept = host.cap_add.unwrap();
+        for dangerous in ["SYS_ADMIN", "NET_RAW", "SYS_PTRACE", "SYS_MODULE", "NET_ADMIN", "MKNOD"] {
+            assert!(!kept.iter().any(|cap| cap == dangerous), "{dangerous} is kept");
+        }
+        let security = host.security_opt.unwrap();
+        assert!(security.contains(&"no-new-privileges:true".to_string()));
+        assert!(!security.iter().any(|opt| opt.contains("unconfined")));
+        assert_eq!(host.privileged, Some(false));
+        assert_eq!(host.pids_limit, Some(i64::from(DEFAULT_CONTAINER_PIDS)));
+        assert_eq!(host.memory, host.memory_swap, "swap would lift the memory cap");
+        assert_eq!(host.nano_cpus, Some(1_000_000_000));
+        assert_eq!(config.user.as_deref(), Some("1000:1000"));
+        assert_eq!(config.labels.unwrap().get(SANDBOX_LABEL).map(String::as_str), Some("sbx-1"));
+        assert!(host.binds.unwrap()[0].ends_with(":/workspace:rw"));
+        assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
+    }
+
+    #[test]
+    fn every_limit_out_of_range_is_named() {
+        let too_little = ContainerResources { memory_bytes: MIB, ..ContainerResources::default() };
+        assert!(too_little.validate().unwrap_err().to_string().contains("container memory limit"));
+        let no_pids = ContainerResources { pids: 1, ..ContainerResources::default() };
+        assert!(no_pids.validate().unwrap_err().to_string().contains("container pids limit"));
+        let greedy = ContainerResources { cpu_millis: 1_000_000, ..ContainerResources::default() };
+        assert!(greedy.validate().unwrap_err().to_string().contains("container cpu limit"));
+        ContainerResources::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_workspace_must_exist_and_be_absolute() {
+        let mut relative = spec();
+        relative.workspace = PathBuf::from("relative/dir");
+        assert!(matches!(relative.validate(), Err(Error::Workspace { .. })));
+        let mut missing = spec();
+        missing.workspace = PathBuf::from("/no/such/airlock/dir");
+        assert!(matches!(missing.validate(), Err(Error::Workspace { .. })));
+        spec().validate().unwrap();
+    }
+}

@@ -1,0 +1,375 @@
+//! Every case of the container suite, parameterised by runtime.
+
+use std::time::Duration;
+
+use airlock::container::{
+    ContainerResources, ContainerRuntime, ContainerSandbox, ContainerState, ContainerTier, Error, PoolTemplate,
+    ProcessEvent, ProcessStatus, PtySize, SandboxSpec, Signal, WarmPool, list_labelled,
+};
+use airlock::{
+    ExecRequest, Limit, Limits, OutputStream, SandboxId, StdinSource, Termination, Tier, TierKind, Workspace,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{TestSandbox, bash, deadline, engine_and_image, exists, recorder};
+
+pub async fn lifecycle_keeps_the_workspace_and_drops_the_rest(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    assert_eq!(test.sandbox.state().await.unwrap(), ContainerState::Running);
+    let wrote = test.bash("echo kept > /workspace/kept.txt && echo layer > /home/sandbox/layer.txt").await;
+    assert!(wrote.success(), "{}", wrote.stderr_text());
+    assert_eq!(std::fs::read_to_string(test.path("kept.txt")).unwrap(), "kept\n");
+
+    // Stop and start: both the workspace and the container's own filesystem survive.
+    test.sandbox.stop().await.unwrap();
+    assert_eq!(test.sandbox.state().await.unwrap(), ContainerState::Exited);
+    let refused = test.sandbox.exec(bash("true")).await.unwrap_err();
+    assert!(matches!(refused, Error::NotRunning(_)), "{refused}");
+    test.sandbox.start().await.unwrap();
+    assert_eq!(test.bash("cat /home/sandbox/layer.txt").await.stdout_text(), "layer\n");
+
+    // Remove: the workspace stays on the host; a new container of the same
+    // workspace sees it, and nothing written outside it.
+    test.sandbox.remove().await.unwrap();
+    assert_eq!(test.sandbox.state().await.unwrap(), ContainerState::Gone);
+    assert_eq!(std::fs::read_to_string(test.path("kept.txt")).unwrap(), "kept\n");
+    let (engine, image) = engine_and_image().await;
+    let again = SandboxSpec::new(SandboxId::new().to_string(), image, &test.workspace).runtime(runtime);
+    let second = ContainerSandbox::create_started(&engine, again).await.unwrap();
+    let look = second.exec(bash("cat /workspace/kept.txt; test -e /home/sandbox/layer.txt && echo leaked")).await;
+    second.remove().await.unwrap();
+    assert_eq!(look.unwrap().stdout_text(), "kept\n");
+}
+
+pub async fn exec_streams_output_and_takes_env_cwd_and_stdin(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    std::fs::create_dir(test.path("sub")).unwrap();
+    let (sender, chunks) = recorder();
+    let request = bash("id -un; pwd; echo \"$GREETING\"; cat; echo oops >&2; exit 3")
+        .env("GREETING", "hello from env")
+        .cwd("/workspace/sub")
+        .stdin(StdinSource::Bytes(b"from stdin\n".to_vec()))
+        .output(sender);
+    let outcome = test.sandbox.exec(request).await.unwrap();
+    assert_eq!(outcome.termination, Termination::Exited { code: 3 });
+    assert_eq!(outcome.stdout_text(), "sandbox\n/workspace/sub\nhello from env\nfrom stdin\n");
+    assert_eq!(outcome.stderr_text(), "oops\n");
+    assert_eq!(outcome.tier, TierKind::Container);
+    let streamed: Vec<u8> = chunks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|chunk| chunk.stream == OutputStream::Stdout)
+        .flat_map(|chunk| chunk.bytes.clone())
+        .collect();
+    assert_eq!(streamed, outcome.stdout, "streamed output differs from captured");
+    // The host process's environment is not inherited.
+    let env = test.bash("env").await.stdout_text();
+    assert!(!env.contains("CARGO"), "host environment leaked: {env}");
+}
+
+pub async fn the_deadline_kills_the_whole_process_tree(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let request = bash("sleep 300 & (sleep 301 &) ; setsid sleep 302 & echo started; wait").limits(deadline(2));
+    let outcome = test.sandbox.exec(request).await.unwrap();
+    assert_eq!(outcome.limit_exceeded().map(|hit| hit.limit), Some(Limit::Deadline), "{:?}", outcome.termination);
+    assert_eq!(outcome.stdout_text(), "started\n");
+    assert!(outcome.wall_time < Duration::from_secs(10), "took {:?}", outcome.wall_time);
+    // Children, an orphan and a new session: all gone.
+    let left = test.bash("ps -eo args | grep -c '^sleep 30[012]$'").await;
+    assert_eq!(left.stdout_text().trim(), "0", "survivors: {}", test.bash("ps -ef").await.stdout_text());
+}
+
+pub async fn an_output_flood_is_cut_at_the_cap(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let limits = Limits { output_bytes: 64 * 1024, ..deadline(20) };
+    let outcome = test.sandbox.exec(ExecRequest::new("yes").limits(limits)).await.unwrap();
+    assert_eq!(outcome.limit_exceeded().map(|hit| hit.limit), Some(Limit::Output), "{:?}", outcome.termination);
+    assert_eq!(outcome.stdout.len(), 64 * 1024);
+    assert!(outcome.stdout_truncated);
+    assert_eq!(test.bash("pgrep -c yes").await.stdout_text().trim(), "0");
+}
+
+pub async fn a_fork_bomb_is_contained_by_the_pids_limit(runtime: ContainerRuntime) {
+    let resources = ContainerResources { pids: 64, ..ContainerResources::default() };
+    let test = TestSandbox::with_resources(runtime, resources).await;
+    let outcome = test.sandbox.exec(bash("bomb() { bomb | bomb; }; bomb").limits(deadline(4))).await.unwrap();
+    match runtime {
+        ContainerRuntime::Runc => {
+            // Stopped at the deadline, or at the output cap by bash's "fork: retry" complaints.
+            assert!(outcome.limit_exceeded().is_some(), "{:?}", outcome.termination);
+            assert!(outcome.stderr_text().contains("Resource temporarily unavailable"), "the pids limit never bit");
+        }
+        ContainerRuntime::Runsc => {
+            // The limit binds gVisor's own host threads too: the sandbox goes down
+            // whole, the host does not notice, and a start brings it back.
+            assert!(!outcome.success(), "{:?}", outcome.termination);
+            if test.sandbox.state().await.unwrap() != ContainerState::Running {
+                test.sandbox.start().await.unwrap();
+            }
+        }
+    }
+    // The sandbox is still usable, and the bomb is gone.
+    let after = test.bash("echo alive; ps -e --no-headers | wc -l").await;
+    assert!(after.success(), "{:?} {}", after.termination, after.stderr_text());
+    let lines: Vec<String> = after.stdout_text().lines().map(String::from).collect();
+    assert_eq!(lines[0], "alive");
+    let processes: u32 = lines[1].trim().parse().unwrap();
+    assert!(processes < 10, "{processes} processes left after the bomb");
+}
+
+pub async fn a_memory_bomb_is_reported_as_out_of_memory(runtime: ContainerRuntime) {
+    let resources = ContainerResources { memory_bytes: 128 << 20, ..ContainerResources::default() };
+    let test = TestSandbox::with_resources(runtime, resources).await;
+    let bomb = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n";
+    let outcome =
+        test.sandbox.exec(ExecRequest::new("python3").args(["-c", bomb]).limits(deadline(60))).await.unwrap();
+    let hit = outcome.limit_exceeded();
+    assert_eq!(hit.map(|hit| hit.limit), Some(Limit::Memory), "{:?} {}", outcome.termination, outcome.stderr_text());
+    assert_eq!(hit.map(|hit| hit.value), Some(128 << 20));
+}
+
+pub async fn privileged_operations_are_denied(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    // As the sandbox user and as root inside the sandbox.
+    for (who, outcome) in [
+        ("user", test.bash("mkdir -p /tmp/m && mount -t tmpfs none /tmp/m").await),
+        ("root", test.bash_as_root("mkdir -p /tmp/m && mount -t tmpfs none /tmp/m").await),
+    ] {
+        assert!(!outcome.success(), "{who} could mount: {}", outcome.stdout_text());
+    }
+    let raw_socket = "import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n    print('opened')\nexcept PermissionError:\n    print('denied')\n";
+    assert_eq!(test.sandbox.exec_as("root", python(raw_socket)).await.unwrap().stdout_text(), "denied\n");
+    assert_eq!(test.sandbox.exec(python(raw_socket)).await.unwrap().stdout_text(), "denied\n");
+
+    // ptrace of another user's process: root cannot trace the sandbox user's, nor the reverse.
+    let target = test.sandbox.start_process(ExecRequest::new("sleep").args(["300"])).await.unwrap();
+    let pid = test.bash("pgrep -u sandbox -x sleep | head -1").await.stdout_text().trim().to_string();
+    assert!(!pid.is_empty(), "no target process");
+    let attach = format!(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nr = libc.ptrace(16, {pid}, 0, 0)\nprint('attached' if r == 0 else os.strerror(ctypes.get_errno()))\n"
+    );
+    let traced = test.sandbox.exec_as("root", python(&attach)).await.unwrap();
+    assert_eq!(traced.stdout_text(), "Operation not permitted\n", "{}", traced.stderr_text());
+    test.sandbox.signal_process(&target, Signal::Kill).await.unwrap();
+
+    // Loading a kernel module (finit_module, syscall 313 on x86-64).
+    let module = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nfd = os.open('/bin/true', os.O_RDONLY)\nr = libc.syscall(313, fd, b'', 0)\nprint('loaded' if r == 0 else 'denied')\n";
+    assert_eq!(test.sandbox.exec_as("root", python(module)).await.unwrap().stdout_text(), "denied\n");
+
+    // No Docker socket, no privilege gain, no network but loopback.
+    let socket = test
+        .bash("for p in /var/run/docker.sock /run/docker.sock; do [ -e $p ] && echo $p; done; find / -xdev -type s -name '*docker*' 2>/dev/null")
+        .await;
+    assert!(socket.success() || socket.exit_code() == Some(1), "{:?}", socket.termination);
+    assert_eq!(socket.stdout_text(), "", "a docker socket inside");
+    let no_new_privileges = python("import ctypes\nprint(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))\n");
+    assert_eq!(test.sandbox.exec(no_new_privileges).await.unwrap().stdout_text(), "1\n", "PR_GET_NO_NEW_PRIVS");
+    let interfaces = test.bash("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '").await.stdout_text();
+    assert!(interfaces.lines().all(|name| name == "lo"), "interfaces: {interfaces:?}");
+    let reach = python("import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n    print('reached')\nexcept OSError:\n    print('unreachable')\n");
+    assert_eq!(test.sandbox.exec(reach).await.unwrap().stdout_text(), "unreachable\n");
+}
+
+fn python(code: &str) -> ExecRequest {
+    ExecRequest::new("python3").args(["-c", code])
+}
+
+pub async fn background_processes_are_listed_followed_signalled_and_awaited(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let counter = test
+        .sandbox
+        .start_process(bash("for i in 1 2 3; do echo line$i; sleep 0.2; done; echo done >&2; exit 7"))
+        .await
+        .unwrap();
+    let server = test.sandbox.start_process(ExecRequest::new("sleep").args(["300"])).await.unwrap();
+
+    let mut follower = test.sandbox.follow_process(&counter).unwrap();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    let exit = loop {
+        match tokio::time::timeout(Duration::from_secs(30), follower.next()).await.unwrap() {
+            Some(ProcessEvent::Output(chunk)) if chunk.stream == OutputStream::Stdout => {
+                stdout.push_str(&String::from_utf8_lossy(&chunk.bytes))
+            }
+            Some(ProcessEvent::Output(chunk)) => stderr.push_str(&String::from_utf8_lossy(&chunk.bytes)),
+            Some(ProcessEvent::Exited(code)) => break code,
+            None => panic!("the follower ended without an exit"),
+        }
+    };
+    assert_eq!((stdout.as_str(), stderr.as_str(), exit), ("line1\nline2\nline3\n", "done\n", Some(7)));
+    // A late follower replays the log.
+    let mut late = test.sandbox.follow_process(&counter).unwrap();
+    assert!(matches!(late.next().await, Some(ProcessEvent::Output(chunk)) if chunk.bytes == b"line1\n"));
+
+    let listed = test.sandbox.list_processes();
+    assert_eq!(listed.len(), 2);
+    let status = |id: &str| test.sandbox.list_processes().into_iter().find(|p| p.id == id).unwrap().status;
+    assert_eq!(status(&counter), ProcessStatus::Exited { code: Some(7) });
+    assert_eq!(status(&server), ProcessStatus::Running);
+
+    test.sandbox.signal_process(&server, Signal::Term).await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(30), test.sandbox.wait_process(&server)).await.unwrap();
+    assert_eq!(code.unwrap(), Some(143), "128 + SIGTERM");
+    assert!(matches!(test.sandbox.follow_process("nope"), Err(Error::NoSuchProcess(_))));
+}
+
+pub async fn a_pty_session_takes_input_and_resizes(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let mut pty = test
+        .sandbox
+        .open_pty(ExecRequest::new("bash").args(["--norc", "-i"]), PtySize { cols: 80, rows: 24 })
+        .await
+        .unwrap();
+    pty.write(b"stty size; [ -t 0 ] && echo on-a-terminal\n").await.unwrap();
+    let seen = read_until(&mut pty, "\non-a-terminal").await;
+    assert!(seen.contains("24 80"), "{seen}");
+    pty.resize(PtySize { cols: 132, rows: 40 }).await.unwrap();
+    pty.write(b"stty size\n").await.unwrap();
+    read_until(&mut pty, "40 132").await;
+    pty.write(b"exit 5\n").await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(30), pty.wait()).await.unwrap().unwrap();
+    assert_eq!(code, Some(5));
+}
+
+async fn read_until(pty: &mut airlock::container::PtySession, wanted: &str) -> String {
+    let mut seen = String::new();
+    while !seen.contains(wanted) {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), pty.read())
+            .await
+            .unwrap_or_else(|_| panic!("no {wanted:?} in {seen:?}"))
+            .unwrap_or_else(|| panic!("the terminal closed before {wanted:?}: {seen:?}"))
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen
+}
+
+pub async fn a_port_inside_is_reachable_without_a_network(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    std::fs::write(test.path("index.html"), "hello from the sandbox\n").unwrap();
+    let server = ExecRequest::new("python3").args(["-m", "http.server", "8000", "--bind", "127.0.0.1"]);
+    let server = test.sandbox.start_process(server).await.unwrap();
+    let mut stream = None;
+    for _ in 0..100 {
+        match test.sandbox.connect_port(8000).await {
+            Ok(connected) => {
+                stream = Some(connected);
+                break;
+            }
+            Err(Error::Port { .. }) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let mut stream = stream.expect("the server never listened");
+    stream.write_all(b"GET /index.html HTTP/1.0\r\nHost: sandbox\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_string(&mut response)).await.unwrap().unwrap();
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert!(response.ends_with("hello from the sandbox\n"), "{response}");
+    test.sandbox.signal_process(&server, Signal::Kill).await.unwrap();
+    // Nothing listening: a clear error naming the port.
+    let refused = test.sandbox.connect_port(8001).await.unwrap_err();
+    assert!(matches!(refused, Error::Port { port: 8001, .. }), "{refused}");
+}
+
+pub async fn the_warm_pool_hands_out_frozen_sandboxes_and_refills(runtime: ContainerRuntime) {
+    let (engine, image) = engine_and_image().await;
+    let root = tempfile::tempdir().unwrap();
+    let template = PoolTemplate { image, runtime, resources: ContainerResources::default() };
+    let pool = WarmPool::start(&engine, template.clone(), 2, root.path().to_path_buf()).unwrap();
+    assert!(pool.wait_until_full(Duration::from_secs(120)).await, "the pool never filled");
+    let pooled: Vec<_> =
+        list_labelled(&engine).await.unwrap().into_iter().filter(|c| c.pool.as_deref() == Some(&template.key())).collect();
+    assert_eq!(pooled.len(), 2);
+    assert!(pooled.iter().all(|c| c.state == ContainerState::Paused), "{pooled:?}");
+
+    let claimed = pool.claim().await.unwrap().expect("a full pool");
+    assert_eq!(claimed.state().await.unwrap(), ContainerState::Running);
+    let outcome = claimed.exec(bash("echo claimed > /workspace/mine.txt")).await.unwrap();
+    assert!(outcome.success());
+    assert_eq!(std::fs::read_to_string(claimed.spec().workspace.join("mine.txt")).unwrap(), "claimed\n");
+    assert!(claimed.spec().workspace.starts_with(root.path()));
+    assert!(pool.wait_until_full(Duration::from_secs(120)).await, "the pool did not refill");
+
+    pool.shutdown().await.unwrap();
+    claimed.remove().await.unwrap();
+    let left = list_labelled(&engine).await.unwrap();
+    assert!(!left.iter().any(|c| c.pool.as_deref() == Some(&template.key())), "{left:?}");
+
+    let disabled = WarmPool::start(&engine, template, 0, root.path().to_path_buf()).unwrap();
+    assert!(disabled.claim().await.unwrap().is_none());
+}
+
+pub async fn labelled_containers_are_listed_and_adopted(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let (engine, _) = engine_and_image().await;
+    let listed = list_labelled(&engine).await.unwrap();
+    let mine = listed.iter().find(|c| c.container_id == test.sandbox.container_id()).expect("not listed");
+    assert_eq!(mine.sandbox_id, test.sandbox.sandbox_id());
+    assert_eq!(mine.state, ContainerState::Running);
+
+    let adopted = ContainerSandbox::adopt(&engine, test.sandbox.container_id()).await.unwrap();
+    assert_eq!(adopted.spec(), test.sandbox.spec());
+    let outcome = adopted.exec(bash("echo adopted > /workspace/a.txt")).await.unwrap();
+    assert!(outcome.success());
+    assert_eq!(std::fs::read_to_string(test.path("a.txt")).unwrap(), "adopted\n");
+}
+
+pub async fn the_tier_seam_runs_in_the_workspace(runtime: ContainerRuntime) {
+    let (engine, image) = engine_and_image().await;
+    let dir = tempfile::tempdir().unwrap();
+    let workspace = Workspace::create(dir.path().join("workspace")).unwrap();
+    std::fs::write(workspace.host_path().join("from-host.txt"), "host\n").unwrap();
+    let tier = ContainerTier::new(engine, image).runtime(runtime);
+    let tier_object: &dyn Tier = &tier;
+    assert_eq!(tier_object.kind(), TierKind::Container);
+    let outcome = tier_object
+        .exec(&workspace, bash("cat from-host.txt && git init -q . && git status --short | wc -l"))
+        .await
+        .unwrap();
+    assert!(outcome.success(), "{}", outcome.stderr_text());
+    assert_eq!(outcome.stdout_text(), "host\n1\n");
+    assert!(workspace.host_path().join(".git").is_dir());
+    // The same workspace reuses its container.
+    let first = tier.sandbox_for(&workspace).await.unwrap();
+    let second = tier.sandbox_for(&workspace).await.unwrap();
+    assert_eq!(first.container_id(), second.container_id());
+    tier.shutdown().await.unwrap();
+    assert!(exists(&workspace.host_path().join("from-host.txt")));
+}
+
+pub async fn bad_requests_get_clear_errors(runtime: ContainerRuntime) {
+    let (engine, _) = engine_and_image().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SandboxSpec::new(SandboxId::new().to_string(), "airlock/no-such-image:1", dir.path()).runtime(runtime);
+    let missing = ContainerSandbox::create(&engine, spec).await.unwrap_err();
+    assert!(missing.to_string().contains("airlock/no-such-image:1 is not in the local docker engine"), "{missing}");
+
+    let test = TestSandbox::new(runtime).await;
+    let empty = test.sandbox.exec(ExecRequest::new("")).await.unwrap_err();
+    assert!(empty.to_string().contains("the program is empty"), "{empty}");
+    let not_found = test.sandbox.exec(ExecRequest::new("no-such-command")).await.unwrap();
+    // 126 from the engine (runc cannot exec it) or 127 from a shell, as a shell would say.
+    assert!(matches!(not_found.exit_code(), Some(126 | 127)), "{:?}", not_found.termination);
+    let said = format!("{}{}", not_found.stdout_text(), not_found.stderr_text());
+    assert!(said.contains("no-such-command"), "{said}");
+    let bad_limits = Limits { deadline: Duration::ZERO, ..Limits::default() };
+    assert!(test.sandbox.exec(bash("true").limits(bad_limits)).await.is_err());
+
+    // A second container for the same sandbox is refused by name.
+    let (_, image) = engine_and_image().await;
+    let twin = SandboxSpec::new(test.sandbox.sandbox_id(), image, &test.workspace).runtime(runtime);
+    let refused = ContainerSandbox::create(&engine, twin).await.unwrap_err();
+    assert!(refused.to_string().contains("409") || refused.to_string().contains("Conflict"), "{refused}");
+}
+
+pub async fn cpu_time_comes_from_the_cgroup(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let spin = "import time\nend = time.time() + 1\nwhile time.time() < end:\n    pass\n";
+    let busy = test.sandbox.exec(python(spin)).await.unwrap();
+    let idle = test.sandbox.exec(bash("sleep 1")).await.unwrap();
+    assert!(busy.cpu_time > Duration::from_millis(300), "busy loop billed {:?}", busy.cpu_time);
+    assert!(idle.cpu_time < Duration::from_millis(300), "sleep billed {:?}", idle.cpu_time);
+    assert!(test.sandbox.cpu_usage().unwrap() >= busy.cpu_time);
+}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh Debian machine with Rust (rustup) on it:
-# installs what the tests need (the wasm targets, componentize-py), builds the guests, checks
-# lints, then runs every test, including one pass of each benchmark in test mode.
+# The whole test suite, from a fresh Debian machine with Rust (rustup) on it, as root:
+# installs what the tests need (the wasm targets, componentize-py; docker.io, runsc and
+# debootstrap through `airlock setup`, which also starts dockerd and builds the base image),
+# builds the guests, checks lints, then runs every test, including one pass of each
+# benchmark in test mode.
 # Idempotent: everything already present is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,11 @@ rustup target add wasm32-wasip2 wasm32-wasip1
 
 echo "==> guests"
 scripts/build-guests.sh
+
+echo "==> container engine and base image (airlock setup)"
+# Starts dockerd with no bridge and no iptables if it is not running, registers runsc,
+# and builds airlock/base:<recipe-hash> from Debian packages when it is missing.
+cargo run --locked --quiet -- setup
 
 echo "==> lints"
 rustup component add clippy >/dev/null 2>&1 || true

@@ -1,0 +1,124 @@
+//! The container tier's start-up and round-trip costs, under runc and runsc,
+//! beside the Docker CLI doing the same in the same run:
+//!
+//! - `warm-claim-to-first-command`: claim a frozen sandbox from the warm pool
+//!   (unpause) and run `true` in it — what a new sandbox costs with a pool;
+//! - `cold-create-to-first-command`: create, start, run `true`;
+//! - `exec-round-trip`: `true` in a running sandbox;
+//! - `docker-run-rm`: `docker run --rm --network none <image> true`;
+//! - `docker-exec`: `docker exec <container> true`.
+//!
+//! Containers made in a timed section are removed outside it.
+//!
+//! Run (as root, after `airlock setup`): `cargo bench --bench container_startup`
+//! (numbers and machine in docs/BENCHMARKS.md).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a bench may
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock::ExecRequest;
+use airlock::container::{
+    ContainerResources, ContainerRuntime, ContainerSandbox, DockerEngine, EngineOptions, ImageRecipe, PoolTemplate,
+    SandboxSpec, WarmPool, ensure_base_image,
+};
+use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+
+/// Warm sandboxes held per pool while measuring.
+const POOL_SIZE: usize = 4;
+
+fn docker_cli(args: &[&str]) {
+    let status = Command::new("docker").args(args).stdout(std::process::Stdio::null()).status().unwrap();
+    assert!(status.success(), "docker {args:?} failed");
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (engine, image) = runtime.block_on(async {
+        let engine = DockerEngine::connect_or_setup(&EngineOptions::default()).await.unwrap();
+        let image = ensure_base_image(&engine, &ImageRecipe::default(), Arc::new(|line: &str| eprintln!("{line}")))
+            .await
+            .unwrap();
+        (engine, image)
+    });
+    let root = tempfile::tempdir().unwrap();
+
+    for container_runtime in [ContainerRuntime::Runc, ContainerRuntime::Runsc] {
+        let mut group = c.benchmark_group(format!("container/{container_runtime}"));
+        // Each iteration makes a container: flat sampling keeps the count of them bounded.
+        group
+            .sample_size(10)
+            .sampling_mode(SamplingMode::Flat)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(5));
+        let true_request = || ExecRequest::new("true");
+
+        // Warm pool: claim and first command. Waiting for the refill is not timed.
+        let template =
+            PoolTemplate { image: image.clone(), runtime: container_runtime, resources: ContainerResources::default() };
+        let pool = runtime
+            .block_on(async { WarmPool::start(&engine, template, POOL_SIZE, root.path().join("pool")) })
+            .unwrap();
+        group.bench_function("warm-claim-to-first-command", |b| {
+            b.iter_custom(|iterations| {
+                runtime.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iterations {
+                        assert!(pool.wait_until_full(Duration::from_secs(120)).await, "the pool does not fill");
+                        let started = Instant::now();
+                        let sandbox = pool.claim().await.unwrap().unwrap();
+                        let outcome = sandbox.exec(true_request()).await.unwrap();
+                        total += started.elapsed();
+                        assert!(outcome.success());
+                        sandbox.remove().await.unwrap();
+                    }
+                    total
+                })
+            })
+        });
+        runtime.block_on(pool.shutdown()).unwrap();
+
+        group.bench_function("cold-create-to-first-command", |b| {
+            b.iter_custom(|iterations| {
+                runtime.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iterations {
+                        let workspace = root.path().join(airlock::SandboxId::new().to_string());
+                        std::fs::create_dir_all(&workspace).unwrap();
+                        let spec = SandboxSpec::new(airlock::SandboxId::new().to_string(), &image, &workspace)
+                            .runtime(container_runtime);
+                        let started = Instant::now();
+                        let sandbox = ContainerSandbox::create_started(&engine, spec).await.unwrap();
+                        let outcome = sandbox.exec(true_request()).await.unwrap();
+                        total += started.elapsed();
+                        assert!(outcome.success());
+                        sandbox.remove().await.unwrap();
+                    }
+                    total
+                })
+            })
+        });
+
+        let workspace = root.path().join(format!("exec-{container_runtime}"));
+        std::fs::create_dir_all(&workspace).unwrap();
+        let spec =
+            SandboxSpec::new(airlock::SandboxId::new().to_string(), &image, &workspace).runtime(container_runtime);
+        let sandbox = runtime.block_on(ContainerSandbox::create_started(&engine, spec)).unwrap();
+        group.bench_function("exec-round-trip", |b| {
+            b.iter(|| runtime.block_on(async { assert!(sandbox.exec(true_request()).await.unwrap().success()) }))
+        });
+
+        let runtime_flag = format!("--runtime={container_runtime}");
+        group.bench_function("docker-run-rm", |b| {
+            b.iter(|| docker_cli(&["run", "--rm", "--network", "none", &runtime_flag, &image, "true"]))
+        });
+        group.bench_function("docker-exec", |b| b.iter(|| docker_cli(&["exec", sandbox.container_id(), "true"])));
+        runtime.block_on(sandbox.remove()).unwrap();
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

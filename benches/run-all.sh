@@ -5,7 +5,8 @@
 #
 # Needs: hyperfine (apt-get install hyperfine); the wasmtime CLI 48
 # (cargo install wasmtime-cli --version 48.0.8 --locked), set WASMTIME if it is
-# not on PATH; a virtualenv with llm-wasm-sandbox, set PEER_PYTHON to its python.
+# not on PATH; a virtualenv with llm-wasm-sandbox, set PEER_PYTHON to its python;
+# root, for the Docker engine and base image (`airlock setup`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WASMTIME=${WASMTIME:-wasmtime}
@@ -53,4 +54,27 @@ print(f'{sys.argv[2]:45} median {m["point_estimate"]/1000:.1f} us  MAD {mad["poi
 PY
 done
 cargo bench --bench context_memory
+
+# The container tier, and the Docker peer of the interpreters: a fresh container per snippet.
+image=$(./target/release/airlock setup 2>/dev/null)
+hyperfine -N --warmup 3 --runs 20 --export-json "$work/docker.json" \
+  -n "airlock run --lang python" "./target/release/airlock run --workspace $work/ws --lang python -c 'print(1+1)'" \
+  -n "docker run --rm (runc) python3 -c" "docker run --rm --network none $image python3 -c 'print(1+1)'" \
+  -n "docker run --rm (runsc) python3 -c" "docker run --rm --network none --runtime runsc $image python3 -c 'print(1+1)'"
+python3 - "$work/docker.json" <<'PY'
+import json, statistics, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    t = sorted(r["times"])
+    print(f'{r["command"]:36} median {statistics.median(t)*1000:.1f} ms  IQR {t[len(t)//4]*1000:.1f}-{t[3*len(t)//4]*1000:.1f} ms')
+PY
+cargo bench --bench container_startup
+for bench in target/criterion/container_*/*/new; do
+    python3 - "$bench/estimates.json" "${bench%/new}" <<'PY'
+import json, sys
+e = json.load(open(sys.argv[1]))
+m, mad = e["median"], e["median_abs_dev"]
+ci = m["confidence_interval"]
+print(f'{sys.argv[2]:70} median {m["point_estimate"]/1e6:.1f} ms  MAD {mad["point_estimate"]/1e6:.1f} ms  CI {ci["lower_bound"]/1e6:.1f}-{ci["upper_bound"]/1e6:.1f} ms')
+PY
+done
 "$PEER_PYTHON" benches/peers/llm_wasm_sandbox.py 10 2>/dev/null

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use airlock::container::{
-    ContainerRuntime, DockerEngine, EngineOptions, ImageRecipe, RECIPE_LABEL, ensure_base_image, image_exists,
+    ContainerRuntime, ContainerSandbox, DockerEngine, EngineOptions, ImageRecipe, RECIPE_LABEL, SandboxSpec,
+    ensure_base_image, image_exists,
 };
-use airlock::{ExecRequest, Limits};
+use airlock::{ExecRequest, Limits, SandboxId};
 use container::{TestSandbox, bash, engine_and_image};
 
 #[tokio::test]
@@ -72,4 +73,18 @@ async fn the_base_image_has_the_tools_and_an_unprivileged_user() {
     let outcome = test.sandbox.exec(ExecRequest::new("bash").args(["-c", work]).limits(limits)).await.unwrap();
     assert_eq!(outcome.stdout_text(), "1\nnpm-ok\n", "{}", outcome.stderr_text());
     assert!(test.path("package.json").is_file());
+}
+
+#[tokio::test]
+async fn a_sandbox_may_name_another_local_image() {
+    let (engine, image) = engine_and_image().await;
+    let (repo, tag) = ("airlock/test-another-image", "1");
+    let options = bollard::query_parameters::TagImageOptionsBuilder::new().repo(repo).tag(tag).build();
+    engine.docker().tag_image(&image, Some(options)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SandboxSpec::new(SandboxId::new().to_string(), format!("{repo}:{tag}"), dir.path());
+    let sandbox = ContainerSandbox::create_started(&engine, spec).await.unwrap();
+    let outcome = sandbox.exec(ExecRequest::new("true")).await;
+    sandbox.remove().await.unwrap();
+    assert!(outcome.unwrap().success());
 }

@@ -316,16 +316,22 @@ impl ContainerSandbox {
         })
     }
 
-    /// The exit code of a finished exec; waits briefly for the engine to record it.
+    /// The exit code of a finished exec; waits briefly for the engine to record
+    /// it (the output ends a moment before the engine marks the exec done).
     pub(crate) async fn exit_code(&self, exec_id: &str) -> Result<Option<i32>> {
-        for _ in 0..100 {
+        let mut pause = Duration::from_millis(1);
+        let give_up = Instant::now() + Duration::from_secs(2);
+        loop {
             let inspected = self.engine().docker().inspect_exec(exec_id).await.map_err(Error::docker("inspect exec"))?;
             if inspected.running != Some(true) {
                 return Ok(inspected.exit_code.and_then(|code| i32::try_from(code).ok()));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if Instant::now() >= give_up {
+                return Ok(None);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
-        Ok(None)
     }
 
     fn spawn_kill(&self, user: &str, marker: &str) -> tokio::task::JoinHandle<Result<()>> {

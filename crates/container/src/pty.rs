@@ -96,7 +96,9 @@ impl PtySession {
         self.sandbox.engine().docker().resize_exec(&self.exec_id, options).await.map_err(Error::docker("resize"))
     }
 
-    /// Sends `signal` to the command and everything it started.
+    /// Sends `signal` to the command and everything it started. Keep reading
+    /// output meanwhile when the command writes a lot: the engine completes a
+    /// command's exit only once its output has been read.
     pub async fn signal(&self, signal: Signal) -> Result<()> {
         self.sandbox.signal_tree(&self.user, &self.marker, signal).await
     }

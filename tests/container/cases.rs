@@ -104,9 +104,19 @@ pub async fn a_fork_bomb_is_contained_by_the_pids_limit(runtime: ContainerRuntim
             // The limit binds gVisor's own host threads too: the sandbox goes down
             // whole, the host does not notice, and a start brings it back.
             assert!(!outcome.success(), "{:?}", outcome.termination);
-            if test.sandbox.state().await.unwrap() != ContainerState::Running {
+            // It may still be going down: restart it until a command runs again.
+            let mut recovered = false;
+            for _ in 0..5 {
+                if test.sandbox.state().await.unwrap() == ContainerState::Running
+                    && test.sandbox.exec(bash("true")).await.is_ok_and(|outcome| outcome.success())
+                {
+                    recovered = true;
+                    break;
+                }
+                test.sandbox.stop().await.unwrap();
                 test.sandbox.start().await.unwrap();
             }
+            assert!(recovered, "the sandbox did not come back after the bomb");
         }
     }
     // The sandbox is still usable, and the bomb is gone.

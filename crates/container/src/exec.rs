@@ -23,6 +23,7 @@ use bollard::query_parameters::WaitContainerOptions;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::engine::ContainerRuntime;
 use crate::error::{Error, Result};
 use crate::sandbox::ContainerSandbox;
 
@@ -33,6 +34,9 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Attempts at starting the kill script: under a fork bomb, exec itself can
 /// fail for want of a free pid until a slot frees up.
 const KILL_ATTEMPTS: u32 = 50;
+/// How long an exec that ended as if killed waits to see whether the whole
+/// runsc sandbox went down with it.
+const RUNSC_STOP_GRACE: Duration = Duration::from_secs(2);
 /// Rounds of stop-then-kill before the kill script gives up.
 const KILL_ROUNDS: u32 = 200;
 
@@ -270,11 +274,18 @@ impl ContainerSandbox {
         if let Some(kill) = kill {
             kill.await.map_err(|e| Error::Invalid { what: "kill", reason: e.to_string() })??;
         }
-        let (exit_code, container_oom) = if stopped {
-            (None, self.oom_killed().await)
-        } else {
-            (self.exit_code(&exec.id).await?, false)
-        };
+        let mut exit_code = if stopped { None } else { self.exit_code(&exec.id).await? };
+        // Under runsc a sandbox going down may end the exec's stream first, with
+        // the engine's 128 or a 137: give the container's stop a moment to show.
+        if !stopped
+            && self.spec().runtime == ContainerRuntime::Runsc
+            && matches!(exit_code, Some(128 | 137))
+            && tokio::time::timeout(RUNSC_STOP_GRACE, container_stopped.next()).await.is_ok()
+        {
+            stopped = true;
+            exit_code = None;
+        }
+        let container_oom = stopped && self.oom_killed().await;
         let cpu_time = match (cpu_before, cgroup.cpu_usage()) {
             (Some(before), Some(after)) => after.saturating_sub(before),
             _ => Duration::ZERO,

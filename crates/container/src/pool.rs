@@ -67,7 +67,8 @@ struct PoolInner {
 
 impl WarmPool {
     /// Starts filling a pool of `size` (0 disables it: every claim misses).
-    /// Workspaces of pooled sandboxes are made under `workspace_root`.
+    /// Workspaces of pooled sandboxes are made under `workspace_root`. Call it
+    /// inside a Tokio runtime: the refill is a task on it.
     pub fn start(engine: &DockerEngine, template: PoolTemplate, size: usize, workspace_root: PathBuf) -> Result<Self> {
         if size > MAX_POOL_SIZE {
             return Err(Error::Invalid { what: "warm pool size", reason: format!("{size} is over {MAX_POOL_SIZE}") });

@@ -34,25 +34,13 @@ hyperfine -N --warmup 5 --runs 40 --export-json "$work/process.json" \
   -n "airlock run --lang js" "./target/release/airlock run --workspace $work/ws --lang js -c 'console.log(1+1)'" \
   -n "wasmtime CLI, hello" "$WASMTIME run --allow-precompiled $work/hello.cwasm x" \
   -n "airlock run hello.wasm" "./target/release/airlock run --workspace $work/ws guests/out/hello.wasm -- x"
-python3 - "$work/process.json" <<'PY'
-import json, statistics, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    t = sorted(r["times"])
-    print(f'{r["command"]:28} median {statistics.median(t)*1000:.1f} ms  IQR {t[len(t)//4]*1000:.1f}-{t[3*len(t)//4]*1000:.1f} ms')
-PY
+python3 benches/summarize.py hyperfine "$work/process.json"
 
 cargo bench --bench isolate_startup
 cargo bench --bench interpreters
-for bench in hello-instantiate-and-run/airlock hello-instantiate-and-run/wasmtime-pooling hello-instantiate-and-run/wasmtime-default \
-             one-shot/python one-shot/javascript eval-in-context/python eval-in-context/javascript; do
-    python3 - "target/criterion/$bench/new/estimates.json" "$bench" <<'PY'
-import json, sys
-e = json.load(open(sys.argv[1]))
-m, mad = e["median"], e["median_abs_dev"]
-ci = m["confidence_interval"]
-print(f'{sys.argv[2]:45} median {m["point_estimate"]/1000:.1f} us  MAD {mad["point_estimate"]/1000:.1f} us  CI {ci["lower_bound"]/1000:.1f}-{ci["upper_bound"]/1000:.1f} us')
-PY
-done
+python3 benches/summarize.py criterion us \
+  target/criterion/hello-instantiate-and-run/{airlock,wasmtime-pooling,wasmtime-default} \
+  target/criterion/one-shot/{python,javascript} target/criterion/eval-in-context/{python,javascript}
 cargo bench --bench context_memory
 
 # The container tier, and the Docker peer of the interpreters: a fresh container per snippet.
@@ -61,20 +49,7 @@ hyperfine -N --warmup 3 --runs 20 --export-json "$work/docker.json" \
   -n "airlock run --lang python" "./target/release/airlock run --workspace $work/ws --lang python -c 'print(1+1)'" \
   -n "docker run --rm (runc) python3 -c" "docker run --rm --network none $image python3 -c 'print(1+1)'" \
   -n "docker run --rm (runsc) python3 -c" "docker run --rm --network none --runtime runsc $image python3 -c 'print(1+1)'"
-python3 - "$work/docker.json" <<'PY'
-import json, statistics, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    t = sorted(r["times"])
-    print(f'{r["command"]:36} median {statistics.median(t)*1000:.1f} ms  IQR {t[len(t)//4]*1000:.1f}-{t[3*len(t)//4]*1000:.1f} ms')
-PY
+python3 benches/summarize.py hyperfine "$work/docker.json"
 cargo bench --bench container_startup
-for bench in target/criterion/container_*/*/new; do
-    python3 - "$bench/estimates.json" "${bench%/new}" <<'PY'
-import json, sys
-e = json.load(open(sys.argv[1]))
-m, mad = e["median"], e["median_abs_dev"]
-ci = m["confidence_interval"]
-print(f'{sys.argv[2]:70} median {m["point_estimate"]/1e6:.1f} ms  MAD {mad["point_estimate"]/1e6:.1f} ms  CI {ci["lower_bound"]/1e6:.1f}-{ci["upper_bound"]/1e6:.1f} ms')
-PY
-done
+python3 benches/summarize.py criterion ms $(ls -d target/criterion/container_*/*/new | xargs -n1 dirname)
 "$PEER_PYTHON" benches/peers/llm_wasm_sandbox.py 10 2>/dev/null

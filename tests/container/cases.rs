@@ -331,7 +331,7 @@ pub async fn the_tier_seam_runs_in_the_workspace(runtime: ContainerRuntime) {
     let dir = tempfile::tempdir().unwrap();
     let workspace = Workspace::create(dir.path().join("workspace")).unwrap();
     std::fs::write(workspace.host_path().join("from-host.txt"), "host\n").unwrap();
-    let tier = ContainerTier::new(engine, image).runtime(runtime);
+    let tier = ContainerTier::new(engine, PoolTemplate { image, runtime, resources: ContainerResources::default() });
     let tier_object: &dyn Tier = &tier;
     assert_eq!(tier_object.kind(), TierKind::Container);
     let outcome = tier_object

@@ -226,8 +226,11 @@ impl ContainerSandbox {
         let mut stdout = Capture::new(OutputStream::Stdout, request.limits.output_bytes);
         let mut stderr = Capture::new(OutputStream::Stderr, request.limits.output_bytes);
         let sender = request.output.as_ref();
-        // Resolves if the whole container stops meanwhile (under runsc an OOM
-        // kill takes the sandbox down, and the exec's stream may then never end).
+        // Resolves if the whole container stops meanwhile: under runsc an OOM
+        // kill takes the sandbox down, and the exec's stream may then never end.
+        // Under runc the stream ends with the container, so the watch (a request
+        // to the engine, sent on first poll) is left unpolled.
+        let watch_container = self.spec().runtime == ContainerRuntime::Runsc;
         let mut container_stopped = docker.wait_container(self.container_id(), None::<WaitContainerOptions>);
         let mut stopped = false;
         let mut cut = None;
@@ -253,7 +256,7 @@ impl ContainerSandbox {
                         kill = Some(self.spawn_kill(user, &marker));
                     }
                 }
-                _ = container_stopped.next(), if !stopped => {
+                _ = container_stopped.next(), if watch_container && !stopped => {
                     stopped = true;
                     break;
                 }
@@ -277,8 +280,8 @@ impl ContainerSandbox {
         let mut exit_code = if stopped { None } else { self.exit_code(&exec.id).await? };
         // Under runsc a sandbox going down may end the exec's stream first, with
         // the engine's 128 or a 137: give the container's stop a moment to show.
-        if !stopped
-            && self.spec().runtime == ContainerRuntime::Runsc
+        if watch_container
+            && !stopped
             && matches!(exit_code, Some(128 | 137))
             && tokio::time::timeout(RUNSC_STOP_GRACE, container_stopped.next()).await.is_ok()
         {

@@ -28,7 +28,7 @@ pub const MAX_POOL_SIZE: usize = 256;
 /// Pause between attempts when filling the pool fails (engine busy or down).
 const REFILL_BACKOFF: Duration = Duration::from_secs(1);
 
-/// What every sandbox in one pool is made of.
+/// What every sandbox in one pool (or one [`ContainerTier`](crate::ContainerTier)) is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolTemplate {
     pub image: String,

@@ -9,40 +9,23 @@ use airlock_core::{BoxFuture, ExecOutcome, ExecRequest, Tier, TierKind, Workspac
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::engine::{ContainerRuntime, DockerEngine};
+use crate::engine::DockerEngine;
 use crate::error::Result;
+use crate::pool::PoolTemplate;
 use crate::sandbox::ContainerSandbox;
-use crate::spec::{ContainerResources, SandboxSpec};
+use crate::spec::SandboxSpec;
 
-/// Runs requests in containers of one image, runtime and size.
+/// Runs requests in containers of one template (image, runtime, resources).
 #[derive(Debug)]
 pub struct ContainerTier {
     engine: DockerEngine,
-    image: String,
-    runtime: ContainerRuntime,
-    resources: ContainerResources,
+    template: PoolTemplate,
     sandboxes: Mutex<HashMap<PathBuf, ContainerSandbox>>,
 }
 
 impl ContainerTier {
-    pub fn new(engine: DockerEngine, image: impl Into<String>) -> Self {
-        Self {
-            engine,
-            image: image.into(),
-            runtime: ContainerRuntime::default(),
-            resources: ContainerResources::default(),
-            sandboxes: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub fn runtime(mut self, runtime: ContainerRuntime) -> Self {
-        self.runtime = runtime;
-        self
-    }
-
-    pub fn resources(mut self, resources: ContainerResources) -> Self {
-        self.resources = resources;
-        self
+    pub fn new(engine: DockerEngine, template: PoolTemplate) -> Self {
+        Self { engine, template, sandboxes: Mutex::new(HashMap::new()) }
     }
 
     /// The running sandbox for `workspace`, created and started on first use.
@@ -55,9 +38,9 @@ impl ContainerTier {
         // A stable id per workspace path: the engine refuses a second container of the same name.
         let digest = Sha256::digest(path.as_os_str().as_encoded_bytes());
         let id: String = digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect();
-        let spec = SandboxSpec::new(format!("ws-{id}"), &self.image, &path)
-            .runtime(self.runtime)
-            .resources(self.resources);
+        let spec = SandboxSpec::new(format!("ws-{id}"), &self.template.image, &path)
+            .runtime(self.template.runtime)
+            .resources(self.template.resources);
         let sandbox = ContainerSandbox::create_started(&self.engine, spec).await?;
         sandboxes.insert(path, sandbox.clone());
         Ok(sandbox)

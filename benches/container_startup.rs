@@ -4,7 +4,10 @@
 //! - `warm-claim-to-first-command`: claim a frozen sandbox from the warm pool
 //!   (unpause) and run `true` in it — what a new sandbox costs with a pool;
 //! - `cold-create-to-first-command`: create, start, run `true`;
-//! - `exec-round-trip`: `true` in a running sandbox;
+//! - `exec-round-trip`: `true` in a running sandbox, as its user (through the
+//!   in-container agent, on the stream already open);
+//! - `engine-exec-round-trip`: the same as root, which goes through an engine
+//!   exec (the path every command took before the agent);
 //! - `docker-run-rm`: `docker run --rm --network none <image> true`;
 //! - `docker-exec`: `docker exec <container> true`.
 //!
@@ -108,6 +111,11 @@ fn bench(c: &mut Criterion) {
         let sandbox = runtime.block_on(ContainerSandbox::create_started(&engine, spec)).unwrap();
         group.bench_function("exec-round-trip", |b| {
             b.iter(|| runtime.block_on(async { assert!(sandbox.exec(true_request()).await.unwrap().success()) }))
+        });
+        group.bench_function("engine-exec-round-trip", |b| {
+            b.iter(|| {
+                runtime.block_on(async { assert!(sandbox.exec_as("root", true_request()).await.unwrap().success()) })
+            })
         });
 
         let runtime_flag = format!("--runtime={container_runtime}");

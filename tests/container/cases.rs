@@ -68,6 +68,71 @@ pub async fn exec_streams_output_and_takes_env_cwd_and_stdin(runtime: ContainerR
     assert!(!env.contains("CARGO"), "host environment leaked: {env}");
 }
 
+/// How many engine execs the container has had, from the engine's event log.
+fn engine_execs(container_id: &str) -> usize {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 1;
+    let out = std::process::Command::new("docker")
+        .args(["events", "--since", "0", "--until", &now.to_string(), "--format", "{{.Action}}"])
+        .args(["--filter", &format!("container={container_id}")])
+        .output()
+        .expect("running docker events");
+    assert!(out.status.success(), "docker events: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|action| action.starts_with("exec_start")).count()
+}
+
+pub async fn commands_go_through_the_agent_on_one_stream(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let id = test.sandbox.container_id().to_string();
+    let before = engine_execs(&id);
+
+    // Many commands at once on the one stream: each gets its own output and code.
+    let runs = (0..12).map(|index| {
+        let sandbox = test.sandbox.clone();
+        tokio::spawn(async move {
+            let script = format!("for i in 1 2 3; do echo run{index}-$i; echo err{index} >&2; done; exit {index}");
+            sandbox.exec(bash(&script)).await.unwrap()
+        })
+    });
+    for (index, run) in futures_util::future::join_all(runs).await.into_iter().enumerate() {
+        let outcome = run.unwrap();
+        assert_eq!(outcome.termination, Termination::Exited { code: index as i32 });
+        assert_eq!(outcome.stdout_text(), format!("run{index}-1\nrun{index}-2\nrun{index}-3\n"));
+        assert_eq!(outcome.stderr_text(), format!("err{index}\n").repeat(3));
+    }
+    // A megabyte of stdin, in many frames, arrives whole and in order.
+    let input: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i % 251) as u8).collect();
+    let digest = test
+        .sandbox
+        .exec(ExecRequest::new("sha256sum").stdin(StdinSource::Bytes(input.clone())))
+        .await
+        .unwrap()
+        .stdout_text();
+    let expected = test.sandbox.exec_as("root", ExecRequest::new("sha256sum").stdin(StdinSource::Bytes(input))).await;
+    assert_eq!(digest, expected.unwrap().stdout_text(), "the agent and an engine exec disagree");
+    // A missing working directory is named.
+    let nowhere = test.sandbox.exec(ExecRequest::new("true").cwd("/no/such/dir")).await.unwrap();
+    assert!(!nowhere.success());
+    assert!(nowhere.stderr_text().contains("/no/such/dir"), "{}", nowhere.stderr_text());
+
+    // None of that was an engine exec; the root command above was.
+    let after = engine_execs(&id);
+    assert_eq!(after, before + 1, "the sandbox user's commands went through engine execs");
+
+    // Another handle on the same container (as after a restart) shares the link and works.
+    let (engine, _) = engine_and_image().await;
+    let adopted = ContainerSandbox::adopt(&engine, &id).await.unwrap();
+    assert_eq!(adopted.exec(bash("echo adopted")).await.unwrap().stdout_text(), "adopted\n");
+    assert_eq!(test.bash("echo original").await.stdout_text(), "original\n");
+
+    // Paused: refused at once, not left to hang; unpaused: the same link answers.
+    test.sandbox.pause().await.unwrap();
+    let refused = test.sandbox.exec(bash("true")).await.unwrap_err();
+    assert!(matches!(refused, Error::NotRunning(_)), "{refused}");
+    test.sandbox.unpause().await.unwrap();
+    assert!(test.bash("true").await.success());
+    assert_eq!(engine_execs(&id), after, "no engine exec after all");
+}
+
 pub async fn the_deadline_kills_the_whole_process_tree(runtime: ContainerRuntime) {
     let test = TestSandbox::new(runtime).await;
     let request = bash("sleep 300 & (sleep 301 &) ; setsid sleep 302 & echo started; wait").limits(deadline(2));
@@ -132,8 +197,7 @@ pub async fn a_memory_bomb_is_reported_as_out_of_memory(runtime: ContainerRuntim
     let resources = ContainerResources { memory_bytes: 128 << 20, ..ContainerResources::default() };
     let test = TestSandbox::with_resources(runtime, resources).await;
     let bomb = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n";
-    let outcome =
-        test.sandbox.exec(ExecRequest::new("python3").args(["-c", bomb]).limits(deadline(60))).await.unwrap();
+    let outcome = test.sandbox.exec(ExecRequest::new("python3").args(["-c", bomb]).limits(deadline(60))).await.unwrap();
     let hit = outcome.limit_exceeded();
     assert_eq!(hit.map(|hit| hit.limit), Some(Limit::Memory), "{:?} {}", outcome.termination, outcome.stderr_text());
     assert_eq!(hit.map(|hit| hit.value), Some(128 << 20));
@@ -154,7 +218,9 @@ pub async fn privileged_operations_are_denied(runtime: ContainerRuntime) {
 
     // ptrace of another user's process: root cannot trace the sandbox user's, nor the reverse.
     let target = test.sandbox.start_process(ExecRequest::new("sleep").args(["300"])).await.unwrap();
-    let pid = test.bash("pgrep -u sandbox -x sleep | head -1").await.stdout_text().trim().to_string();
+    // The background exec may still be starting when start_process returns.
+    let find = "for _ in $(seq 100); do p=$(pgrep -u sandbox -x sleep | head -1); [ -n \"$p\" ] && { echo $p; exit; }; sleep 0.05; done";
+    let pid = test.bash(find).await.stdout_text().trim().to_string();
     assert!(!pid.is_empty(), "no target process");
     let attach = format!(
         "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nr = libc.ptrace(16, {pid}, 0, 0)\nprint('attached' if r == 0 else os.strerror(ctypes.get_errno()))\n"
@@ -177,7 +243,9 @@ pub async fn privileged_operations_are_denied(runtime: ContainerRuntime) {
     assert_eq!(test.sandbox.exec(no_new_privileges).await.unwrap().stdout_text(), "1\n", "PR_GET_NO_NEW_PRIVS");
     let interfaces = test.bash("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '").await.stdout_text();
     assert!(interfaces.lines().all(|name| name == "lo"), "interfaces: {interfaces:?}");
-    let reach = python("import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n    print('reached')\nexcept OSError:\n    print('unreachable')\n");
+    let reach = python(
+        "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n    print('reached')\nexcept OSError:\n    print('unreachable')\n",
+    );
     assert_eq!(test.sandbox.exec(reach).await.unwrap().stdout_text(), "unreachable\n");
 }
 
@@ -289,8 +357,12 @@ pub async fn the_warm_pool_hands_out_frozen_sandboxes_and_refills(runtime: Conta
     let template = PoolTemplate { image, runtime, resources: ContainerResources::default() };
     let pool = WarmPool::start(&engine, template.clone(), 2, root.path().to_path_buf()).unwrap();
     assert!(pool.wait_until_full(Duration::from_secs(120)).await, "the pool never filled");
-    let pooled: Vec<_> =
-        list_labelled(&engine).await.unwrap().into_iter().filter(|c| c.pool.as_deref() == Some(&template.key())).collect();
+    let pooled: Vec<_> = list_labelled(&engine)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.pool.as_deref() == Some(&template.key()))
+        .collect();
     assert_eq!(pooled.len(), 2);
     assert!(pooled.iter().all(|c| c.state == ContainerState::Paused), "{pooled:?}");
 

@@ -45,9 +45,8 @@ impl TestSandbox {
         let dir = tempfile::tempdir().unwrap();
         let workspace = dir.path().join("workspace");
         std::fs::create_dir(&workspace).unwrap();
-        let spec = SandboxSpec::new(SandboxId::new().to_string(), image, &workspace)
-            .runtime(runtime)
-            .resources(resources);
+        let spec =
+            SandboxSpec::new(SandboxId::new().to_string(), image, &workspace).runtime(runtime).resources(resources);
         let sandbox = ContainerSandbox::create_started(&engine, spec).await.unwrap();
         Self { sandbox, workspace, _dir: dir }
     }
@@ -120,6 +119,7 @@ macro_rules! container_suite {
                 the_tier_seam_runs_in_the_workspace,
                 bad_requests_get_clear_errors,
                 cpu_time_comes_from_the_cgroup,
+                commands_go_through_the_agent_on_one_stream,
             ]
         );
     };

@@ -50,6 +50,9 @@ pub enum Error {
     /// Opening a stream to a port inside the container failed.
     #[error("port {port}: {reason}")]
     Port { port: u16, reason: String },
+    /// The in-container agent could not be reached or broke the protocol.
+    #[error("sandbox agent: {0}")]
+    Agent(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -21,14 +21,21 @@ use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::query_parameters::WaitContainerOptions;
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
+
+use airlock_agent::protocol::{Reply, Request, Spawn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::agent::AgentLink;
+use crate::cgroup::ContainerCgroup;
 
 use crate::engine::ContainerRuntime;
 use crate::error::{Error, Result};
 use crate::sandbox::ContainerSandbox;
 
-/// The environment variable that marks an exec's processes.
-pub const EXEC_MARKER_VAR: &str = "AIRLOCK_EXEC";
+pub use airlock_agent::protocol::EXEC_MARKER_VAR;
+/// Stdin goes to the agent in frames of at most this many bytes.
+const STDIN_CHUNK_BYTES: usize = 64 * 1024;
 /// How long output is drained after a kill before the run is given up on.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Attempts at starting the kill script: under a fork bomb, exec itself can
@@ -99,14 +106,15 @@ pub(crate) fn new_marker() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// The command line, environment and working directory of an exec, checked.
-pub(crate) fn exec_options(
-    request: &ExecRequest,
-    user: &str,
-    marker: &str,
-    attach_stdin: bool,
-    tty: bool,
-) -> Result<CreateExecOptions<String>> {
+/// A request's command line, environment (`KEY=value`, the marker last) and
+/// working directory, checked.
+pub(crate) struct CommandParts {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+}
+
+pub(crate) fn command_parts(request: &ExecRequest, marker: &str) -> Result<CommandParts> {
     if request.program.is_empty() {
         return Err(Error::Invalid { what: "command", reason: "the program is empty".into() });
     }
@@ -114,7 +122,7 @@ pub(crate) fn exec_options(
     if !cwd.starts_with('/') {
         return Err(Error::Invalid { what: "working directory", reason: format!("{cwd:?} is not absolute") });
     }
-    let mut env = Vec::with_capacity(request.env.len() + 1);
+    let mut env: Vec<(String, String)> = Vec::with_capacity(request.env.len() + 1);
     for (key, value) in &request.env {
         if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
             return Err(Error::Invalid { what: "environment variable", reason: format!("{key:?}") });
@@ -122,11 +130,30 @@ pub(crate) fn exec_options(
         if key == EXEC_MARKER_VAR {
             return Err(Error::Invalid { what: "environment variable", reason: format!("{key} is Airlock's") });
         }
-        env.push(format!("{key}={value}"));
+        env.push((key.clone(), value.clone()));
     }
-    env.push(format!("{EXEC_MARKER_VAR}={marker}"));
-    let mut cmd = vec![request.program.clone()];
-    cmd.extend(request.args.iter().cloned());
+    env.push((EXEC_MARKER_VAR.to_string(), marker.to_string()));
+    let mut argv = vec![request.program.clone()];
+    argv.extend(request.args.iter().cloned());
+    if argv.iter().any(|arg| arg.contains('\0')) || cwd.contains('\0') {
+        return Err(Error::Invalid {
+            what: "command",
+            reason: "a NUL byte in the program, an argument or the cwd".into(),
+        });
+    }
+    Ok(CommandParts { argv, env, cwd })
+}
+
+/// The engine's exec request for `request`, checked.
+pub(crate) fn exec_options(
+    request: &ExecRequest,
+    user: &str,
+    marker: &str,
+    attach_stdin: bool,
+    tty: bool,
+) -> Result<CreateExecOptions<String>> {
+    let CommandParts { argv: cmd, env, cwd } = command_parts(request, marker)?;
+    let env = env.into_iter().map(|(key, value)| format!("{key}={value}")).collect();
     Ok(CreateExecOptions {
         attach_stdin: Some(attach_stdin),
         attach_stdout: Some(true),
@@ -171,6 +198,36 @@ impl Capture {
     }
 }
 
+/// How a run ended, for [`ContainerSandbox::outcome`].
+#[derive(Debug)]
+struct Ended {
+    cut: Option<Cut>,
+    /// The whole container went down during the run.
+    stopped: bool,
+    exit_code: Option<i32>,
+    usage: Usage,
+}
+
+/// What the container's cgroup counted during a run.
+#[derive(Debug)]
+struct Usage {
+    cpu_time: Duration,
+    /// The OOM killer acted in the container.
+    oom_killed_since: bool,
+}
+
+impl Usage {
+    fn since(cgroup: &ContainerCgroup, cpu_before: Option<Duration>, oom_before: Option<u64>) -> Self {
+        let cpu_time = match (cpu_before, cgroup.cpu_usage()) {
+            (Some(before), Some(after)) => after.saturating_sub(before),
+            _ => Duration::ZERO,
+        };
+        let oom_killed_since =
+            matches!((oom_before, cgroup.oom_kills()), (Some(before), Some(after)) if after > before);
+        Self { cpu_time, oom_killed_since }
+    }
+}
+
 /// Why Airlock ended a run early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cut {
@@ -191,8 +248,133 @@ impl ContainerSandbox {
 
     /// As [`exec`](Self::exec), as another user of the image (such as `root`
     /// for a package install; capabilities stay as the sandbox has them).
+    ///
+    /// As the sandbox's own user the command goes through the in-container
+    /// agent (a frame on a stream already open); as another user, or in a
+    /// container without the agent, through an engine exec.
     pub async fn exec_as(&self, user: &str, request: ExecRequest) -> Result<ExecOutcome> {
         request.limits.validate()?;
+        if user == self.spec().user
+            && let Some(link) = self.agent_link().await?
+        {
+            return self.exec_through_agent(&link, request).await;
+        }
+        self.exec_through_engine(user, request).await
+    }
+
+    async fn exec_through_agent(&self, link: &Arc<AgentLink>, request: ExecRequest) -> Result<ExecOutcome> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + request.limits.deadline);
+        let marker = new_marker();
+        let CommandParts { argv, env, cwd } = command_parts(&request, &marker)?;
+        // The agent adds the marker itself.
+        let env = env.into_iter().filter(|(key, _)| key != EXEC_MARKER_VAR).collect();
+        let cgroup = self.cgroup();
+        let cpu_before = cgroup.cpu_usage();
+        let oom_before = cgroup.oom_kills();
+        let feeds_stdin = !matches!(request.stdin, StdinSource::Empty);
+
+        let mut run = link.open_run();
+        run.send(&Request::Spawn(Spawn { argv, env, cwd, marker: marker.clone(), stdin: feeds_stdin })).await?;
+        let run_id = run.id;
+        let stdin_task = match request.stdin.clone() {
+            StdinSource::Bytes(bytes) => {
+                let link = link.clone();
+                Some(tokio::spawn(async move {
+                    for chunk in bytes.chunks(STDIN_CHUNK_BYTES) {
+                        if link.send_to(run_id, &Request::Stdin(chunk.to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = link.send_to(run_id, &Request::StdinEnd).await;
+                }))
+            }
+            StdinSource::Inherit => {
+                let link = link.clone();
+                Some(tokio::spawn(async move {
+                    let mut host_stdin = tokio::io::stdin();
+                    let mut buffer = vec![0u8; STDIN_CHUNK_BYTES];
+                    while let Ok(count @ 1..) = host_stdin.read(&mut buffer).await {
+                        if link.send_to(run_id, &Request::Stdin(buffer[..count].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = link.send_to(run_id, &Request::StdinEnd).await;
+                }))
+            }
+            _ => None,
+        };
+
+        let mut stdout = Capture::new(OutputStream::Stdout, request.limits.output_bytes);
+        let mut stderr = Capture::new(OutputStream::Stderr, request.limits.output_bytes);
+        let sender = request.output.as_ref();
+        let mut cut = None;
+        let mut give_up_at = deadline;
+        let mut exit_code = None;
+        let mut link_ended = false;
+        loop {
+            tokio::select! {
+                biased;
+                reply = run.replies.recv() => {
+                    let over_cap = match reply {
+                        Some(Reply::Stdout(bytes)) => stdout.push(&bytes, sender),
+                        Some(Reply::Stderr(bytes)) => stderr.push(&bytes, sender),
+                        Some(Reply::Exited { code }) => {
+                            exit_code = Some(code);
+                            break;
+                        }
+                        Some(Reply::SpawnFailed { code, message }) => {
+                            stderr.push(format!("{message}\n").as_bytes(), sender);
+                            exit_code = Some(code);
+                            break;
+                        }
+                        Some(Reply::Started { .. } | Reply::Signalled { .. } | Reply::Pong) => false,
+                        None => {
+                            link_ended = true;
+                            break;
+                        }
+                    };
+                    if over_cap && cut.is_none() {
+                        cut = Some(Cut::Output);
+                        give_up_at = tokio::time::Instant::now() + KILL_GRACE;
+                        run.send(&Request::KillTree { marker: marker.clone() }).await?;
+                    }
+                }
+                () = tokio::time::sleep_until(give_up_at) => {
+                    if cut.is_some() {
+                        // Killed, yet no exit past the grace period: give up on it.
+                        break;
+                    }
+                    cut = Some(Cut::Deadline);
+                    give_up_at = tokio::time::Instant::now() + KILL_GRACE;
+                    run.send(&Request::KillTree { marker: marker.clone() }).await?;
+                }
+            }
+        }
+        if let Some(task) = stdin_task {
+            task.abort();
+        }
+        drop(run);
+        // Under runsc a sandbox going down for memory (or a fork bomb) may
+        // first show as its command killed: give the link's end a moment to show.
+        if self.spec().runtime == ContainerRuntime::Runsc
+            && !link_ended
+            && matches!(exit_code, Some(128 | 137))
+            && tokio::time::timeout(RUNSC_STOP_GRACE, link.wait_closed()).await.is_ok()
+        {
+            link_ended = true;
+        }
+        // The link also ends when the container is merely stopped: only a
+        // container that is no longer running went down under the command.
+        let stopped = link_ended && self.is_gone().await;
+        if stopped {
+            exit_code = None;
+        }
+        let usage = Usage::since(&cgroup, cpu_before, oom_before);
+        Ok(self.outcome(&request, started, Ended { cut, stopped, exit_code, usage }, stdout, stderr).await)
+    }
+
+    async fn exec_through_engine(&self, user: &str, request: ExecRequest) -> Result<ExecOutcome> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + request.limits.deadline);
         let marker = new_marker();
@@ -204,7 +386,8 @@ impl ContainerSandbox {
         let oom_before = cgroup.oom_kills();
 
         let exec = docker.create_exec(self.container_id(), options).await.map_err(|e| self.exec_error(e))?;
-        let started_exec = docker.start_exec(&exec.id, None::<StartExecOptions>).await.map_err(|e| self.exec_error(e))?;
+        let started_exec =
+            docker.start_exec(&exec.id, None::<StartExecOptions>).await.map_err(|e| self.exec_error(e))?;
         let StartExecResults::Attached { mut output, mut input } = started_exec else {
             return Err(Error::Invalid { what: "exec", reason: "the engine started it detached".into() });
         };
@@ -288,16 +471,22 @@ impl ContainerSandbox {
             stopped = true;
             exit_code = None;
         }
+        let usage = Usage::since(&cgroup, cpu_before, oom_before);
+        Ok(self.outcome(&request, started, Ended { cut, stopped, exit_code, usage }, stdout, stderr).await)
+    }
+
+    /// The outcome of a run that ended as `ended` says.
+    async fn outcome(
+        &self,
+        request: &ExecRequest,
+        started: Instant,
+        ended: Ended,
+        stdout: Capture,
+        stderr: Capture,
+    ) -> ExecOutcome {
+        let Ended { cut, stopped, exit_code, usage } = ended;
         let container_oom = stopped && self.oom_killed().await;
-        let cpu_time = match (cpu_before, cgroup.cpu_usage()) {
-            (Some(before), Some(after)) => after.saturating_sub(before),
-            _ => Duration::ZERO,
-        };
-        let oom_killed = container_oom
-            || match (oom_before, cgroup.oom_kills()) {
-                (Some(before), Some(after)) => after > before && exit_code == Some(137),
-                _ => false,
-            };
+        let oom_killed = container_oom || (usage.oom_killed_since && exit_code == Some(137));
         let termination = match cut {
             Some(Cut::Deadline) => Termination::LimitExceeded(LimitExceeded {
                 limit: Limit::Deadline,
@@ -312,22 +501,24 @@ impl ContainerSandbox {
                 limit: Limit::Memory,
                 value: self.spec().resources.memory_bytes,
             }),
-            None if stopped => Termination::Crashed { message: "the sandbox container stopped during the command".into() },
+            None if stopped => {
+                Termination::Crashed { message: "the sandbox container stopped during the command".into() }
+            }
             None => match exit_code {
                 Some(code) => Termination::Exited { code },
                 None => Termination::Crashed { message: "the engine reported no exit code".into() },
             },
         };
-        Ok(ExecOutcome {
+        ExecOutcome {
             termination,
             stdout_truncated: stdout.truncated,
             stderr_truncated: stderr.truncated,
             stdout: stdout.bytes,
             stderr: stderr.bytes,
             wall_time: started.elapsed(),
-            cpu_time,
+            cpu_time: usage.cpu_time,
             tier: TierKind::Container,
-        })
+        }
     }
 
     /// The exit code of a finished exec; waits briefly for the engine to record
@@ -336,7 +527,8 @@ impl ContainerSandbox {
         let mut pause = Duration::from_millis(1);
         let give_up = Instant::now() + Duration::from_secs(2);
         loop {
-            let inspected = self.engine().docker().inspect_exec(exec_id).await.map_err(Error::docker("inspect exec"))?;
+            let inspected =
+                self.engine().docker().inspect_exec(exec_id).await.map_err(Error::docker("inspect exec"))?;
             if inspected.running != Some(true) {
                 return Ok(inspected.exit_code.and_then(|code| i32::try_from(code).ok()));
             }

@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+mod agent;
 mod cgroup;
 mod engine;
 mod error;
@@ -29,6 +30,7 @@ mod sandbox;
 mod spec;
 mod tier;
 
+pub use agent::{AGENT_GUEST_PATH, AGENT_HANDSHAKE_TIMEOUT};
 pub use engine::{
     ContainerRuntime, DEFAULT_DOCKER_SOCKET, DOCKERD_FLAGS, DockerEngine, ENGINE_REQUEST_TIMEOUT, ENGINE_START_TIMEOUT,
     EngineOptions, RUNSC_RUNTIME_ARGS,
@@ -46,7 +48,7 @@ pub use pty::{PtySession, PtySize};
 pub use sandbox::{ContainerSandbox, ContainerState, LabelledContainer, STOP_GRACE, container_name, list_labelled};
 pub use spec::{
     ContainerResources, DEFAULT_CONTAINER_CPU_MILLIS, DEFAULT_CONTAINER_MEMORY_BYTES, DEFAULT_CONTAINER_PIDS,
-    KEPT_CAPABILITIES, MAX_CONTAINER_CPU_MILLIS, RUNSC_PIDS_HEADROOM, MAX_CONTAINER_MEMORY_BYTES, MAX_CONTAINER_PIDS, POOL_LABEL,
-    SANDBOX_LABEL, SandboxSpec,
+    KEPT_CAPABILITIES, MAX_CONTAINER_CPU_MILLIS, MAX_CONTAINER_MEMORY_BYTES, MAX_CONTAINER_PIDS, POOL_LABEL,
+    RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec,
 };
 pub use tier::ContainerTier;

@@ -2,16 +2,18 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use airlock_core::WORKSPACE_GUEST_PATH;
 use bollard::models::ContainerStateStatusEnum;
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 
+use crate::agent::{AgentLink, AgentLinks, agent_host_path, runs_agent};
 use crate::cgroup::ContainerCgroup;
 use crate::engine::{ContainerRuntime, DockerEngine};
 use crate::error::{Error, Result};
@@ -66,6 +68,11 @@ struct Inner {
     spec: SandboxSpec,
     cgroup: OnceLock<ContainerCgroup>,
     processes: ProcessTable,
+    /// Whether the container's main process is the agent (see `agent.rs`).
+    runs_agent: bool,
+    /// Set while this handle has the container paused: commands are refused
+    /// at once rather than left to hang on a frozen agent.
+    paused: AtomicBool,
 }
 
 impl ContainerSandbox {
@@ -80,13 +87,14 @@ impl ContainerSandbox {
             return Err(Error::NoSuchImage(spec.image.clone()));
         }
         hand_workspace_to_user(&spec)?;
+        let agent = agent_host_path()?;
         let options = CreateContainerOptionsBuilder::new().name(&container_name(&spec.sandbox_id)).build();
         let created = engine
             .docker()
-            .create_container(Some(options), spec.container_config())
+            .create_container(Some(options), spec.container_config(&agent))
             .await
             .map_err(Error::docker("create container"))?;
-        Ok(Self::from_parts(engine.clone(), created.id, spec))
+        Ok(Self::from_parts(engine.clone(), created.id, spec, true, false))
     }
 
     /// Creates and starts.
@@ -109,6 +117,8 @@ impl ContainerSandbox {
             .map_err(Error::docker("inspect container"))?;
         let config = inspected.config.unwrap_or_default();
         let host = inspected.host_config.unwrap_or_default();
+        let runs_agent = runs_agent(config.cmd.as_deref().unwrap_or_default());
+        let paused = inspected.state.as_ref().and_then(|state| state.paused).unwrap_or(false);
         let labels = config.labels.unwrap_or_default();
         let sandbox_id = labels.get(SANDBOX_LABEL).cloned().ok_or_else(|| Error::Invalid {
             what: "container",
@@ -136,8 +146,7 @@ impl ContainerSandbox {
             cpu_millis: host.nano_cpus.and_then(|n| u32::try_from(n / 1_000_000).ok()).unwrap_or(defaults.cpu_millis),
         };
         // Only Airlock's own container labels; the image's labels show up here too.
-        let extra_labels: HashMap<String, String> =
-            labels.into_iter().filter(|(key, _)| key == POOL_LABEL).collect();
+        let extra_labels: HashMap<String, String> = labels.into_iter().filter(|(key, _)| key == POOL_LABEL).collect();
         let spec = SandboxSpec {
             sandbox_id,
             image: config.image.unwrap_or_default(),
@@ -147,10 +156,17 @@ impl ContainerSandbox {
             workspace,
             labels: extra_labels,
         };
-        Ok(Self::from_parts(engine.clone(), inspected.id.unwrap_or_else(|| container_id.to_string()), spec))
+        let container_id = inspected.id.unwrap_or_else(|| container_id.to_string());
+        Ok(Self::from_parts(engine.clone(), container_id, spec, runs_agent, paused))
     }
 
-    fn from_parts(engine: DockerEngine, container_id: String, spec: SandboxSpec) -> Self {
+    fn from_parts(
+        engine: DockerEngine,
+        container_id: String,
+        spec: SandboxSpec,
+        runs_agent: bool,
+        paused: bool,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine,
@@ -158,8 +174,36 @@ impl ContainerSandbox {
                 spec,
                 cgroup: OnceLock::new(),
                 processes: ProcessTable::default(),
+                runs_agent,
+                paused: AtomicBool::new(paused),
             }),
         }
+    }
+
+    /// The link to the container's agent, attaching when there is none (after
+    /// a start); `None` for a container that does not run the agent.
+    pub(crate) async fn agent_link(&self) -> Result<Option<Arc<AgentLink>>> {
+        if !self.inner.runs_agent {
+            return Ok(None);
+        }
+        if self.inner.paused.load(Ordering::SeqCst) {
+            return Err(Error::NotRunning(self.container_id().to_string()));
+        }
+        let slot = AgentLinks::global().slot(self.container_id());
+        let mut current = slot.lock().await;
+        if let Some(link) = current.as_ref()
+            && link.is_open()
+        {
+            return Ok(Some(link.clone()));
+        }
+        // The engine lets a stream attach to a stopped container and then
+        // sends nothing: ask first.
+        if self.state().await? != ContainerState::Running {
+            return Err(Error::NotRunning(self.container_id().to_string()));
+        }
+        let link = AgentLink::connect(&self.inner.engine, self.container_id()).await?;
+        *current = Some(link.clone());
+        Ok(Some(link))
     }
 
     pub fn container_id(&self) -> &str {
@@ -199,13 +243,17 @@ impl ContainerSandbox {
         self.cgroup().cpu_usage()
     }
 
+    /// Starts the container and links to its agent, so that the first
+    /// command pays no attach.
     pub async fn start(&self) -> Result<()> {
         self.inner
             .engine
             .docker()
             .start_container(self.container_id(), None::<bollard::query_parameters::StartContainerOptions>)
             .await
-            .map_err(Error::docker("start container"))
+            .map_err(Error::docker("start container"))?;
+        self.inner.paused.store(false, Ordering::SeqCst);
+        self.agent_link().await.map(|_| ())
     }
 
     /// Stops every process (SIGTERM, then SIGKILL after [`STOP_GRACE`]). The
@@ -223,7 +271,14 @@ impl ContainerSandbox {
 
     /// Freezes every process in the container (the cgroup freezer).
     pub async fn pause(&self) -> Result<()> {
-        self.inner.engine.docker().pause_container(self.container_id()).await.map_err(Error::docker("pause container"))
+        self.inner
+            .engine
+            .docker()
+            .pause_container(self.container_id())
+            .await
+            .map_err(Error::docker("pause container"))?;
+        self.inner.paused.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     pub async fn unpause(&self) -> Result<()> {
@@ -232,7 +287,9 @@ impl ContainerSandbox {
             .docker()
             .unpause_container(self.container_id())
             .await
-            .map_err(Error::docker("unpause container"))
+            .map_err(Error::docker("unpause container"))?;
+        self.inner.paused.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Removes the container and everything written outside `/workspace`.
@@ -242,6 +299,7 @@ impl ContainerSandbox {
         if self.state().await? == ContainerState::Paused {
             let _ = self.unpause().await;
         }
+        AgentLinks::global().forget(self.container_id());
         let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
         match self.inner.engine.docker().remove_container(self.container_id(), Some(options)).await {
             Ok(()) => Ok(()),
@@ -290,7 +348,9 @@ fn hand_workspace_to_user(spec: &SandboxSpec) -> Result<()> {
         return Ok(());
     }
     let mut ids = spec.user.split(':').map(str::parse::<u32>);
-    let (Some(Ok(uid)), gid) = (ids.next(), ids.next()) else { return Ok(()) };
+    let (Some(Ok(uid)), gid) = (ids.next(), ids.next()) else {
+        return Ok(());
+    };
     let gid = match gid {
         Some(Ok(gid)) => gid,
         _ => uid,
@@ -298,7 +358,9 @@ fn hand_workspace_to_user(spec: &SandboxSpec) -> Result<()> {
     let mut pending = vec![spec.workspace.clone()];
     while let Some(path) = pending.pop() {
         let metadata = std::fs::symlink_metadata(&path).map_err(Error::io(format!("reading {}", path.display())))?;
-        if std::os::unix::fs::MetadataExt::uid(&metadata) != uid || std::os::unix::fs::MetadataExt::gid(&metadata) != gid {
+        if std::os::unix::fs::MetadataExt::uid(&metadata) != uid
+            || std::os::unix::fs::MetadataExt::gid(&metadata) != gid
+        {
             std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
                 .map_err(Error::io(format!("giving {} to the sandbox user", path.display())))?;
         }

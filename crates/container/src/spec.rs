@@ -5,12 +5,13 @@
 //! `/workspace`, and Airlock's label.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use airlock_core::WORKSPACE_GUEST_PATH;
 use airlock_core::limits::{GIB, MIB, format_size};
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 
+use crate::agent::AGENT_GUEST_PATH;
 use crate::engine::ContainerRuntime;
 use crate::error::{Error, Result};
 use crate::image::SANDBOX_UID;
@@ -174,15 +175,22 @@ impl SandboxSpec {
         Ok(())
     }
 
-    /// The engine's create request: the hardening lives here.
-    pub(crate) fn container_config(&self) -> ContainerCreateBody {
+    /// The engine's create request: the hardening lives here. `agent` is the
+    /// host file of the in-container agent, mounted read-only.
+    pub(crate) fn container_config(&self, agent: &Path) -> ContainerCreateBody {
         let mut labels = self.labels.clone();
         labels.insert(SANDBOX_LABEL.into(), self.sandbox_id.clone());
         let memory = i64::try_from(self.resources.memory_bytes).unwrap_or(i64::MAX);
         ContainerCreateBody {
             image: Some(self.image.clone()),
-            // docker-init (tini) is PID 1 and reaps orphans; this keeps the container up.
-            cmd: Some(vec!["sleep".into(), "infinity".into()]),
+            // docker-init (tini) is PID 1 and reaps orphans; the agent under it
+            // keeps the container up and runs commands sent on its stdin.
+            cmd: Some(vec![AGENT_GUEST_PATH.into()]),
+            open_stdin: Some(true),
+            stdin_once: Some(false),
+            attach_stdin: Some(false),
+            attach_stdout: Some(false),
+            attach_stderr: Some(false),
             entrypoint: Some(vec![]),
             user: Some(self.user.clone()),
             working_dir: Some(WORKSPACE_GUEST_PATH.into()),
@@ -203,7 +211,12 @@ impl SandboxSpec {
                 // Equal to memory: no swap, so the memory cap is the real cap.
                 memory_swap: Some(memory),
                 nano_cpus: Some(i64::from(self.resources.cpu_millis) * 1_000_000),
-                binds: Some(vec![format!("{}:{WORKSPACE_GUEST_PATH}:rw", self.workspace.display())]),
+                binds: Some(vec![
+                    format!("{}:{WORKSPACE_GUEST_PATH}:rw", self.workspace.display()),
+                    format!("{}:{AGENT_GUEST_PATH}:ro", agent.display()),
+                ]),
+                // Command output goes to the host over the agent's stream, never to a log file.
+                log_config: Some(HostConfigLogConfig { typ: Some("none".into()), config: None }),
                 runtime: Some(self.runtime.name().into()),
                 init: Some(true),
                 ipc_mode: Some("private".into()),
@@ -225,7 +238,7 @@ mod tests {
 
     #[test]
     fn the_create_request_is_hardened() {
-        let config = spec().container_config();
+        let config = spec().container_config(Path::new("/var/lib/airlock/agent/airlock-agent-test"));
         let host = config.host_config.unwrap();
         assert_eq!(host.network_mode.as_deref(), Some("none"));
         assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
@@ -242,7 +255,12 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(1_000_000_000));
         assert_eq!(config.user.as_deref(), Some("1000:1000"));
         assert_eq!(config.labels.unwrap().get(SANDBOX_LABEL).map(String::as_str), Some("sbx-1"));
-        assert!(host.binds.unwrap()[0].ends_with(":/workspace:rw"));
+        let binds = host.binds.unwrap();
+        assert!(binds[0].ends_with(":/workspace:rw"));
+        assert_eq!(binds[1], "/var/lib/airlock/agent/airlock-agent-test:/.airlock/agent:ro", "the agent is read-only");
+        assert_eq!(config.cmd, Some(vec![AGENT_GUEST_PATH.to_string()]));
+        assert_eq!(config.open_stdin, Some(true), "the agent takes requests on stdin");
+        assert_eq!(host.log_config.unwrap().typ.as_deref(), Some("none"), "output must not reach a log file");
         assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
     }
 

@@ -1,0 +1,273 @@
+//! The host's end of the in-container agent (`crates/agent`).
+//!
+//! Every sandbox container runs the agent as its main process, mounted
+//! read-only from a host file that this module writes from the copy embedded
+//! in the library. The host attaches to the container once and keeps that
+//! stream as the link: a command is a `Spawn` frame in and its output and exit
+//! frames back, with no engine request per command. The link survives pause;
+//! a stop ends it and the next command after a start attaches again.
+//!
+//! Replies come from inside the sandbox and are untrusted: frames are capped,
+//! a malformed one ends the link, replies for unknown runs are dropped.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+pub use airlock_agent::protocol::AGENT_GUEST_PATH;
+use airlock_agent::protocol::{FrameBuffer, Reply, Request, decode_reply, encode_request};
+use bollard::container::LogOutput;
+use bollard::query_parameters::AttachContainerOptionsBuilder;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::DockerEngine;
+use crate::error::{Error, Result};
+
+/// The agent binary, built static for this target by `build.rs`.
+static AGENT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/airlock-agent"));
+/// How long a new link waits for the agent's first answer.
+pub const AGENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The host file containers mount the agent from, written once per process.
+/// Named by the binary's hash, so containers made by another Airlock build
+/// keep theirs.
+pub(crate) fn agent_host_path() -> Result<PathBuf> {
+    static WRITTEN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    WRITTEN.get_or_init(write_agent_binary).clone().map_err(|reason| Error::Invalid { what: "agent binary", reason })
+}
+
+fn write_agent_binary() -> std::result::Result<PathBuf, String> {
+    let hash: String = Sha256::digest(AGENT_BINARY).iter().take(8).map(|byte| format!("{byte:02x}")).collect();
+    let uid = rustix::process::geteuid();
+    let dir = if uid.is_root() {
+        PathBuf::from("/var/lib/airlock/agent")
+    } else {
+        std::env::temp_dir().join(format!("airlock-agent-{}", uid.as_raw()))
+    };
+    let path = dir.join(format!("airlock-agent-{hash}"));
+    if std::fs::read(&path).is_ok_and(|existing| existing == AGENT_BINARY) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    // Written aside and renamed: a container starting meanwhile never sees half a binary.
+    let partial = dir.join(format!(".airlock-agent-{hash}.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&partial)?;
+        file.write_all(AGENT_BINARY)?;
+        file.sync_all()?;
+        std::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::rename(&partial, &path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        format!("writing {}: {e}", path.display())
+    })?;
+    Ok(path)
+}
+
+/// Whether a container's command is the agent (containers made before it
+/// existed, or adopted from elsewhere, are run through engine execs).
+pub(crate) fn runs_agent(cmd: &[String]) -> bool {
+    cmd.first().map(String::as_str) == Some(AGENT_GUEST_PATH)
+}
+
+/// The agent links of this process, by container id (unique across engines):
+/// every handle on one container shares its link, because two streams writing
+/// one agent's stdin could interleave their frames. Each container has a slot
+/// whose lock is held while its link is made, so two handles never attach twice.
+#[derive(Debug, Default)]
+pub(crate) struct AgentLinks {
+    slots: Mutex<HashMap<String, LinkSlot>>,
+}
+
+pub(crate) type LinkSlot = Arc<tokio::sync::Mutex<Option<Arc<AgentLink>>>>;
+
+impl AgentLinks {
+    pub fn global() -> &'static AgentLinks {
+        static LINKS: OnceLock<AgentLinks> = OnceLock::new();
+        LINKS.get_or_init(AgentLinks::default)
+    }
+
+    pub fn slot(&self, container_id: &str) -> LinkSlot {
+        match self.slots.lock() {
+            Ok(mut slots) => slots.entry(container_id.to_string()).or_default().clone(),
+            // A poisoned map still yields a working (if unshared) slot.
+            Err(_) => LinkSlot::default(),
+        }
+    }
+
+    /// Drops the container's link (it was removed).
+    pub fn forget(&self, container_id: &str) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.remove(container_id);
+        }
+    }
+}
+
+/// One attached stream to a container's agent, shared by every command.
+pub(crate) struct AgentLink {
+    input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
+    runs: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Reply>>>>,
+    next_run: AtomicU32,
+    closed: watch::Receiver<bool>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink").field("closed", &*self.closed.borrow()).finish_non_exhaustive()
+    }
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The replies of one command, and its place on the link.
+pub(crate) struct Run {
+    pub id: u32,
+    pub replies: mpsc::UnboundedReceiver<Reply>,
+    link: Arc<AgentLink>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(mut runs) = self.link.runs.lock() {
+            runs.remove(&self.id);
+        }
+    }
+}
+
+impl Run {
+    pub async fn send(&self, request: &Request) -> Result<()> {
+        self.link.send_to(self.id, request).await
+    }
+}
+
+impl AgentLink {
+    /// Attaches to the container's agent and waits for its first answer.
+    pub async fn connect(engine: &DockerEngine, container_id: &str) -> Result<Arc<Self>> {
+        let options = AttachContainerOptionsBuilder::new().stream(true).stdin(true).stdout(true).stderr(true).build();
+        let attached =
+            engine.docker().attach_container(container_id, Some(options)).await.map_err(|source| match source {
+                bollard::errors::Error::DockerResponseServerError { status_code: 409, .. } => {
+                    Error::NotRunning(container_id.to_string())
+                }
+                source => Error::Docker { operation: "attach to the agent", source },
+            })?;
+        let runs: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Reply>>>> = Arc::default();
+        let (closed_tx, closed) = watch::channel(false);
+        let reader = tokio::spawn(read_replies(attached.output, runs.clone(), closed_tx, container_id.to_string()));
+        let link = Arc::new(Self {
+            input: tokio::sync::Mutex::new(attached.input),
+            runs,
+            next_run: AtomicU32::new(1),
+            closed,
+            reader,
+        });
+        let mut handshake = link.open_run();
+        handshake.send(&Request::Ping).await?;
+        match tokio::time::timeout(AGENT_HANDSHAKE_TIMEOUT, handshake.replies.recv()).await {
+            Ok(Some(Reply::Pong)) => Ok(link),
+            Ok(_) => Err(Error::Agent(format!("the agent in {container_id} did not answer (it may have exited)"))),
+            Err(_) => Err(Error::Agent(format!(
+                "the agent in {container_id} did not answer within {}s",
+                AGENT_HANDSHAKE_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        !*self.closed.borrow()
+    }
+
+    /// Resolves once the link has ended (the container stopped or died).
+    pub async fn wait_closed(&self) {
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|closed| *closed).await;
+    }
+
+    /// A new run: replies for it arrive on its receiver until it is dropped
+    /// or the link ends.
+    pub fn open_run(self: &Arc<Self>) -> Run {
+        let id = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let (sender, replies) = mpsc::unbounded_channel();
+        if let Ok(mut runs) = self.runs.lock() {
+            // A closed link drops the sender here, so the run sees its end at once.
+            if self.is_open() {
+                runs.insert(id, sender);
+            }
+        }
+        Run { id, replies, link: self.clone() }
+    }
+
+    /// Sends `request` on behalf of run `run` (for tasks that outlive the borrow of a [`Run`]).
+    pub async fn send_to(&self, run: u32, request: &Request) -> Result<()> {
+        let frame = encode_request(run, request);
+        let mut input = self.input.lock().await;
+        let written = async {
+            input.write_all(&frame).await?;
+            input.flush().await
+        };
+        written.await.map_err(|e| Error::Agent(format!("sending to the agent: {e}")))
+    }
+}
+
+async fn read_replies(
+    mut output: Pin<
+        Box<dyn futures_util::Stream<Item = std::result::Result<LogOutput, bollard::errors::Error>> + Send>,
+    >,
+    runs: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Reply>>>>,
+    closed: watch::Sender<bool>,
+    container_id: String,
+) {
+    let mut frames = FrameBuffer::default();
+    'stream: while let Some(item) = output.next().await {
+        match item {
+            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                frames.push(&message);
+                loop {
+                    let decoded = match frames.next_frame() {
+                        Ok(Some(body)) => decode_reply(&body),
+                        Ok(None) => break,
+                        Err(error) => Err(error),
+                    };
+                    match decoded {
+                        Ok((run, reply)) => {
+                            let sender = runs.lock().ok().and_then(|runs| runs.get(&run).cloned());
+                            if let Some(sender) = sender {
+                                let _ = sender.send(reply);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, container = %container_id, "ending the agent link");
+                            break 'stream;
+                        }
+                    }
+                }
+            }
+            Ok(LogOutput::StdErr { message }) => {
+                tracing::debug!(container = %container_id, "agent: {}", String::from_utf8_lossy(&message).trim_end());
+            }
+            Ok(LogOutput::StdIn { .. }) => {}
+            Err(error) => {
+                tracing::debug!(%error, container = %container_id, "the agent link ended");
+                break;
+            }
+        }
+    }
+    // Under the runs lock, so that no run opens on a link that just ended.
+    if let Ok(mut runs) = runs.lock() {
+        closed.send_replace(true);
+        runs.clear();
+    }
+}

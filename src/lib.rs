@@ -23,7 +23,7 @@
 //! ```
 
 pub use airlock_core::{
-    BoxFuture, CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Error, ExecOutcome, ExecRequest, Limit, LimitExceeded, Limits, LimitsError, NameError, OutputChunk,
+    BoxFuture, CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Error, ExecOutcome, ExecRequest, Limit, LimitExceeded, Limits, LimitsError, NameError, Needs, OutputChunk,
     OutputSender, OutputStream, Result, SandboxId, SandboxName, StdinSource, Termination, Tier, TierKind,
     WORKSPACE_GUEST_PATH, Workspace, limits,
 };
@@ -33,6 +33,13 @@ pub use airlock_wasm::{EngineConfig, Guest, GuestOrigin, IsolateEngine, IsolateT
 pub mod wasm {
     pub use airlock_wasm::*;
 }
+
+/// The runtime: sandboxes by name, the router, lifecycle, persistence, metering.
+pub mod runtime {
+    pub use airlock_runtime::*;
+}
+
+pub use airlock_runtime::{CodeOutcome, Placement, RunOutcome, Runtime, RuntimeOptions, Sandbox, SandboxConfig};
 
 /// The container tier's full API.
 pub mod container {

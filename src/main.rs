@@ -14,6 +14,8 @@ use airlock::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod sandbox_cli;
+
 /// The CLI runs one thing at a time: a small pool is quicker to set up.
 const CLI_CONCURRENT_RUNS: u32 = 4;
 
@@ -50,6 +52,17 @@ enum Command {
     /// bridge and no iptables rules) and runsc where missing, then build the base image from
     /// Debian packages if its recipe changed. Needs root on Debian; a no-op when all is there.
     Setup(SetupArgs),
+    /// Create, list and destroy sandboxes by name (kept in the runtime's home).
+    #[command(subcommand)]
+    Sandbox(sandbox_cli::SandboxCommand),
+    /// Run a command in a sandbox, on the tier that can run it (created when missing).
+    Exec(sandbox_cli::ExecArgs),
+    /// Run Python or JavaScript in a sandbox: in an isolate, or in its container when the code needs it.
+    Code(sandbox_cli::CodeArgs),
+    /// Read and write a sandbox's workspace files.
+    Files(sandbox_cli::FilesArgs),
+    /// Active CPU used, and what it costs, per sandbox or for all.
+    Usage(sandbox_cli::UsageArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -150,6 +163,11 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Repl(args) => repl(args).await,
             Command::Setup(args) => setup(args).await,
+            Command::Sandbox(command) => sandbox_cli::sandbox(command).await,
+            Command::Exec(args) => sandbox_cli::exec(args).await,
+            Command::Code(args) => sandbox_cli::code(args).await,
+            Command::Files(args) => sandbox_cli::files(args).await,
+            Command::Usage(args) => sandbox_cli::usage(args).await,
         }
     });
     match result {

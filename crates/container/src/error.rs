@@ -71,6 +71,15 @@ impl Error {
         move |source| Error::Io { context, source }
     }
 
+    /// Whether the engine refused because of a conflict (such as a container
+    /// name already taken).
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            Error::Docker { source: bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }, .. }
+        )
+    }
+
     /// Whether the engine said the container or exec does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(

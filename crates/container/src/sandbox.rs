@@ -19,7 +19,7 @@ use crate::engine::{ContainerRuntime, DockerEngine};
 use crate::error::{Error, Result};
 use crate::image::image_exists;
 use crate::process::ProcessTable;
-use crate::spec::{ContainerResources, POOL_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec};
+use crate::spec::{ContainerResources, HOME_LABEL, POOL_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec};
 
 /// How long `stop` lets processes end on SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -146,7 +146,8 @@ impl ContainerSandbox {
             cpu_millis: host.nano_cpus.and_then(|n| u32::try_from(n / 1_000_000).ok()).unwrap_or(defaults.cpu_millis),
         };
         // Only Airlock's own container labels; the image's labels show up here too.
-        let extra_labels: HashMap<String, String> = labels.into_iter().filter(|(key, _)| key == POOL_LABEL).collect();
+        let extra_labels: HashMap<String, String> =
+            labels.into_iter().filter(|(key, _)| key == POOL_LABEL || key == HOME_LABEL).collect();
         let spec = SandboxSpec {
             sandbox_id,
             image: config.image.unwrap_or_default(),
@@ -372,6 +373,24 @@ fn hand_workspace_to_user(spec: &SandboxSpec) -> Result<()> {
     Ok(())
 }
 
+/// Removes a container by id (thawing it first if frozen), whatever made it:
+/// for reconciliation, which also meets containers no handle can be rebuilt for.
+pub async fn remove_container(engine: &DockerEngine, container_id: &str) -> Result<()> {
+    let docker = engine.docker();
+    if let Ok(inspected) = docker.inspect_container(container_id, None::<InspectContainerOptions>).await
+        && inspected.state.and_then(|state| state.paused) == Some(true)
+    {
+        let _ = docker.unpause_container(container_id).await;
+    }
+    AgentLinks::global().forget(container_id);
+    let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+    match docker.remove_container(container_id, Some(options)).await {
+        Ok(()) => Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+        Err(source) => Err(Error::Docker { operation: "remove container", source }),
+    }
+}
+
 /// The engine-level name of a sandbox's container.
 pub fn container_name(sandbox_id: &str) -> String {
     format!("airlock-{sandbox_id}")
@@ -386,6 +405,8 @@ pub struct LabelledContainer {
     pub image: String,
     /// Set on containers a warm pool holds.
     pub pool: Option<String>,
+    /// Every label the container carries (a runtime finds its own by them).
+    pub labels: HashMap<String, String>,
 }
 
 /// Every container carrying Airlock's label, running or not, so that a runtime
@@ -412,6 +433,7 @@ pub async fn list_labelled(engine: &DockerEngine) -> Result<Vec<LabelledContaine
                 },
                 image: summary.image.unwrap_or_default(),
                 pool: labels.get(POOL_LABEL).cloned(),
+                labels,
             })
         })
         .collect())

@@ -20,6 +20,9 @@ use crate::image::SANDBOX_UID;
 pub const SANDBOX_LABEL: &str = "airlock.sandbox";
 /// Label on containers a warm pool made; its value is the pool's key.
 pub const POOL_LABEL: &str = "airlock.pool";
+/// Label naming the Airlock home (runtime) a container belongs to, so that one
+/// runtime's reconciliation never touches another's containers on a shared engine.
+pub const HOME_LABEL: &str = "airlock.home";
 
 /// Capabilities kept; everything else is dropped. Commands run as the
 /// unprivileged sandbox user, for whom these are inert; they matter only to

@@ -10,6 +10,7 @@ mod eval;
 mod exec;
 pub mod limits;
 mod names;
+mod needs;
 mod tier;
 mod workspace;
 
@@ -18,5 +19,6 @@ pub use eval::{CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, 
 pub use exec::{ExecOutcome, ExecRequest, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
 pub use limits::{Limit, LimitExceeded, Limits, LimitsError};
 pub use names::{MAX_NAME_LEN, NameError, SandboxId, SandboxName};
+pub use needs::Needs;
 pub use tier::{BoxFuture, Tier, TierKind};
 pub use workspace::{WORKSPACE_GUEST_PATH, Workspace};

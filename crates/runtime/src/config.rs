@@ -1,0 +1,106 @@
+//! What a sandbox is made of, chosen when it is created and kept in the registry.
+
+use std::time::Duration;
+
+use airlock_container::{ContainerResources, ContainerRuntime};
+use airlock_core::Limits;
+use serde::{Deserialize, Serialize};
+
+/// How long a sandbox may sit unused before it sleeps (containers stopped,
+/// isolate contexts dropped), unless it is kept alive.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Shortest idle timeout a sandbox may ask for: sleeping and waking cost a
+/// container stop and start.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Which tier a sandbox's work may run on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierPreference {
+    /// Isolates first, the container when the task needs it (the router decides).
+    #[default]
+    Auto,
+    /// Isolates only: a task that needs a container is refused.
+    Isolate,
+    /// Everything in the container.
+    Container,
+}
+
+/// Where a sandbox may connect. Deny-all is the only policy today; the egress
+/// work narrows it per host without changing where it lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkPolicy {
+    #[default]
+    DenyAll,
+}
+
+/// A sandbox's policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub network: NetworkPolicy,
+}
+
+/// Everything a sandbox is configured with. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Limits of each run that does not bring its own (code evaluations always use these).
+    pub limits: Limits,
+    /// The container's memory, pids and CPU.
+    pub resources: ContainerResources,
+    /// A local image; `None` is Airlock's base image.
+    pub image: Option<String>,
+    pub container_runtime: ContainerRuntime,
+    pub tier: TierPreference,
+    #[serde(with = "seconds")]
+    pub idle_timeout: Duration,
+    /// Never sleep.
+    pub keep_alive: bool,
+    pub policy: Policy,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            resources: ContainerResources::default(),
+            image: None,
+            container_runtime: ContainerRuntime::default(),
+            tier: TierPreference::default(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keep_alive: false,
+            policy: Policy::default(),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// Checks every value against its range; the error names the limit.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.limits.validate().map_err(airlock_core::Error::from)?;
+        self.resources.validate()?;
+        if self.idle_timeout < MIN_IDLE_TIMEOUT {
+            return Err(crate::Error::Invalid {
+                what: "idle timeout",
+                reason: format!("{:?} is under the minimum {MIN_IDLE_TIMEOUT:?}", self.idle_timeout),
+            });
+        }
+        Ok(())
+    }
+}
+
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(value.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let seconds = f64::deserialize(deserializer)?;
+        Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,50 @@
+//! The runtime's typed errors.
+
+use std::path::PathBuf;
+
+use airlock_core::{NameError, TierKind};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why the runtime could not do what was asked. Code or a command that ran and
+/// failed is not an error: it is an outcome.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid sandbox name: {0}")]
+    InvalidName(#[from] NameError),
+    #[error("no sandbox named {0}")]
+    NoSuchSandbox(String),
+    /// The registry (SQLite) failed.
+    #[error("registry {path}: {reason}")]
+    Store { path: PathBuf, reason: String },
+    /// The isolate tier failed (or a core-level check).
+    #[error(transparent)]
+    Core(#[from] airlock_core::Error),
+    /// The container tier failed.
+    #[error(transparent)]
+    Container(#[from] airlock_container::Error),
+    /// The request needs a tier the sandbox's preference rules out.
+    #[error("{what} needs the {needed} tier, and this sandbox is limited to the {allowed} tier")]
+    TierNotAllowed { what: String, needed: TierKind, allowed: TierKind },
+    /// A path given to a file operation leaves the workspace or is malformed.
+    #[error("path {path:?}: {reason}")]
+    Path { path: String, reason: String },
+    /// A file operation failed on the host.
+    #[error("{operation} {path:?}: {source}")]
+    File {
+        operation: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A value is out of range; the message names the limit.
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+}
+
+impl Error {
+    pub(crate) fn store(path: &std::path::Path) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+        move |error| Error::Store { path: path.to_path_buf(), reason: error.to_string() }
+    }
+}

@@ -1,0 +1,42 @@
+//! Airlock's runtime: the product as an embedded library.
+//!
+//! One [`Runtime`] per host application. Sandboxes are addressed by name,
+//! created on first use with a stable id, kept in embedded SQLite, and run
+//! each request on the cheapest tier that can do it: WebAssembly isolates
+//! first, the sandbox's container when the request needs a full Linux or an
+//! isolate answers needs-escalation. Idle sandboxes sleep (containers
+//! stopped, contexts dropped) and wake on the next request; every execution's
+//! active CPU is metered.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), airlock_runtime::Error> {
+//! use airlock_core::{ExecRequest, Language};
+//! use airlock_runtime::{Runtime, RuntimeOptions};
+//!
+//! let runtime = Runtime::open(RuntimeOptions::new("/var/lib/airlock-demo")).await?;
+//! let sandbox = runtime.sandbox("demo").await?;
+//! let answer = sandbox.code(Language::Python, "print(6 * 7)").await?;
+//! assert_eq!(answer.outcome.stdout_text(), "42\n"); // in an isolate
+//! let log = sandbox.exec(ExecRequest::new("git").args(["--version"])).await?;
+//! println!("{} ({})", log.outcome.stdout_text(), log.placement.reason); // in the container
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod error;
+pub mod files;
+mod router;
+mod runtime;
+mod sandbox;
+mod store;
+
+pub use config::{DEFAULT_IDLE_TIMEOUT, MIN_IDLE_TIMEOUT, NetworkPolicy, Policy, SandboxConfig, TierPreference};
+pub use error::{Error, Result};
+pub use files::{FileEntry, FileKind, MAX_FILE_BYTES, MAX_LIST_ENTRIES};
+pub use router::{Route, route};
+pub use runtime::{
+    DATABASE_FILE, DEFAULT_PRICE_PER_VCPU_SECOND, IDLE_SWEEP_INTERVAL, Runtime, RuntimeOptions, SandboxInfo, Usage,
+    UsageQuery, default_home,
+};
+pub use sandbox::{CodeOutcome, Placement, RunOutcome, Sandbox};
+pub use store::{ExecutionKind, SandboxState, UsageTotals};

@@ -1,0 +1,608 @@
+//! One sandbox: its operations, whichever tier runs them, and its lifecycle.
+//!
+//! Every operation holds the sandbox's lifecycle lock shared; sleeping holds it
+//! alone, so a sandbox never sleeps under a running operation. An operation on
+//! a sleeping sandbox wakes it: its container is started again on the first
+//! request that needs it, with its filesystem as it was.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use airlock_container::{
+    ContainerSandbox, ContainerState, HOME_LABEL, ProcessFollower, ProcessInfo, PtySession, PtySize, SANDBOX_UID,
+    SandboxSpec, Signal, container_name,
+};
+use airlock_core::{
+    CodeError, EscalationReason, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, Limits, Needs, SandboxId,
+    SandboxName, Termination, TierKind, Workspace,
+};
+use airlock_wasm::interpreter::ContextInfo;
+use serde::Serialize;
+
+use crate::config::{SandboxConfig, TierPreference};
+use crate::error::{Error, Result};
+use crate::files::{self, FileEntry};
+use crate::router::{Route, route};
+use crate::runtime::{Runtime, SandboxInfo, lock};
+use crate::store::{ExecutionKind, ExecutionRecord, SandboxRecord, SandboxState};
+
+/// What ran a request, where, and why there.
+#[derive(Debug, Clone, Serialize)]
+pub struct Placement {
+    pub tier: TierKind,
+    pub reason: String,
+    /// Set when an isolate answered needs-escalation and the request ran again
+    /// in the container.
+    pub escalated: Option<EscalationReason>,
+}
+
+/// The outcome of a command, and where it ran.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub outcome: ExecOutcome,
+    pub placement: Placement,
+}
+
+/// The outcome of code, and where it ran. Code that ran in the container is
+/// reported as an evaluation too: its exit status becomes the result.
+#[derive(Debug, Clone)]
+pub struct CodeOutcome {
+    pub outcome: EvalOutcome,
+    pub placement: Placement,
+}
+
+#[derive(Debug)]
+pub(crate) struct SandboxInner {
+    pub id: SandboxId,
+    pub name: SandboxName,
+    pub config: SandboxConfig,
+    workspace: Workspace,
+    record: Mutex<SandboxRecord>,
+    container: tokio::sync::Mutex<Option<ContainerSandbox>>,
+    /// Set when the container was stopped by sleep; the next use starts it.
+    container_stopped: AtomicBool,
+    contexts: Mutex<HashSet<String>>,
+    lifecycle: tokio::sync::RwLock<()>,
+    in_flight: AtomicUsize,
+    last_active: Mutex<Instant>,
+}
+
+impl SandboxInner {
+    pub fn new(record: SandboxRecord, workspace_dir: &Path) -> Result<Self> {
+        let workspace = Workspace::create(workspace_dir)?;
+        Ok(Self {
+            id: record.id,
+            name: record.name.clone(),
+            config: record.config.clone(),
+            workspace,
+            container_stopped: AtomicBool::new(record.state == SandboxState::Sleeping),
+            record: Mutex::new(record),
+            container: tokio::sync::Mutex::new(None),
+            contexts: Mutex::default(),
+            lifecycle: tokio::sync::RwLock::new(()),
+            in_flight: AtomicUsize::new(0),
+            last_active: Mutex::new(Instant::now()),
+        })
+    }
+
+    pub fn container_id(&self) -> Option<String> {
+        lock(&self.record).container_id.clone()
+    }
+
+    pub fn set_container_id(&self, container_id: Option<String>) {
+        lock(&self.record).container_id = container_id;
+    }
+
+    fn state(&self) -> SandboxState {
+        lock(&self.record).state
+    }
+
+    /// Idle past its timeout, awake, not kept alive, nothing running.
+    pub fn should_sleep(&self) -> bool {
+        !self.config.keep_alive
+            && self.state() == SandboxState::Active
+            && self.in_flight.load(Ordering::SeqCst) == 0
+            && lock(&self.last_active).elapsed() >= self.config.idle_timeout
+    }
+}
+
+/// Marks a sandbox busy for as long as it lives.
+struct Active<'a> {
+    inner: &'a SandboxInner,
+    _shared: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        *lock(&self.inner.last_active) = Instant::now();
+        self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A sandbox by name. Cheap to clone; every handle on one sandbox shares its
+/// container, contexts and locks.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub(crate) runtime: Runtime,
+    pub(crate) inner: Arc<SandboxInner>,
+}
+
+impl Sandbox {
+    pub fn id(&self) -> SandboxId {
+        self.inner.id
+    }
+
+    pub fn name(&self) -> &SandboxName {
+        &self.inner.name
+    }
+
+    pub fn config(&self) -> &SandboxConfig {
+        &self.inner.config
+    }
+
+    /// The workspace directory on the host.
+    pub fn workspace(&self) -> &Workspace {
+        &self.inner.workspace
+    }
+
+    pub fn info(&self) -> SandboxInfo {
+        SandboxInfo::from(&*lock(&self.inner.record))
+    }
+
+    /// Starts an operation: waits out a sleep in progress, wakes the sandbox.
+    async fn begin(&self) -> Result<Active<'_>> {
+        let shared = self.inner.lifecycle.read().await;
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        let active = Active { inner: &self.inner, _shared: shared };
+        if self.inner.state() == SandboxState::Sleeping {
+            self.runtime.inner.store.set_state(self.inner.id, SandboxState::Active)?;
+            lock(&self.inner.record).state = SandboxState::Active;
+        }
+        Ok(active)
+    }
+
+    fn record(
+        &self,
+        kind: ExecutionKind,
+        tier: TierKind,
+        started_at: SystemTime,
+        wall: std::time::Duration,
+        cpu: std::time::Duration,
+    ) -> Result<()> {
+        self.runtime.inner.store.record_execution(&ExecutionRecord {
+            sandbox_id: self.inner.id,
+            started_at,
+            kind,
+            tier,
+            wall_time: wall,
+            cpu_time: cpu,
+        })
+    }
+
+    /// Remembers (once) that the sandbox moved to the container tier, and why.
+    fn note_escalation(&self, reason: &str) -> Result<()> {
+        if lock(&self.inner.record).escalated.is_some() {
+            return Ok(());
+        }
+        self.runtime.inner.store.set_escalated(self.inner.id, reason)?;
+        lock(&self.inner.record).escalated = Some(reason.to_string());
+        Ok(())
+    }
+
+    fn with_default_limits(&self, mut request: ExecRequest) -> ExecRequest {
+        if request.limits == Limits::default() {
+            request.limits = self.inner.config.limits;
+        }
+        request
+    }
+
+    /// Runs a command on the tier the router picks: a WebAssembly guest in the
+    /// workspace (`tool.wasm`, `/workspace/tool.wasm`) in an isolate, anything
+    /// else in the sandbox's container.
+    pub async fn exec(&self, request: ExecRequest) -> Result<RunOutcome> {
+        let _active = self.begin().await?;
+        let request = self.with_default_limits(request);
+        let Route { tier, reason } = route(&Needs::of_exec(&request), self.inner.config.tier)?;
+        let started_at = SystemTime::now();
+        let outcome = match tier {
+            TierKind::Container => {
+                let container = self.container().await?;
+                self.note_escalation(reason)?;
+                container.exec(request).await?
+            }
+            _ => {
+                let host_path = files::resolve(self.inner.workspace.host_path(), &request.program, true)?;
+                let engine = self.runtime.inner.isolates.clone();
+                let guest = tokio::task::spawn_blocking(move || engine.load_file(host_path))
+                    .await
+                    .map_err(|e| airlock_core::Error::Engine(format!("loading the guest stopped: {e}")))??;
+                self.runtime.inner.isolates.run(&guest, &self.inner.workspace, &request).await?
+            }
+        };
+        self.record(ExecutionKind::Exec, outcome.tier, started_at, outcome.wall_time, outcome.cpu_time)?;
+        Ok(RunOutcome { outcome, placement: Placement { tier, reason: reason.to_string(), escalated: None } })
+    }
+
+    /// Runs a command in the container as another user of its image (such as
+    /// `root`, to install packages); the container's capabilities still apply.
+    pub async fn exec_as(&self, user: &str, request: ExecRequest) -> Result<RunOutcome> {
+        self.require_container_tier("a command as another user")?;
+        let _active = self.begin().await?;
+        let request = self.with_default_limits(request);
+        let started_at = SystemTime::now();
+        let container = self.container().await?;
+        let reason = "a command as another user needs a full Linux";
+        self.note_escalation(reason)?;
+        let outcome = container.exec_as(user, request).await?;
+        self.record(ExecutionKind::Exec, TierKind::Container, started_at, outcome.wall_time, outcome.cpu_time)?;
+        Ok(RunOutcome {
+            outcome,
+            placement: Placement { tier: TierKind::Container, reason: reason.into(), escalated: None },
+        })
+    }
+
+    /// Evaluates code once in a fresh context (isolates first). Code the
+    /// interpreter answers needs-escalation for runs again in the container
+    /// (`python3 -c`, `node -e`) with the same workspace.
+    pub async fn code(&self, language: Language, code: &str) -> Result<CodeOutcome> {
+        self.evaluate(language, code, None).await
+    }
+
+    /// Evaluates code in a context made by [`create_context`](Self::create_context);
+    /// state is kept between calls. Escalation runs that one snippet in the
+    /// container (the context's state does not travel).
+    pub async fn code_in(&self, context: &str, code: &str) -> Result<CodeOutcome> {
+        let language = self
+            .runtime
+            .inner
+            .interpreters
+            .list()
+            .into_iter()
+            .find(|info| info.id == context)
+            .map(|info| info.language);
+        let owned = lock(&self.inner.contexts).contains(context);
+        match (owned, language) {
+            (true, Some(language)) => self.evaluate(language, code, Some(context)).await,
+            _ => Err(airlock_core::Error::NoSuchContext(context.to_string()).into()),
+        }
+    }
+
+    async fn evaluate(&self, language: Language, code: &str, context: Option<&str>) -> Result<CodeOutcome> {
+        let _active = self.begin().await?;
+        let route = route(&Needs::of_code(language), self.inner.config.tier)?;
+        let started_at = SystemTime::now();
+        if route.tier == TierKind::Container {
+            let outcome = self.code_in_container(language, code).await?;
+            self.record(ExecutionKind::Code, TierKind::Container, started_at, outcome.wall_time, outcome.cpu_time)?;
+            let placement = Placement { tier: TierKind::Container, reason: route.reason.into(), escalated: None };
+            return Ok(CodeOutcome { outcome, placement });
+        }
+        let interpreters = &self.runtime.inner.interpreters;
+        let outcome = match context {
+            Some(id) => interpreters.eval(id, code).await?,
+            None => interpreters.run(language, self.inner.workspace.clone(), code, self.inner.config.limits).await?,
+        };
+        self.record(ExecutionKind::Code, TierKind::Isolate, started_at, outcome.wall_time, outcome.cpu_time)?;
+        let EvalResult::NeedsEscalation { reason } = &outcome.result else {
+            return Ok(CodeOutcome {
+                outcome,
+                placement: Placement { tier: TierKind::Isolate, reason: route.reason.into(), escalated: None },
+            });
+        };
+        if self.inner.config.tier == TierPreference::Isolate {
+            // Pinned to isolates: the answer stands, for the caller to see.
+            return Ok(CodeOutcome {
+                outcome,
+                placement: Placement { tier: TierKind::Isolate, reason: route.reason.into(), escalated: None },
+            });
+        }
+        let reason = reason.clone();
+        let started_at = SystemTime::now();
+        let escalated = self.code_in_container(language, code).await?;
+        self.note_escalation(&format!("the {language} interpreter answered needs-escalation: {reason}"))?;
+        self.record(ExecutionKind::Code, TierKind::Container, started_at, escalated.wall_time, escalated.cpu_time)?;
+        let placement = Placement {
+            tier: TierKind::Container,
+            reason: format!("the isolate answered needs-escalation ({reason})"),
+            escalated: Some(reason),
+        };
+        Ok(CodeOutcome { outcome: escalated, placement })
+    }
+
+    async fn code_in_container(&self, language: Language, code: &str) -> Result<EvalOutcome> {
+        let request = match language {
+            Language::Python => ExecRequest::new("python3").args(["-c", code]),
+            Language::JavaScript => ExecRequest::new("node").args(["-e", code]),
+        }
+        .limits(self.inner.config.limits);
+        let container = self.container().await?;
+        let outcome = container.exec(request).await?;
+        Ok(eval_outcome_of(outcome))
+    }
+
+    /// Makes an interpreter context in this sandbox; its id is for [`code_in`](Self::code_in).
+    pub async fn create_context(&self, language: Language) -> Result<String> {
+        let _active = self.begin().await?;
+        let id = self
+            .runtime
+            .inner
+            .interpreters
+            .create_context(language, self.inner.workspace.clone(), self.inner.config.limits)
+            .await?;
+        lock(&self.inner.contexts).insert(id.clone());
+        Ok(id)
+    }
+
+    /// This sandbox's contexts.
+    pub fn contexts(&self) -> Vec<ContextInfo> {
+        let ours = lock(&self.inner.contexts).clone();
+        self.runtime.inner.interpreters.list().into_iter().filter(|info| ours.contains(&info.id)).collect()
+    }
+
+    pub fn delete_context(&self, id: &str) -> Result<()> {
+        if !lock(&self.inner.contexts).remove(id) {
+            return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
+        }
+        self.runtime.inner.interpreters.delete(id)?;
+        Ok(())
+    }
+
+    // Files, from the host, for both tiers.
+
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let _active = self.begin().await?;
+        files::read(self.inner.workspace.host_path(), path)
+    }
+
+    /// Writes a file (making missing directories); the sandbox's user owns it.
+    pub async fn write_file(&self, path: &str, bytes: &[u8]) -> Result<()> {
+        let _active = self.begin().await?;
+        let written = files::write(self.inner.workspace.host_path(), path, bytes)?;
+        self.hand_to_sandbox_user(&written);
+        Ok(())
+    }
+
+    pub async fn list_files(&self, path: &str) -> Result<Vec<FileEntry>> {
+        let _active = self.begin().await?;
+        files::list(self.inner.workspace.host_path(), path)
+    }
+
+    pub async fn mkdir(&self, path: &str) -> Result<()> {
+        let _active = self.begin().await?;
+        let made = files::mkdir(self.inner.workspace.host_path(), path)?;
+        self.hand_to_sandbox_user(&made);
+        Ok(())
+    }
+
+    pub async fn remove_file(&self, path: &str) -> Result<()> {
+        let _active = self.begin().await?;
+        files::remove(self.inner.workspace.host_path(), path)
+    }
+
+    pub async fn rename_file(&self, from: &str, to: &str) -> Result<()> {
+        let _active = self.begin().await?;
+        let moved = files::rename(self.inner.workspace.host_path(), from, to)?;
+        self.hand_to_sandbox_user(&moved);
+        Ok(())
+    }
+
+    /// As root, files the host makes go to the container's user, from `path`
+    /// up to the workspace (links themselves, never followed), so commands in
+    /// the container can change them.
+    fn hand_to_sandbox_user(&self, path: &Path) {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let root = self.inner.workspace.host_path();
+        for ancestor in path.ancestors().take_while(|p| p.starts_with(root) && *p != root) {
+            let _ = std::os::unix::fs::lchown(ancestor, Some(SANDBOX_UID), Some(SANDBOX_UID));
+        }
+    }
+
+    // Background processes and terminals: the container's.
+
+    fn require_container_tier(&self, what: &str) -> Result<()> {
+        match route(&Needs::of_process(), self.inner.config.tier) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::TierNotAllowed {
+                what: what.into(),
+                needed: TierKind::Container,
+                allowed: TierKind::Isolate,
+            }),
+        }
+    }
+
+    /// Starts a background process in the container; returns its id.
+    pub async fn start_process(&self, request: ExecRequest) -> Result<String> {
+        self.require_container_tier("a background process")?;
+        let _active = self.begin().await?;
+        let container = self.container().await?;
+        self.note_escalation("a process that outlives the request needs a full Linux")?;
+        Ok(container.start_process(request).await?)
+    }
+
+    pub async fn list_processes(&self) -> Result<Vec<ProcessInfo>> {
+        Ok(self.existing_container().await.map(|c| c.list_processes()).unwrap_or_default())
+    }
+
+    pub async fn follow_process(&self, id: &str) -> Result<ProcessFollower> {
+        let container =
+            self.existing_container().await.ok_or_else(|| airlock_container::Error::NoSuchProcess(id.into()))?;
+        Ok(container.follow_process(id)?)
+    }
+
+    pub async fn signal_process(&self, id: &str, signal: Signal) -> Result<()> {
+        let container =
+            self.existing_container().await.ok_or_else(|| airlock_container::Error::NoSuchProcess(id.into()))?;
+        Ok(container.signal_process(id, signal).await?)
+    }
+
+    pub async fn wait_process(&self, id: &str) -> Result<Option<i32>> {
+        let container =
+            self.existing_container().await.ok_or_else(|| airlock_container::Error::NoSuchProcess(id.into()))?;
+        Ok(container.wait_process(id).await?)
+    }
+
+    /// Opens a terminal session in the container.
+    pub async fn open_pty(&self, request: ExecRequest, size: PtySize) -> Result<PtySession> {
+        self.require_container_tier("a terminal")?;
+        let _active = self.begin().await?;
+        let container = self.container().await?;
+        Ok(container.open_pty(request, size).await?)
+    }
+
+    async fn existing_container(&self) -> Option<ContainerSandbox> {
+        self.inner.container.lock().await.clone()
+    }
+
+    /// The sandbox's container, running: adopted from the engine when the
+    /// registry knows it, started when asleep, created when there is none.
+    /// One at a time per sandbox, so there is never a second container.
+    pub async fn container(&self) -> Result<ContainerSandbox> {
+        let mut slot = self.inner.container.lock().await;
+        if let Some(container) = slot.as_ref() {
+            if self.inner.container_stopped.swap(false, Ordering::SeqCst) {
+                container.start().await?;
+            }
+            return Ok(container.clone());
+        }
+        let containers = self.runtime.containers().await?;
+        let engine = &containers.engine;
+        let known = match self.inner.container_id() {
+            Some(id) => adopt_running(engine, &id).await?,
+            None => None,
+        };
+        let container = match known {
+            Some(container) => container,
+            None => {
+                let image = self.inner.config.image.clone().unwrap_or_else(|| containers.base_image.clone());
+                let mut spec = SandboxSpec::new(self.inner.id.to_string(), image, self.inner.workspace.host_path())
+                    .runtime(self.inner.config.container_runtime)
+                    .resources(self.inner.config.resources);
+                spec.labels.insert(HOME_LABEL.into(), self.runtime.inner.home_label.clone());
+                match ContainerSandbox::create_started(engine, spec).await {
+                    Ok(container) => container,
+                    // The engine has one by this sandbox's name (made before a
+                    // crash, never recorded): that one is ours.
+                    Err(conflict) if conflict.is_conflict() => {
+                        tracing::debug!(error = %conflict, "adopting the sandbox's existing container");
+                        adopt_running(engine, &container_name(&self.inner.id.to_string())).await?.ok_or_else(|| {
+                            airlock_container::Error::NotRunning(container_name(&self.inner.id.to_string()))
+                        })?
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        };
+        self.runtime.inner.store.set_container(self.inner.id, Some(container.container_id()))?;
+        self.inner.set_container_id(Some(container.container_id().to_string()));
+        self.inner.container_stopped.store(false, Ordering::SeqCst);
+        *slot = Some(container.clone());
+        Ok(container)
+    }
+
+    /// Puts the sandbox to sleep now: its container stopped (filesystem kept),
+    /// its contexts dropped. Waits for running operations to end.
+    pub async fn sleep(&self) -> Result<()> {
+        let _alone = self.inner.lifecycle.write().await;
+        if self.inner.state() == SandboxState::Sleeping {
+            return Ok(());
+        }
+        if let Some(container) = self.inner.container.lock().await.as_ref() {
+            container.stop().await?;
+            self.inner.container_stopped.store(true, Ordering::SeqCst);
+        }
+        let contexts: Vec<String> = lock(&self.inner.contexts).drain().collect();
+        for id in contexts {
+            let _ = self.runtime.inner.interpreters.delete(&id);
+        }
+        self.runtime.inner.store.set_state(self.inner.id, SandboxState::Sleeping)?;
+        lock(&self.inner.record).state = SandboxState::Sleeping;
+        Ok(())
+    }
+
+    /// Wakes the sandbox now (any operation does this too), starting its container if it has one.
+    pub async fn wake(&self) -> Result<()> {
+        let _active = self.begin().await?;
+        if self.inner.container_id().is_some() {
+            self.container().await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn destroy(&self) -> Result<()> {
+        let _alone = self.inner.lifecycle.write().await;
+        let container = self.inner.container.lock().await.take();
+        match container {
+            Some(container) => container.remove().await?,
+            None => {
+                if let Some(id) = self.inner.container_id() {
+                    let containers = self.runtime.containers().await?;
+                    if let Ok(container) = ContainerSandbox::adopt(&containers.engine, &id).await {
+                        container.remove().await?;
+                    }
+                }
+            }
+        }
+        let contexts: Vec<String> = lock(&self.inner.contexts).drain().collect();
+        for id in contexts {
+            let _ = self.runtime.inner.interpreters.delete(&id);
+        }
+        self.runtime.inner.store.delete(self.inner.id)?;
+        self.runtime.forget(self.inner.id);
+        let dir = self.runtime.sandbox_dir(self.inner.id);
+        std::fs::remove_dir_all(&dir).map_err(|source| Error::File {
+            operation: "remove workspace",
+            path: dir.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// The container `id` (or name), running; `None` when the engine no longer has it.
+async fn adopt_running(engine: &airlock_container::DockerEngine, id: &str) -> Result<Option<ContainerSandbox>> {
+    let container = match ContainerSandbox::adopt(engine, id).await {
+        Ok(container) => container,
+        Err(error) if error.is_not_found() => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    match container.state().await? {
+        ContainerState::Running => {}
+        ContainerState::Paused => container.unpause().await?,
+        ContainerState::Gone | ContainerState::Removing | ContainerState::Dead => return Ok(None),
+        _ => container.start().await?,
+    }
+    Ok(Some(container))
+}
+
+/// A command's outcome read as an evaluation: exit 0 is success (no value),
+/// another code a runtime error carrying what the program said on stderr.
+fn eval_outcome_of(outcome: ExecOutcome) -> EvalOutcome {
+    let stderr = String::from_utf8_lossy(&outcome.stderr).into_owned();
+    let result = match &outcome.termination {
+        Termination::Exited { code: 0 } => EvalResult::Ok { value: None },
+        Termination::Exited { code } => {
+            let last_line = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or_default();
+            let (kind, message) = match last_line.split_once(": ") {
+                Some((kind, message)) if !kind.contains(' ') => (kind.to_string(), message.to_string()),
+                _ => (format!("exit status {code}"), last_line.to_string()),
+            };
+            EvalResult::RuntimeError(CodeError { kind, message, traceback: stderr.clone(), line: None })
+        }
+        Termination::LimitExceeded(limit) => EvalResult::LimitExceeded(*limit),
+        Termination::Crashed { message } => EvalResult::Crashed { message: message.clone() },
+        other => EvalResult::Crashed { message: format!("{other:?}") },
+    };
+    EvalOutcome {
+        result,
+        stdout: outcome.stdout,
+        stderr: outcome.stderr,
+        stdout_truncated: outcome.stdout_truncated,
+        stderr_truncated: outcome.stderr_truncated,
+        wall_time: outcome.wall_time,
+        cpu_time: outcome.cpu_time,
+    }
+}

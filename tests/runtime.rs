@@ -1,0 +1,336 @@
+//! The runtime against the real isolate tier and the real Docker engine:
+//! routing and escalation, lifecycle, persistence across a kill -9,
+//! metering, files across tiers, and one container per sandbox.
+//!
+//! Needs the guests built and the engine set up (`scripts/test.sh` does both);
+//! a missing engine fails these tests, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use airlock::runtime::{Error, Runtime, RuntimeOptions, SandboxConfig, SandboxState, TierPreference, UsageQuery};
+use airlock::{EscalationReason, EvalResult, ExecRequest, Language, Limits, Termination, TierKind};
+
+/// A runtime in a fresh home, sharing the test binaries' guest cache.
+async fn runtime_in(home: &Path) -> Runtime {
+    let mut options = RuntimeOptions::new(home);
+    options.isolates.cache_dir = Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache"));
+    Runtime::open(options).await.expect("opening the runtime")
+}
+
+fn bash(script: &str) -> ExecRequest {
+    ExecRequest::new("bash").args(["-c", script])
+}
+
+/// Containers the engine has for one sandbox, running or not.
+fn containers_of(sandbox_id: &str) -> usize {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=airlock.sandbox={sandbox_id}")])
+        .output()
+        .expect("running docker ps");
+    assert!(out.status.success(), "docker ps: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn container_status(container_id: &str) -> String {
+    let out = Command::new("docker").args(["inspect", "--format", "{{.State.Status}}", container_id]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Removes a sandbox's containers however the test ends.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for sandbox in &self.0 {
+            let out = Command::new("docker")
+                .args(["ps", "-aq", "--filter", &format!("label=airlock.sandbox={sandbox}")])
+                .output();
+            if let Ok(out) = out {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_that_spawns_a_subprocess_escalates_and_succeeds_in_the_container() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("escalating").await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    // What an isolate can do stays there.
+    let plain = sandbox.code(Language::Python, "print(6 * 7)").await.unwrap();
+    assert_eq!(plain.placement.tier, TierKind::Isolate);
+    assert_eq!(plain.outcome.stdout_text(), "42\n");
+    assert_eq!(sandbox.info().escalated, None);
+    assert_eq!(containers_of(&sandbox.id().to_string()), 0, "no container for isolate work");
+
+    let code =
+        "import subprocess\nprint(subprocess.run(['uname', '-s'], capture_output=True, text=True).stdout.strip())";
+    let ran = sandbox.code(Language::Python, code).await.unwrap();
+    assert_eq!(ran.placement.tier, TierKind::Container);
+    assert_eq!(ran.placement.escalated, Some(EscalationReason::Subprocess));
+    assert!(ran.outcome.is_ok(), "{:?} {}", ran.outcome.result, ran.outcome.stderr_text());
+    assert_eq!(ran.outcome.stdout_text(), "Linux\n");
+    // JavaScript that the isolate cannot run escalates the same way; errors keep their kind.
+    let failing = sandbox.code(Language::Python, "import subprocess\nraise ValueError('bad')").await.unwrap();
+    match &failing.outcome.result {
+        EvalResult::RuntimeError(error) => {
+            assert_eq!((error.kind.as_str(), error.message.as_str()), ("ValueError", "bad"))
+        }
+        other => panic!("expected a runtime error, got {other:?}"),
+    }
+
+    // The sandbox remembers, across a reopen.
+    let reason = sandbox.info().escalated.expect("the escalation is remembered");
+    assert!(reason.contains("subprocess"), "{reason}");
+    drop(sandbox);
+    drop(runtime);
+    let runtime = runtime_in(home.path()).await;
+    let again = runtime.get("escalating").unwrap().unwrap();
+    assert_eq!(again.info().escalated, Some(reason));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_goes_straight_to_the_container_and_isolates_take_guests() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("repo").await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    let setup = "git init -q . && git -c user.email=a@b -c user.name=A commit -q --allow-empty -m first";
+    assert!(sandbox.exec(bash(setup)).await.unwrap().outcome.success());
+    let log = sandbox.exec(ExecRequest::new("git").args(["log", "--format=%s"])).await.unwrap();
+    assert_eq!(log.placement.tier, TierKind::Container);
+    assert_eq!(log.placement.reason, "git needs a full Linux");
+    assert_eq!(log.outcome.stdout_text(), "first\n");
+
+    // A WebAssembly guest in the workspace runs in an isolate, with the same files.
+    let guest = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/out/hello.wasm")).unwrap();
+    sandbox.write_file("bin/hello.wasm", &guest).await.unwrap();
+    let hello =
+        sandbox.exec(ExecRequest::new("/workspace/bin/hello.wasm").args(["from", "the", "router"])).await.unwrap();
+    assert_eq!(hello.placement.tier, TierKind::Isolate);
+    assert!(hello.outcome.success(), "{:?}", hello.outcome.termination);
+    assert!(hello.outcome.stdout_text().contains("from the router"), "{}", hello.outcome.stdout_text());
+
+    // A sandbox pinned to isolates refuses what needs a container, naming why.
+    let pinned = runtime
+        .sandbox_with("pinned", SandboxConfig { tier: TierPreference::Isolate, ..SandboxConfig::default() })
+        .await
+        .unwrap();
+    let refused = pinned.exec(ExecRequest::new("git").args(["log"])).await.unwrap_err();
+    assert!(matches!(refused, Error::TierNotAllowed { .. }), "{refused}");
+    assert_eq!(refused.to_string(), "git needs the container tier, and this sandbox is limited to the isolate tier");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_and_wake_keep_files_and_installed_packages() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let config = SandboxConfig { idle_timeout: Duration::from_secs(1), ..SandboxConfig::default() };
+    let sandbox = runtime.sandbox_with("sleepy", config).await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    assert!(sandbox.exec(bash("echo kept > /workspace/kept.txt")).await.unwrap().outcome.success());
+    // A "package" installed as root outside the workspace, in the container's own filesystem.
+    let install = "printf '#!/bin/sh\\necho installed\\n' > /usr/local/bin/greet && chmod 755 /usr/local/bin/greet";
+    assert!(sandbox.exec_as("root", bash(install)).await.unwrap().outcome.success());
+    let context = sandbox.create_context(Language::Python).await.unwrap();
+    let container_id = sandbox.info().container_id.unwrap();
+
+    // Idle past its timeout: asleep, container stopped, contexts dropped.
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while sandbox.info().state != SandboxState::Sleeping {
+        assert!(Instant::now() < give_up, "the sandbox never slept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(container_status(&container_id), "exited");
+    assert!(sandbox.contexts().is_empty());
+    assert!(sandbox.code_in(&context, "1").await.is_err(), "a context survived sleep");
+    assert_eq!(runtime.list().unwrap()[0].state, SandboxState::Sleeping, "the registry says asleep");
+
+    // The next request wakes it, with files and the installed program intact.
+    let woke = sandbox.exec(bash("cat /workspace/kept.txt; greet")).await.unwrap();
+    assert_eq!(woke.outcome.stdout_text(), "kept\ninstalled\n", "{}", woke.outcome.stderr_text());
+    assert_eq!(sandbox.info().state, SandboxState::Active);
+    assert_eq!(sandbox.info().container_id.as_deref(), Some(container_id.as_str()), "the same container woke");
+
+    // keep_alive opts out of sleeping.
+    let awake = SandboxConfig { idle_timeout: Duration::from_secs(1), keep_alive: true, ..SandboxConfig::default() };
+    let kept = runtime.sandbox_with("awake", awake).await.unwrap();
+    kept.code(Language::Python, "1").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(kept.info().state, SandboxState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_killed_mid_operation_loses_nothing_acknowledged() {
+    let home = tempfile::tempdir().unwrap();
+    let home_arg = home.path().to_str().unwrap().to_string();
+    // `--home` goes after the subcommand, before any `--`.
+    let cli = |command: &[&str], rest: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(command)
+            .args(["--home", &home_arg])
+            .args(rest)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "airlock {command:?} {rest:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let kept_id = cli(&["sandbox", "create", "kept"], &[]).trim().to_string();
+    let _cleanup = Cleanup(vec![kept_id.clone()]);
+    cli(&["sandbox", "create", "other"], &[]);
+    cli(&["exec", "kept"], &["--", "bash", "-c", "echo durable > /workspace/f"]);
+
+    // A runtime process killed in the middle of a command.
+    let mut doomed = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["exec", "kept", "--home", &home_arg, "--", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+
+    // An orphan: a container with this home's label for a sandbox the registry never knew.
+    let label = {
+        let runtime = runtime_in(home.path()).await;
+        runtime.home_label().to_string()
+    };
+    let setup = Command::new(env!("CARGO_BIN_EXE_airlock")).args(["setup", "--no-runsc"]).output().unwrap();
+    assert!(setup.status.success(), "airlock setup: {}", String::from_utf8_lossy(&setup.stderr));
+    let image = String::from_utf8_lossy(&setup.stdout).trim().to_string();
+    let orphan = Command::new("docker")
+        .args(["create", "--network", "none", "--label", "airlock.sandbox=sbx-00000000000000000000000000000000"])
+        .args(["--label", &format!("airlock.home={label}"), &image, "true"])
+        .output()
+        .unwrap();
+    assert!(orphan.status.success(), "{}", String::from_utf8_lossy(&orphan.stderr));
+    let orphan_id = String::from_utf8_lossy(&orphan.stdout).trim().to_string();
+
+    let runtime = runtime_in(home.path()).await;
+    let names: Vec<String> = runtime.list().unwrap().into_iter().map(|info| info.name).collect();
+    assert_eq!(names, vec!["kept", "other"]);
+    let usage = runtime.usage(&UsageQuery { sandbox: Some("kept".into()), ..UsageQuery::default() }).unwrap();
+    assert!(usage.total.executions >= 1, "the acknowledged exec's record is gone");
+    assert_eq!(container_status(&orphan_id), "", "the orphan was not removed");
+    // The sandbox's container is adopted, not duplicated, and has the file.
+    let kept = runtime.get("kept").unwrap().unwrap();
+    let read = kept.exec(ExecRequest::new("cat").args(["/workspace/f"])).await.unwrap();
+    assert_eq!(read.outcome.stdout_text(), "durable\n");
+    assert_eq!(containers_of(&kept_id), 1, "a second container for one sandbox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_is_billed_for_work_not_for_waiting() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let busy = runtime.sandbox("busy").await.unwrap();
+    let idle = runtime.sandbox("idle").await.unwrap();
+    let _cleanup = Cleanup(vec![busy.id().to_string(), idle.id().to_string()]);
+
+    let spin = "import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end:\n    pass";
+    let spun = busy.exec(ExecRequest::new("python3").args(["-c", spin])).await.unwrap();
+    assert!(spun.outcome.success());
+    let slept = idle.exec(ExecRequest::new("sleep").args(["1"])).await.unwrap();
+    assert!(slept.outcome.success());
+
+    let billed =
+        |name: &str| runtime.usage(&UsageQuery { sandbox: Some(name.into()), ..UsageQuery::default() }).unwrap();
+    let busy_usage = billed("busy");
+    let idle_usage = billed("idle");
+    assert!((0.8..=1.2).contains(&busy_usage.cpu_seconds), "a 1 s loop billed {} vCPU-s", busy_usage.cpu_seconds);
+    assert!(idle_usage.cpu_seconds < 0.1, "sleep 1 billed {} vCPU-s", idle_usage.cpu_seconds);
+    assert!(idle_usage.total.wall_time >= Duration::from_secs(1));
+    assert!((busy_usage.cost_usd - busy_usage.cpu_seconds * 0.000_02).abs() < 1e-12);
+    let all = runtime.usage(&UsageQuery::default()).unwrap();
+    assert_eq!(all.total.executions, 2);
+    assert_eq!(all.container.executions, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_shared_by_both_tiers_and_confined() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("files").await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    sandbox.write_file("data/in.txt", b"from the host").await.unwrap();
+    // The container reads it and may change it (the host's files go to the sandbox user).
+    let edited = sandbox.exec(bash("cat data/in.txt; echo ' and the container' >> data/in.txt")).await.unwrap();
+    assert_eq!(edited.outcome.stdout_text(), "from the host");
+    // An isolate reads what the container wrote.
+    let read = sandbox.code(Language::Python, "print(open('/workspace/data/in.txt').read().strip())").await.unwrap();
+    assert_eq!(read.placement.tier, TierKind::Isolate);
+    assert_eq!(read.outcome.stdout_text(), "from the host and the container\n");
+    sandbox.rename_file("data/in.txt", "data/out.txt").await.unwrap();
+    let names: Vec<String> = sandbox.list_files("data").await.unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, vec!["out.txt"]);
+
+    // A link made inside the container that leads out is not followed.
+    assert!(sandbox.exec(bash("ln -s /etc /workspace/etc-link")).await.unwrap().outcome.success());
+    let refused = sandbox.read_file("etc-link/passwd").await.unwrap_err();
+    assert!(refused.to_string().contains("leads out of the workspace"), "{refused}");
+    for escape in ["../airlock.db", "/etc/passwd"] {
+        assert!(matches!(sandbox.read_file(escape).await, Err(Error::Path { .. })), "{escape}");
+    }
+    sandbox.remove_file("data").await.unwrap();
+    assert!(sandbox.list_files("data").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sandbox_never_gets_two_containers_and_sandboxes_run_in_parallel() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let first = runtime.sandbox("crowded").await.unwrap();
+    let second = runtime.sandbox("neighbour").await.unwrap();
+    let _cleanup = Cleanup(vec![first.id().to_string(), second.id().to_string()]);
+
+    // Many requests at once on a sandbox with no container yet, through separate handles.
+    let mut runs = Vec::new();
+    for index in 0..8 {
+        let runtime = runtime.clone();
+        let name = if index % 2 == 0 { "crowded" } else { "neighbour" };
+        runs.push(tokio::spawn(async move {
+            let sandbox = runtime.sandbox(name).await.unwrap();
+            let script = format!("echo {index} >> /workspace/log; echo {index}");
+            sandbox.exec(bash(&script)).await.unwrap()
+        }));
+    }
+    for (index, run) in futures_util::future::join_all(runs).await.into_iter().enumerate() {
+        let ran = run.unwrap();
+        assert_eq!(ran.outcome.termination, Termination::Exited { code: 0 });
+        assert_eq!(ran.outcome.stdout_text(), format!("{index}\n"));
+    }
+    assert_eq!(containers_of(&first.id().to_string()), 1);
+    assert_eq!(containers_of(&second.id().to_string()), 1);
+    // No lost writes: every line made it.
+    let mut lines: Vec<u32> = String::from_utf8(first.read_file("log").await.unwrap())
+        .unwrap()
+        .lines()
+        .map(|line| line.parse().unwrap())
+        .collect();
+    lines.sort_unstable();
+    assert_eq!(lines, vec![0, 2, 4, 6]);
+
+    // Limits are checked before anything runs; a bad name is refused.
+    let mut request = bash("true");
+    request.limits = Limits { deadline: Duration::ZERO, ..Limits::default() };
+    assert!(first.exec(request).await.is_err());
+    assert!(matches!(runtime.sandbox("Not A Name").await, Err(Error::InvalidName(_))));
+    // Destroy removes the container and the workspace, and frees the name.
+    let workspace = first.workspace().host_path().to_path_buf();
+    runtime.destroy("crowded").await.unwrap();
+    assert_eq!(containers_of(&first.id().to_string()), 0);
+    assert!(!workspace.exists());
+    assert!(runtime.get("crowded").unwrap().is_none());
+    let reborn = runtime.sandbox("crowded").await.unwrap();
+    assert_ne!(reborn.id(), first.id(), "ids are never reused");
+}

@@ -334,3 +334,59 @@ async fn one_sandbox_never_gets_two_containers_and_sandboxes_run_in_parallel() {
     let reborn = runtime.sandbox("crowded").await.unwrap();
     assert_ne!(reborn.id(), first.id(), "ids are never reused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_events_arrive_for_files_written_by_each_tier() {
+    use airlock::runtime::{FileChange, Lifecycle, SandboxEvent};
+
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("watched").await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+    let mut events = sandbox.watch().unwrap();
+
+    sandbox.write_file("host.txt", b"from the host").await.unwrap();
+    let isolate =
+        sandbox.code(Language::Python, "open('/workspace/isolate.txt', 'w').write('from an isolate')").await.unwrap();
+    assert_eq!(isolate.placement.tier, TierKind::Isolate);
+    let container = sandbox
+        .exec(bash("mkdir -p sub && echo hi > sub/container.txt && mv sub/container.txt moved.txt && rm host.txt"))
+        .await
+        .unwrap();
+    assert!(container.outcome.success(), "{}", container.outcome.stderr_text());
+    let process = sandbox.start_process(bash("echo out; exit 3")).await.unwrap();
+    assert_eq!(sandbox.wait_process(&process).await.unwrap(), Some(3));
+    sandbox.sleep().await.unwrap();
+
+    let file = |change, path: &str| SandboxEvent::File { change, path: path.to_string() };
+    let mut expected = vec![
+        file(FileChange::Created, "host.txt"),
+        file(FileChange::Created, "isolate.txt"),
+        file(FileChange::Created, "sub"),
+        file(FileChange::Removed, "host.txt"),
+        SandboxEvent::Renamed { from: "sub/container.txt".into(), to: "moved.txt".into() },
+        SandboxEvent::ProcessOutput {
+            process: process.clone(),
+            stream: airlock::OutputStream::Stdout,
+            bytes: b"out\n".to_vec(),
+        },
+        SandboxEvent::ProcessExited { process, code: Some(3) },
+        SandboxEvent::Lifecycle { change: Lifecycle::ContainerStarted },
+        SandboxEvent::Lifecycle { change: Lifecycle::Slept },
+    ];
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !expected.is_empty() {
+        let next = tokio::time::timeout_at(deadline, events.next()).await;
+        let Ok(Some(event)) = next else { panic!("missing {expected:?}; saw {seen:?}") };
+        expected.retain(|wanted| *wanted != event);
+        seen.push(event);
+    }
+    // Coalesced: the host's write is one event, not a create and a modify.
+    let host_events =
+        seen.iter().filter(|e| matches!(e, SandboxEvent::File { path, .. } if path == "host.txt")).count();
+    assert_eq!(host_events, 2, "created once, removed once: {seen:?}");
+    let moved = seen.iter().filter(|e| matches!(e, SandboxEvent::File { path, .. } if path == "moved.txt")).count();
+    assert_eq!(moved, 0, "a rename is one event: {seen:?}");
+    assert_eq!(events.missed, 0);
+}

@@ -24,6 +24,7 @@
 
 mod config;
 mod error;
+mod events;
 pub mod files;
 mod router;
 mod runtime;
@@ -32,6 +33,7 @@ mod store;
 
 pub use config::{DEFAULT_IDLE_TIMEOUT, MIN_IDLE_TIMEOUT, NetworkPolicy, Policy, SandboxConfig, TierPreference};
 pub use error::{Error, Result};
+pub use events::{COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, SandboxEvent};
 pub use files::{FileEntry, FileKind, MAX_FILE_BYTES, MAX_LIST_ENTRIES};
 pub use router::{Route, route};
 pub use runtime::{

@@ -8,12 +8,12 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime};
 
 use airlock_container::{
-    ContainerSandbox, ContainerState, HOME_LABEL, ProcessFollower, ProcessInfo, PtySession, PtySize, SANDBOX_UID,
-    SandboxSpec, Signal, container_name,
+    ContainerSandbox, ContainerState, HOME_LABEL, ProcessEvent, ProcessFollower, ProcessInfo, PtySession, PtySize,
+    SANDBOX_UID, SandboxSpec, Signal, container_name,
 };
 use airlock_core::{
     CodeError, EscalationReason, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, Limits, Needs, SandboxId,
@@ -21,9 +21,11 @@ use airlock_core::{
 };
 use airlock_wasm::interpreter::ContextInfo;
 use serde::Serialize;
+use tokio::sync::broadcast;
 
 use crate::config::{SandboxConfig, TierPreference};
 use crate::error::{Error, Result};
+use crate::events::{EVENT_BUFFER, EventStream, Lifecycle, SandboxEvent, WorkspaceWatch};
 use crate::files::{self, FileEntry};
 use crate::router::{Route, route};
 use crate::runtime::{Runtime, SandboxInfo, lock};
@@ -68,6 +70,9 @@ pub(crate) struct SandboxInner {
     lifecycle: tokio::sync::RwLock<()>,
     in_flight: AtomicUsize,
     last_active: Mutex<Instant>,
+    events: broadcast::Sender<SandboxEvent>,
+    /// The workspace's inotify watch, alive while a subscriber is.
+    watch: Mutex<Weak<WorkspaceWatch>>,
 }
 
 impl SandboxInner {
@@ -85,6 +90,8 @@ impl SandboxInner {
             lifecycle: tokio::sync::RwLock::new(()),
             in_flight: AtomicUsize::new(0),
             last_active: Mutex::new(Instant::now()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            watch: Mutex::new(Weak::new()),
         })
     }
 
@@ -94,6 +101,11 @@ impl SandboxInner {
 
     pub fn set_container_id(&self, container_id: Option<String>) {
         lock(&self.record).container_id = container_id;
+    }
+
+    fn emit(&self, event: SandboxEvent) {
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
     }
 
     fn state(&self) -> SandboxState {
@@ -160,6 +172,7 @@ impl Sandbox {
         if self.inner.state() == SandboxState::Sleeping {
             self.runtime.inner.store.set_state(self.inner.id, SandboxState::Active)?;
             lock(&self.inner.record).state = SandboxState::Active;
+            self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Woke });
         }
         Ok(active)
     }
@@ -180,6 +193,23 @@ impl Sandbox {
             wall_time: wall,
             cpu_time: cpu,
         })
+    }
+
+    /// Subscribes to this sandbox's events: workspace file changes from every
+    /// tier and from the host, background process output and exits, and
+    /// lifecycle changes. The workspace is watched while any subscriber lives.
+    pub fn watch(&self) -> Result<EventStream> {
+        let mut slot = lock(&self.inner.watch);
+        let watch = match slot.upgrade() {
+            Some(watch) => watch,
+            None => {
+                let watch =
+                    Arc::new(WorkspaceWatch::start(self.inner.workspace.host_path(), self.inner.events.clone())?);
+                *slot = Arc::downgrade(&watch);
+                watch
+            }
+        };
+        Ok(EventStream::new(self.inner.events.subscribe(), watch))
     }
 
     /// Remembers (once) that the sandbox moved to the container tier, and why.
@@ -421,7 +451,23 @@ impl Sandbox {
         let _active = self.begin().await?;
         let container = self.container().await?;
         self.note_escalation("a process that outlives the request needs a full Linux")?;
-        Ok(container.start_process(request).await?)
+        let id = container.start_process(request).await?;
+        // Its output and exit go to the sandbox's subscribers too.
+        let mut follower = container.follow_process(&id)?;
+        let (inner, process) = (self.inner.clone(), id.clone());
+        tokio::spawn(async move {
+            while let Some(event) = follower.next().await {
+                inner.emit(match event {
+                    ProcessEvent::Output(chunk) => SandboxEvent::ProcessOutput {
+                        process: process.clone(),
+                        stream: chunk.stream,
+                        bytes: chunk.bytes,
+                    },
+                    ProcessEvent::Exited(code) => SandboxEvent::ProcessExited { process: process.clone(), code },
+                });
+            }
+        });
+        Ok(id)
     }
 
     pub async fn list_processes(&self) -> Result<Vec<ProcessInfo>> {
@@ -466,6 +512,7 @@ impl Sandbox {
         if let Some(container) = slot.as_ref() {
             if self.inner.container_stopped.swap(false, Ordering::SeqCst) {
                 container.start().await?;
+                self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::ContainerStarted });
             }
             return Ok(container.clone());
         }
@@ -501,6 +548,7 @@ impl Sandbox {
         self.inner.set_container_id(Some(container.container_id().to_string()));
         self.inner.container_stopped.store(false, Ordering::SeqCst);
         *slot = Some(container.clone());
+        self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::ContainerStarted });
         Ok(container)
     }
 
@@ -521,6 +569,7 @@ impl Sandbox {
         }
         self.runtime.inner.store.set_state(self.inner.id, SandboxState::Sleeping)?;
         lock(&self.inner.record).state = SandboxState::Sleeping;
+        self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Slept });
         Ok(())
     }
 
@@ -553,6 +602,7 @@ impl Sandbox {
         }
         self.runtime.inner.store.delete(self.inner.id)?;
         self.runtime.forget(self.inner.id);
+        self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Destroyed });
         let dir = self.runtime.sandbox_dir(self.inner.id);
         std::fs::remove_dir_all(&dir).map_err(|source| Error::File {
             operation: "remove workspace",

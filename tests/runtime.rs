@@ -128,6 +128,26 @@ async fn git_goes_straight_to_the_container_and_isolates_take_guests() {
     let refused = pinned.exec(ExecRequest::new("git").args(["log"])).await.unwrap_err();
     assert!(matches!(refused, Error::TierNotAllowed { .. }), "{refused}");
     assert_eq!(refused.to_string(), "git needs the container tier, and this sandbox is limited to the isolate tier");
+    let no_port = pinned.connect_port(8000).await.unwrap_err();
+    assert!(matches!(no_port, Error::TierNotAllowed { .. }), "{no_port}");
+    assert!(matches!(pinned.start_process(bash("sleep 1")).await, Err(Error::TierNotAllowed { .. })));
+    // A port inside the container is reached with no network in between.
+    let server = ExecRequest::new("python3").args(["-m", "http.server", "8000", "--bind", "127.0.0.1"]);
+    sandbox.write_file("index.html", b"preview").await.unwrap();
+    sandbox.start_process(server).await.unwrap();
+    let mut body = String::new();
+    for _ in 0..100 {
+        if let Ok(mut stream) = sandbox.connect_port(8000).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").await.unwrap();
+            let _ = stream.read_to_string(&mut body).await;
+            if body.ends_with("preview") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(body.starts_with("HTTP/1.0 200") && body.ends_with("preview"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,8 +186,23 @@ async fn sleep_and_wake_keep_files_and_installed_packages() {
     let awake = SandboxConfig { idle_timeout: Duration::from_secs(1), keep_alive: true, ..SandboxConfig::default() };
     let kept = runtime.sandbox_with("awake", awake).await.unwrap();
     kept.code(Language::Python, "1").await.unwrap();
+    // A running background process (a dev server) keeps a sandbox awake too.
+    let serving = runtime
+        .sandbox_with("serving", SandboxConfig { idle_timeout: Duration::from_secs(1), ..SandboxConfig::default() })
+        .await
+        .unwrap();
+    let _cleanup_serving = Cleanup(vec![serving.id().to_string()]);
+    let server = serving.start_process(ExecRequest::new("sleep").args(["300"])).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(kept.info().state, SandboxState::Active);
+    assert_eq!(serving.info().state, SandboxState::Active, "slept under a running process");
+    serving.signal_process(&server, airlock::container::Signal::Kill).await.unwrap();
+    serving.wait_process(&server).await.unwrap();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while serving.info().state != SandboxState::Sleeping {
+        assert!(Instant::now() < give_up, "never slept after its process ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,6 +305,12 @@ async fn files_are_shared_by_both_tiers_and_confined() {
     let read = sandbox.code(Language::Python, "print(open('/workspace/data/in.txt').read().strip())").await.unwrap();
     assert_eq!(read.placement.tier, TierKind::Isolate);
     assert_eq!(read.outcome.stdout_text(), "from the host and the container\n");
+    // What an isolate writes, the container's user may change (and vice versa).
+    let made = sandbox.code(Language::Python, "import os\nos.makedirs('/workspace/made/deep', exist_ok=True)\nopen('/workspace/made/deep/by-isolate.txt', 'w').write('isolate')").await.unwrap();
+    assert!(made.outcome.is_ok(), "{:?}", made.outcome.result);
+    let changed = sandbox.exec(bash("echo ' then container' >> made/deep/by-isolate.txt && touch made/deep/next && cat made/deep/by-isolate.txt")).await.unwrap();
+    assert!(changed.outcome.success(), "{}", changed.outcome.stderr_text());
+    assert_eq!(changed.outcome.stdout_text(), "isolate then container\n");
     sandbox.rename_file("data/in.txt", "data/out.txt").await.unwrap();
     let names: Vec<String> = sandbox.list_files("data").await.unwrap().into_iter().map(|e| e.name).collect();
     assert_eq!(names, vec!["out.txt"]);

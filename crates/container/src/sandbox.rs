@@ -335,6 +335,13 @@ impl ContainerSandbox {
         }
     }
 
+    /// Gives what is in the workspace to the sandbox's user again (when Airlock
+    /// runs as root): for files made since the container was created by the
+    /// host or the isolate tier, which write as the host's user.
+    pub fn hand_workspace_to_user(&self) -> Result<()> {
+        hand_workspace_to_user(self.spec())
+    }
+
     pub(crate) async fn is_gone(&self) -> bool {
         !matches!(self.state().await, Ok(ContainerState::Running))
     }

@@ -417,7 +417,7 @@ async fn sweep_idle(runtime: Weak<RuntimeInner>) {
         let runtime = Runtime { inner };
         for inner in sleepy {
             let sandbox = Sandbox { runtime: runtime.clone(), inner };
-            if let Err(error) = sandbox.sleep().await {
+            if let Err(error) = sandbox.sleep_if_idle().await {
                 tracing::warn!(%error, sandbox = %sandbox.name(), "putting an idle sandbox to sleep failed");
             }
         }

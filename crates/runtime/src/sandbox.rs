@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime};
 
 use airlock_container::{
-    ContainerSandbox, ContainerState, HOME_LABEL, ProcessEvent, ProcessFollower, ProcessInfo, PtySession, PtySize,
-    SANDBOX_UID, SandboxSpec, Signal, container_name,
+    ContainerSandbox, ContainerState, HOME_LABEL, PortStream, ProcessEvent, ProcessFollower, ProcessInfo,
+    ProcessStatus, PtySession, PtySize, SANDBOX_UID, SandboxSpec, Signal, container_name,
 };
 use airlock_core::{
     CodeError, EscalationReason, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, Limits, Needs, SandboxId,
@@ -66,6 +66,9 @@ pub(crate) struct SandboxInner {
     container: tokio::sync::Mutex<Option<ContainerSandbox>>,
     /// Set when the container was stopped by sleep; the next use starts it.
     container_stopped: AtomicBool,
+    /// Set when an isolate may have written to the workspace (as the host's
+    /// user) since the workspace was last handed to the container's user.
+    isolate_wrote: AtomicBool,
     contexts: Mutex<HashSet<String>>,
     lifecycle: tokio::sync::RwLock<()>,
     in_flight: AtomicUsize,
@@ -84,6 +87,7 @@ impl SandboxInner {
             config: record.config.clone(),
             workspace,
             container_stopped: AtomicBool::new(record.state == SandboxState::Sleeping),
+            isolate_wrote: AtomicBool::new(false),
             record: Mutex::new(record),
             container: tokio::sync::Mutex::new(None),
             contexts: Mutex::default(),
@@ -249,6 +253,7 @@ impl Sandbox {
                 let guest = tokio::task::spawn_blocking(move || engine.load_file(host_path))
                     .await
                     .map_err(|e| airlock_core::Error::Engine(format!("loading the guest stopped: {e}")))??;
+                self.inner.isolate_wrote.store(true, Ordering::SeqCst);
                 self.runtime.inner.isolates.run(&guest, &self.inner.workspace, &request).await?
             }
         };
@@ -311,6 +316,7 @@ impl Sandbox {
             return Ok(CodeOutcome { outcome, placement });
         }
         let interpreters = &self.runtime.inner.interpreters;
+        self.inner.isolate_wrote.store(true, Ordering::SeqCst);
         let outcome = match context {
             Some(id) => interpreters.eval(id, code).await?,
             None => interpreters.run(language, self.inner.workspace.clone(), code, self.inner.config.limits).await?,
@@ -500,6 +506,16 @@ impl Sandbox {
         Ok(container.open_pty(request, size).await?)
     }
 
+    /// Opens a TCP stream to `127.0.0.1:<port>` inside the sandbox's container,
+    /// with no network in between (for preview URLs).
+    pub async fn connect_port(&self, port: u16) -> Result<PortStream> {
+        let needs = Needs { ports: true, native: true, ..Needs::default() };
+        route(&needs, self.inner.config.tier)?;
+        let _active = self.begin().await?;
+        let container = self.container().await?;
+        Ok(container.connect_port(port).await?)
+    }
+
     async fn existing_container(&self) -> Option<ContainerSandbox> {
         self.inner.container.lock().await.clone()
     }
@@ -508,6 +524,19 @@ impl Sandbox {
     /// registry knows it, started when asleep, created when there is none.
     /// One at a time per sandbox, so there is never a second container.
     pub async fn container(&self) -> Result<ContainerSandbox> {
+        let container = self.running_container().await?;
+        // Files an isolate made belong to the host's user: the container's
+        // user could read them but not change them. Hand them over first.
+        if self.inner.isolate_wrote.swap(false, Ordering::SeqCst) {
+            let handing = container.clone();
+            tokio::task::spawn_blocking(move || handing.hand_workspace_to_user())
+                .await
+                .map_err(|e| airlock_core::Error::Engine(format!("handing the workspace over stopped: {e}")))??;
+        }
+        Ok(container)
+    }
+
+    async fn running_container(&self) -> Result<ContainerSandbox> {
         let mut slot = self.inner.container.lock().await;
         if let Some(container) = slot.as_ref() {
             if self.inner.container_stopped.swap(false, Ordering::SeqCst) {
@@ -550,6 +579,20 @@ impl Sandbox {
         *slot = Some(container.clone());
         self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::ContainerStarted });
         Ok(container)
+    }
+
+    /// What the idle sweep calls: sleeps unless a background process still
+    /// runs (a dev server is not idle), in which case the idle clock restarts.
+    pub(crate) async fn sleep_if_idle(&self) -> Result<()> {
+        let busy = match self.existing_container().await {
+            Some(container) => container.list_processes().iter().any(|p| p.status == ProcessStatus::Running),
+            None => false,
+        };
+        if busy {
+            *lock(&self.inner.last_active) = Instant::now();
+            return Ok(());
+        }
+        self.sleep().await
     }
 
     /// Puts the sandbox to sleep now: its container stopped (filesystem kept),

@@ -235,3 +235,38 @@ async fn escapes_from_the_workspace_are_denied_to_interpreters_too() {
     assert!(matches!(outcome.result, EvalResult::RuntimeError(_)), "{outcome:?}");
     assert!(!outcome.stdout_text().contains("root:"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spare_contexts_serve_repeat_one_shots_fresh_and_only_for_their_workspace() {
+    let spares = Interpreters::new(engine().clone(), Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/out")).keep_spares(4);
+    let fixture = Fixture::new();
+    let other = Fixture::new();
+    let run = |fixture: &Fixture, code: &'static str| {
+        spares.run(Language::Python, fixture.workspace.clone(), code, small_limits())
+    };
+    // A workspace's first one-shot makes no spare; its second does.
+    assert!(run(&fixture, "x = 5").await.unwrap().is_ok());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(spares.spares_ready(), 0, "a spare for a workspace used once");
+    assert!(run(&fixture, "x = 6").await.unwrap().is_ok());
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    while spares.spares_ready() == 0 {
+        assert!(std::time::Instant::now() < give_up, "no spare was made");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The spare is fresh: nothing from earlier runs, and it takes the workspace's files.
+    std::fs::write(fixture.workspace.host_path().join("f.txt"), "seen").unwrap();
+    let fresh = run(&fixture, "print(open('/workspace/f.txt').read())\ntry:\n    x\nexcept NameError:\n    print('fresh')").await.unwrap();
+    assert_eq!(fresh.stdout_text(), "seen\nfresh\n");
+    assert_eq!(spares.spares_ready(), 0, "the spare was not used");
+    // Another workspace never gets this workspace's spare.
+    while spares.spares_ready() == 0 {
+        assert!(std::time::Instant::now() < give_up, "no spare was made again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elsewhere = run(&other, "import os\nprint(os.listdir('/workspace'))").await.unwrap();
+    assert_eq!(elsewhere.stdout_text(), "[]\n");
+    assert_eq!(spares.spares_ready(), 1, "another workspace took the spare");
+    spares.drop_spares(&fixture.workspace);
+    assert_eq!(spares.spares_ready(), 0);
+}

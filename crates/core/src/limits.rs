@@ -37,7 +37,7 @@ pub const GIB: u64 = 1024 * MIB;
 
 /// The hard limits of one run. Every field has a default (see the constants in
 /// this module) and a maximum; [`Limits::validate`] enforces both ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Wall-clock deadline, from the start of the run to its end.

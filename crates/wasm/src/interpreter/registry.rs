@@ -45,6 +45,65 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Most spare contexts [`Interpreters::keep_spares`] may hold at once, over
+/// all keys: each holds an instance (about 8 MiB for Python).
+pub const MAX_SPARE_CONTEXTS: usize = 64;
+/// The snippet a spare context evaluates when it is made, so that the first
+/// evaluation's one-time costs (CPython's copy-on-write faults on its
+/// pre-initialised heap) are paid before a caller arrives. It leaves nothing
+/// behind a caller could see.
+fn warm_up_snippet(language: Language) -> &'static str {
+    match language {
+        Language::Python => "pass",
+        Language::JavaScript => ";",
+    }
+}
+
+/// What a spare context was made for: a one-shot run takes a spare only if
+/// all three match.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SpareKey {
+    language: Language,
+    workspace: PathBuf,
+    limits: Limits,
+}
+
+/// Fresh contexts made ahead for one-shot runs. Each serves one run and is
+/// dropped; it has evaluated only the warm-up snippet.
+#[derive(Debug, Default)]
+struct Spares {
+    ready: HashMap<SpareKey, InterpreterContext>,
+    /// Keys in the order their spares were made, oldest first (for eviction).
+    order: std::collections::VecDeque<SpareKey>,
+    /// Keys being refilled, so that a burst makes one spare, not many.
+    making: std::collections::HashSet<SpareKey>,
+    /// Keys one-shot runs used lately, oldest first: a spare is made only for
+    /// a key used before, so a workspace that runs code once costs one instance.
+    seen: std::collections::VecDeque<SpareKey>,
+    capacity: usize,
+}
+
+/// How many recently used keys are remembered for deciding on spares.
+const REMEMBERED_KEYS: usize = 1024;
+
+impl Spares {
+    /// Records a one-shot run for `key`; whether the key was used before.
+    fn note_use(&mut self, key: &SpareKey) -> bool {
+        let repeat = match self.seen.iter().position(|seen| seen == key) {
+            Some(at) => {
+                self.seen.remove(at);
+                true
+            }
+            None => false,
+        };
+        self.seen.push_back(key.clone());
+        if self.seen.len() > REMEMBERED_KEYS {
+            self.seen.pop_front();
+        }
+        repeat
+    }
+}
+
 /// The interpreters of one engine and the contexts created with them.
 /// Contexts are isolated from each other: each is its own component instance.
 #[derive(Debug)]
@@ -55,6 +114,7 @@ pub struct Interpreters {
     guests: tokio::sync::Mutex<HashMap<Language, Guest>>,
     contexts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<InterpreterContext>>>>,
     next_id: AtomicU64,
+    spares: Arc<Mutex<Spares>>,
 }
 
 impl Interpreters {
@@ -66,7 +126,23 @@ impl Interpreters {
             guests: tokio::sync::Mutex::default(),
             contexts: Mutex::default(),
             next_id: AtomicU64::new(1),
+            spares: Arc::default(),
         }
+    }
+
+    /// Keeps up to `capacity` (at most [`MAX_SPARE_CONTEXTS`]) spare contexts
+    /// for one-shot runs: after a one-shot run, a fresh context for the same
+    /// language, workspace and limits is made in the background and warmed,
+    /// so the next such run only evaluates. Off (0) by default: a process that
+    /// runs once (the CLI) would make one for nothing.
+    pub fn keep_spares(self, capacity: usize) -> Self {
+        lock(&self.spares).capacity = capacity.min(MAX_SPARE_CONTEXTS);
+        self
+    }
+
+    /// Spare contexts ready now.
+    pub fn spares_ready(&self) -> usize {
+        lock(&self.spares).ready.len()
     }
 
     pub fn dir(&self) -> &Path {
@@ -138,13 +214,76 @@ impl Interpreters {
     }
 
     /// One-shot: evaluates `code` in a fresh context that is discarded after.
+    /// With [`keep_spares`](Self::keep_spares), the fresh context may be a
+    /// spare made ahead for the same language, workspace and limits.
     pub async fn run(&self, language: Language, workspace: Workspace, code: &str, limits: Limits) -> Result<EvalOutcome, Error> {
         let guest = self.guest(language).await?;
-        let mut context = InterpreterContext::start(&self.engine, guest, language, workspace, limits).await?;
+        let key = SpareKey { language, workspace: workspace.host_path().to_path_buf(), limits };
+        let (spare, repeat) = {
+            let mut spares = lock(&self.spares);
+            let repeat = spares.capacity > 0 && spares.note_use(&key);
+            let taken = spares.ready.remove(&key);
+            if taken.is_some() {
+                spares.order.retain(|k| *k != key);
+            }
+            (taken, repeat)
+        };
+        let mut context = match spare {
+            Some(context) => context,
+            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace.clone(), limits).await?,
+        };
         let outcome = context.eval(code).await;
         // Tearing an instance down (resetting its memory) takes a fraction of a
         // millisecond; do it after answering, off the caller's path.
         tokio::task::spawn_blocking(move || drop(context));
+        if repeat {
+            self.make_spare(key, guest, workspace);
+        }
         Ok(outcome)
+    }
+
+    /// Starts making a warmed spare for `key` in the background, unless spares
+    /// are off or one is ready or being made.
+    fn make_spare(&self, key: SpareKey, guest: Guest, workspace: Workspace) {
+        {
+            let mut spares = lock(&self.spares);
+            if spares.capacity == 0 || spares.ready.contains_key(&key) || !spares.making.insert(key.clone()) {
+                return;
+            }
+        }
+        let (engine, spares) = (self.engine.clone(), self.spares.clone());
+        tokio::spawn(async move {
+            let made = InterpreterContext::start(&engine, guest, key.language, workspace, key.limits).await;
+            let spare = match made {
+                Ok(mut context) => context.eval(warm_up_snippet(key.language)).await.is_ok().then_some(context),
+                Err(_) => None,
+            };
+            let evicted = {
+                let mut spares = lock(&spares);
+                spares.making.remove(&key);
+                let Some(context) = spare else { return };
+                let mut evicted = Vec::new();
+                while spares.ready.len() >= spares.capacity.max(1) {
+                    let Some(oldest) = spares.order.pop_front() else { break };
+                    evicted.extend(spares.ready.remove(&oldest));
+                }
+                spares.order.push_back(key.clone());
+                spares.ready.insert(key, context);
+                evicted
+            };
+            drop(evicted);
+        });
+    }
+
+    /// Drops the spare contexts made for `workspace` (its sandbox went away or to sleep).
+    pub fn drop_spares(&self, workspace: &Workspace) {
+        let dropped: Vec<InterpreterContext> = {
+            let mut spares = lock(&self.spares);
+            let keys: Vec<SpareKey> =
+                spares.ready.keys().filter(|key| key.workspace == workspace.host_path()).cloned().collect();
+            spares.order.retain(|key| key.workspace != workspace.host_path());
+            keys.iter().filter_map(|key| spares.ready.remove(key)).collect()
+        };
+        drop(dropped);
     }
 }

@@ -288,6 +288,24 @@ async fn cpu_is_billed_for_work_not_for_waiting() {
     let all = runtime.usage(&UsageQuery::default()).unwrap();
     assert_eq!(all.total.executions, 2);
     assert_eq!(all.container.executions, 2);
+
+    // The isolate tier bills the thread CPU time of the run.
+    let thinker = runtime.sandbox("thinker").await.unwrap();
+    let loop_for_a_second = "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end:\n    pass";
+    let thought = thinker.code(Language::Python, loop_for_a_second).await.unwrap();
+    assert_eq!(thought.placement.tier, TierKind::Isolate);
+    assert!(thought.outcome.is_ok(), "{:?}", thought.outcome.result);
+    let isolate = billed("thinker");
+    assert_eq!(isolate.isolate.executions, 1);
+    assert!(
+        (0.8..=1.2).contains(&isolate.cpu_seconds),
+        "a 1 s loop in an isolate billed {} vCPU-s",
+        isolate.cpu_seconds
+    );
+    // A sleeping sandbox costs nothing: no execution, no CPU, while it sleeps.
+    thinker.sleep().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(billed("thinker").total, isolate.total);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

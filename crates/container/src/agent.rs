@@ -32,6 +32,9 @@ use crate::error::{Error, Result};
 
 /// The agent binary, built static for this target by `build.rs`.
 static AGENT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/airlock-agent"));
+/// Replies (output chunks of up to 32 KiB) held for one run before the link
+/// waits for its reader: bounds host memory per run at about 8 MiB.
+const RUN_REPLY_BUFFER: usize = 256;
 /// How long a new link waits for the agent's first answer.
 pub const AGENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -114,7 +117,7 @@ impl AgentLinks {
 /// One attached stream to a container's agent, shared by every command.
 pub(crate) struct AgentLink {
     input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
-    runs: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Reply>>>>,
+    runs: Arc<Mutex<HashMap<u32, mpsc::Sender<Reply>>>>,
     next_run: AtomicU32,
     closed: watch::Receiver<bool>,
     reader: tokio::task::JoinHandle<()>,
@@ -135,7 +138,7 @@ impl Drop for AgentLink {
 /// The replies of one command, and its place on the link.
 pub(crate) struct Run {
     pub id: u32,
-    pub replies: mpsc::UnboundedReceiver<Reply>,
+    pub replies: mpsc::Receiver<Reply>,
     link: Arc<AgentLink>,
 }
 
@@ -164,7 +167,7 @@ impl AgentLink {
                 }
                 source => Error::Docker { operation: "attach to the agent", source },
             })?;
-        let runs: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Reply>>>> = Arc::default();
+        let runs: Arc<Mutex<HashMap<u32, mpsc::Sender<Reply>>>> = Arc::default();
         let (closed_tx, closed) = watch::channel(false);
         let reader = tokio::spawn(read_replies(attached.output, runs.clone(), closed_tx, container_id.to_string()));
         let link = Arc::new(Self {
@@ -200,7 +203,7 @@ impl AgentLink {
     /// or the link ends.
     pub fn open_run(self: &Arc<Self>) -> Run {
         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let (sender, replies) = mpsc::unbounded_channel();
+        let (sender, replies) = mpsc::channel(RUN_REPLY_BUFFER);
         if let Ok(mut runs) = self.runs.lock() {
             // A closed link drops the sender here, so the run sees its end at once.
             if self.is_open() {
@@ -226,7 +229,7 @@ async fn read_replies(
     mut output: Pin<
         Box<dyn futures_util::Stream<Item = std::result::Result<LogOutput, bollard::errors::Error>> + Send>,
     >,
-    runs: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Reply>>>>,
+    runs: Arc<Mutex<HashMap<u32, mpsc::Sender<Reply>>>>,
     closed: watch::Sender<bool>,
     container_id: String,
 ) {
@@ -245,7 +248,9 @@ async fn read_replies(
                         Ok((run, reply)) => {
                             let sender = runs.lock().ok().and_then(|runs| runs.get(&run).cloned());
                             if let Some(sender) = sender {
-                                let _ = sender.send(reply);
+                                // Waits while the run's reader is behind: the stream, and
+                                // so the agent's output pipes, back up instead of host memory.
+                                let _ = sender.send(reply).await;
                             }
                         }
                         Err(error) => {

@@ -120,6 +120,20 @@ async fn git_goes_straight_to_the_container_and_isolates_take_guests() {
     assert!(hello.outcome.success(), "{:?}", hello.outcome.termination);
     assert!(hello.outcome.stdout_text().contains("from the router"), "{}", hello.outcome.stdout_text());
 
+    // A sandbox may run its container under gVisor.
+    let gvisor =
+        SandboxConfig { container_runtime: airlock::container::ContainerRuntime::Runsc, ..SandboxConfig::default() };
+    let guarded = runtime.sandbox_with("guarded", gvisor).await.unwrap();
+    let _cleanup_guarded = Cleanup(vec![guarded.id().to_string()]);
+    let version = guarded.exec(ExecRequest::new("git").args(["--version"])).await.unwrap();
+    assert!(version.outcome.stdout_text().starts_with("git version"), "{}", version.outcome.stderr_text());
+    let container_id = guarded.info().container_id.unwrap();
+    let out = Command::new("docker")
+        .args(["inspect", "--format", "{{.HostConfig.Runtime}}", &container_id])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "runsc");
+
     // A sandbox pinned to isolates refuses what needs a container, naming why.
     let pinned = runtime
         .sandbox_with("pinned", SandboxConfig { tier: TierPreference::Isolate, ..SandboxConfig::default() })

@@ -114,6 +114,13 @@ pub async fn commands_go_through_the_agent_on_one_stream(runtime: ContainerRunti
     assert!(!nowhere.success());
     assert!(nowhere.stderr_text().contains("/no/such/dir"), "{}", nowhere.stderr_text());
 
+    // Background processes too: started, signalled and reaped through the agent.
+    let sleeper = test.sandbox.start_process(ExecRequest::new("sleep").args(["300"])).await.unwrap();
+    let mut follower = test.sandbox.follow_process(&sleeper).unwrap();
+    test.sandbox.signal_process(&sleeper, Signal::Term).await.unwrap();
+    assert_eq!(test.sandbox.wait_process(&sleeper).await.unwrap(), Some(128 + 15));
+    assert_eq!(follower.next().await, Some(ProcessEvent::Exited(Some(143))));
+
     // None of that was an engine exec; the root command above was.
     let after = engine_execs(&id);
     assert_eq!(after, before + 1, "the sandbox user's commands went through engine execs");

@@ -86,6 +86,21 @@ pub enum Signal {
 }
 
 impl Signal {
+    /// The Linux signal number.
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Hup => 1,
+            Signal::Int => 2,
+            Signal::Quit => 3,
+            Signal::Kill => 9,
+            Signal::Usr1 => 10,
+            Signal::Usr2 => 12,
+            Signal::Term => 15,
+            Signal::Cont => 18,
+            Signal::Stop => 19,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Signal::Hup => "HUP",

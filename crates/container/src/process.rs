@@ -15,8 +15,34 @@ use bollard::exec::{StartExecOptions, StartExecResults};
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, watch};
 
+use airlock_agent::protocol::{Reply, Request, Spawn};
+
+use crate::agent::AgentLink;
 use crate::error::{Error, Result};
-use crate::exec::{Signal, exec_options, new_marker};
+use crate::exec::{CommandParts, EXEC_MARKER_VAR, Signal, command_parts, exec_options, new_marker};
+
+/// How long a signal waits for the agent's answer.
+const SIGNAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Signals every process carrying `marker` through the agent; for `Kill`,
+/// stops and kills them until none is left.
+async fn signal_through_agent(link: &Arc<AgentLink>, marker: &str, signal: Signal) -> Result<()> {
+    let mut run = link.open_run();
+    let request = match signal {
+        Signal::Kill => Request::KillTree { marker: marker.to_string() },
+        other => Request::Signal { marker: marker.to_string(), signal: other.number() },
+    };
+    run.send(&request).await?;
+    match tokio::time::timeout(SIGNAL_TIMEOUT, run.replies.recv()).await {
+        Ok(Some(Reply::Signalled { remaining: 0 })) => Ok(()),
+        Ok(Some(Reply::Signalled { remaining })) => Err(Error::Invalid {
+            what: "signal",
+            reason: format!("{remaining} processes were still there after the agent's last round"),
+        }),
+        Ok(_) => Err(Error::Agent("the agent did not answer the signal (the sandbox stopped?)".into())),
+        Err(_) => Err(Error::Agent(format!("no answer to the signal within {}s", SIGNAL_TIMEOUT.as_secs()))),
+    }
+}
 use crate::sandbox::ContainerSandbox;
 
 /// Output kept per background process; older output is dropped first.
@@ -141,6 +167,9 @@ impl ContainerSandbox {
     /// deadline applies (it runs until it exits, is signalled, or the sandbox
     /// stops); its output is kept in a log of [`PROCESS_LOG_BYTES`].
     pub async fn start_process(&self, request: ExecRequest) -> Result<String> {
+        if let Some(link) = self.agent_link().await? {
+            return self.start_process_through_agent(&link, &request).await;
+        }
         let user = self.spec().user.clone();
         let marker = new_marker();
         let options = exec_options(&request, &user, &marker, false, false)?;
@@ -153,20 +182,7 @@ impl ContainerSandbox {
             return Err(Error::Invalid { what: "exec", reason: "the engine started it detached".into() });
         };
         drop(input);
-        let (events, _) = broadcast::channel(FOLLOW_BUFFER);
-        let (exit, _) = watch::channel(None);
-        let process = Arc::new(Process {
-            id: marker.clone(),
-            command,
-            user,
-            started_at: SystemTime::now(),
-            log: Mutex::new(Log::default()),
-            events,
-            exit,
-        });
-        if let Ok(mut table) = self.processes_table().processes.lock() {
-            table.insert(marker.clone(), process.clone());
-        }
+        let process = self.register_process(marker.clone(), command, user);
         let sandbox = self.clone();
         let exec_id = exec.id;
         tokio::spawn(async move {
@@ -182,6 +198,61 @@ impl ContainerSandbox {
             process.record(ProcessEvent::Exited(code));
         });
         Ok(marker)
+    }
+
+    /// As the sandbox's user, through the agent: a run whose replies a task
+    /// writes into the process's log until it exits or the container stops.
+    async fn start_process_through_agent(&self, link: &Arc<AgentLink>, request: &ExecRequest) -> Result<String> {
+        let marker = new_marker();
+        let CommandParts { argv, env, cwd } = command_parts(request, &marker)?;
+        let env = env.into_iter().filter(|(key, _)| key != EXEC_MARKER_VAR).collect();
+        let mut run = link.open_run();
+        run.send(&Request::Spawn(Spawn { argv: argv.clone(), env, cwd, marker: marker.clone(), stdin: false })).await?;
+        let process = self.register_process(marker.clone(), argv, self.spec().user.clone());
+        tokio::spawn(async move {
+            while let Some(reply) = run.replies.recv().await {
+                match reply {
+                    Reply::Stdout(bytes) => {
+                        process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stdout, bytes }));
+                    }
+                    Reply::Stderr(bytes) => {
+                        process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stderr, bytes }));
+                    }
+                    Reply::SpawnFailed { code, message } => {
+                        let bytes = format!("{message}\n").into_bytes();
+                        process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stderr, bytes }));
+                        process.record(ProcessEvent::Exited(Some(code)));
+                        return;
+                    }
+                    Reply::Exited { code } => {
+                        process.record(ProcessEvent::Exited(Some(code)));
+                        return;
+                    }
+                    Reply::Started { .. } | Reply::Signalled { .. } | Reply::Pong => {}
+                }
+            }
+            // The link ended: the container stopped under the process.
+            process.record(ProcessEvent::Exited(None));
+        });
+        Ok(marker)
+    }
+
+    fn register_process(&self, id: String, command: Vec<String>, user: String) -> Arc<Process> {
+        let (events, _) = broadcast::channel(FOLLOW_BUFFER);
+        let (exit, _) = watch::channel(None);
+        let process = Arc::new(Process {
+            id: id.clone(),
+            command,
+            user,
+            started_at: SystemTime::now(),
+            log: Mutex::new(Log::default()),
+            events,
+            exit,
+        });
+        if let Ok(mut table) = self.processes_table().processes.lock() {
+            table.insert(id, process.clone());
+        }
+        process
     }
 
     /// Every background process started through this handle, running or not.
@@ -221,6 +292,11 @@ impl ContainerSandbox {
     /// Sends `signal` to the process and everything it started.
     pub async fn signal_process(&self, id: &str, signal: Signal) -> Result<()> {
         let process = self.process(id)?;
+        if process.user == self.spec().user
+            && let Some(link) = self.agent_link().await?
+        {
+            return signal_through_agent(&link, &process.id, signal).await;
+        }
         self.signal_tree(&process.user, &process.id, signal).await
     }
 

@@ -296,17 +296,7 @@ impl ContainerSandbox {
     /// Removes the container and everything written outside `/workspace`.
     /// The workspace directory on the host is kept.
     pub async fn remove(&self) -> Result<()> {
-        // A frozen gVisor sandbox cannot be killed; thaw it first.
-        if self.state().await? == ContainerState::Paused {
-            let _ = self.unpause().await;
-        }
-        AgentLinks::global().forget(self.container_id());
-        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
-        match self.inner.engine.docker().remove_container(self.container_id(), Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-            Err(source) => Err(Error::Docker { operation: "remove container", source }),
-        }
+        remove_container(&self.inner.engine, self.container_id()).await
     }
 
     pub async fn state(&self) -> Result<ContainerState> {
@@ -384,6 +374,7 @@ fn hand_workspace_to_user(spec: &SandboxSpec) -> Result<()> {
 /// for reconciliation, which also meets containers no handle can be rebuilt for.
 pub async fn remove_container(engine: &DockerEngine, container_id: &str) -> Result<()> {
     let docker = engine.docker();
+    // A frozen gVisor sandbox cannot be killed; thaw it first.
     if let Ok(inspected) = docker.inspect_container(container_id, None::<InspectContainerOptions>).await
         && inspected.state.and_then(|state| state.paused) == Some(true)
     {

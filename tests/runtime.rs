@@ -463,3 +463,28 @@ async fn watch_events_arrive_for_files_written_by_each_tier() {
     assert_eq!(moved, 0, "a rename is one event: {seen:?}");
     assert_eq!(events.missed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contexts_keep_state_belong_to_their_sandbox_and_take_turns() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let notebook = runtime.sandbox("notebook").await.unwrap();
+    let stranger = runtime.sandbox("stranger").await.unwrap();
+    let context = notebook.create_context(Language::Python).await.unwrap();
+    assert!(notebook.code_in(&context, "total = 0").await.unwrap().outcome.is_ok());
+    // Evaluations on one context at once take turns; none is lost or refused.
+    let adds = (0..6).map(|_| {
+        let (notebook, context) = (notebook.clone(), context.clone());
+        tokio::spawn(async move { notebook.code_in(&context, "total += 1").await.unwrap() })
+    });
+    for added in futures_util::future::join_all(adds).await {
+        assert!(added.unwrap().outcome.is_ok());
+    }
+    let total = notebook.code_in(&context, "total").await.unwrap();
+    assert_eq!(total.outcome.value().map(|v| v.text.as_str()), Some("6"));
+    assert_eq!(notebook.contexts().len(), 1);
+    // Another sandbox cannot reach it.
+    assert!(matches!(stranger.code_in(&context, "total").await, Err(Error::Core(airlock::Error::NoSuchContext(_)))));
+    notebook.delete_context(&context).unwrap();
+    assert!(notebook.code_in(&context, "total").await.is_err());
+}

@@ -5,7 +5,7 @@
 //! a sleeping sandbox wakes it: its container is started again on the first
 //! request that needs it, with its filesystem as it was.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -69,7 +69,8 @@ pub(crate) struct SandboxInner {
     /// Set when an isolate may have written to the workspace (as the host's
     /// user) since the workspace was last handed to the container's user.
     isolate_wrote: AtomicBool,
-    contexts: Mutex<HashSet<String>>,
+    /// This sandbox's contexts and their languages.
+    contexts: Mutex<HashMap<String, Language>>,
     lifecycle: tokio::sync::RwLock<()>,
     in_flight: AtomicUsize,
     last_active: Mutex<Instant>,
@@ -290,18 +291,12 @@ impl Sandbox {
     /// state is kept between calls. Escalation runs that one snippet in the
     /// container (the context's state does not travel).
     pub async fn code_in(&self, context: &str, code: &str) -> Result<CodeOutcome> {
-        let language = self
-            .runtime
-            .inner
-            .interpreters
-            .list()
-            .into_iter()
-            .find(|info| info.id == context)
-            .map(|info| info.language);
-        let owned = lock(&self.inner.contexts).contains(context);
-        match (owned, language) {
-            (true, Some(language)) => self.evaluate(language, code, Some(context)).await,
-            _ => Err(airlock_core::Error::NoSuchContext(context.to_string()).into()),
+        // From this sandbox's own table: a context of another sandbox is not found,
+        // and one busy evaluating is waited for (by the registry), not missed.
+        let language = lock(&self.inner.contexts).get(context).copied();
+        match language {
+            Some(language) => self.evaluate(language, code, Some(context)).await,
+            None => Err(airlock_core::Error::NoSuchContext(context.to_string()).into()),
         }
     }
 
@@ -368,18 +363,18 @@ impl Sandbox {
             .interpreters
             .create_context(language, self.inner.workspace.clone(), self.inner.config.limits)
             .await?;
-        lock(&self.inner.contexts).insert(id.clone());
+        lock(&self.inner.contexts).insert(id.clone(), language);
         Ok(id)
     }
 
     /// This sandbox's contexts.
     pub fn contexts(&self) -> Vec<ContextInfo> {
         let ours = lock(&self.inner.contexts).clone();
-        self.runtime.inner.interpreters.list().into_iter().filter(|info| ours.contains(&info.id)).collect()
+        self.runtime.inner.interpreters.list().into_iter().filter(|info| ours.contains_key(&info.id)).collect()
     }
 
     pub fn delete_context(&self, id: &str) -> Result<()> {
-        if !lock(&self.inner.contexts).remove(id) {
+        if lock(&self.inner.contexts).remove(id).is_none() {
             return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
         }
         self.runtime.inner.interpreters.delete(id)?;
@@ -606,7 +601,7 @@ impl Sandbox {
             container.stop().await?;
             self.inner.container_stopped.store(true, Ordering::SeqCst);
         }
-        let contexts: Vec<String> = lock(&self.inner.contexts).drain().collect();
+        let contexts: Vec<String> = lock(&self.inner.contexts).drain().map(|(id, _)| id).collect();
         for id in contexts {
             let _ = self.runtime.inner.interpreters.delete(&id);
         }
@@ -640,7 +635,7 @@ impl Sandbox {
                 }
             }
         }
-        let contexts: Vec<String> = lock(&self.inner.contexts).drain().collect();
+        let contexts: Vec<String> = lock(&self.inner.contexts).drain().map(|(id, _)| id).collect();
         for id in contexts {
             let _ = self.runtime.inner.interpreters.delete(&id);
         }

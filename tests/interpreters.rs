@@ -152,7 +152,11 @@ async fn code_that_needs_a_container_asks_for_escalation() {
         (Language::Python, "import os\nos.system('ls')", EscalationReason::Subprocess),
         (Language::Python, "import numpy", EscalationReason::MissingModule("numpy".into())),
         (Language::Python, "import socket\nsocket.create_connection(('127.0.0.1', 80))", EscalationReason::Network),
-        (Language::Python, "try:\n    import subprocess; subprocess.check_output('ls')\nexcept Exception:\n    pass", EscalationReason::Subprocess),
+        (
+            Language::Python,
+            "try:\n    import subprocess; subprocess.check_output('ls')\nexcept Exception:\n    pass",
+            EscalationReason::Subprocess,
+        ),
         (Language::JavaScript, "require('child_process').execSync('ls')", EscalationReason::Subprocess),
         (Language::JavaScript, "require('left-pad')", EscalationReason::MissingModule("left-pad".into())),
         (Language::JavaScript, "try { fetch('http://127.0.0.1/') } catch (e) {}", EscalationReason::Network),
@@ -173,7 +177,11 @@ async fn limits_stop_hostile_code_and_reset_only_that_context() {
         (Language::Python, "hoard = []\nwhile True:\n    hoard.append(bytearray(1 << 20))", Limit::Memory),
         (Language::Python, "while True:\n    print('flood' * 100)", Limit::Output),
         (Language::JavaScript, "while (true) {}", Limit::Deadline),
-        (Language::JavaScript, "const hoard = []; while (true) { hoard.push(new Uint8Array(1 << 24)); }", Limit::Memory),
+        (
+            Language::JavaScript,
+            "const hoard = []; while (true) { hoard.push(new Uint8Array(1 << 24)); }",
+            Limit::Memory,
+        ),
         (Language::JavaScript, "while (true) { console.log('flood'.repeat(100)); }", Limit::Output),
     ];
     for (language, code, limit) in hostile {
@@ -205,7 +213,9 @@ async fn a_file_written_by_python_is_read_by_javascript() {
     let fixture = Fixture::new();
     let py = context(Language::Python, &fixture).await;
     let js = context(Language::JavaScript, &fixture).await;
-    let wrote = eval(&py, "import json\nopen('/workspace/shared.json', 'w').write(json.dumps({'from': 'python', 'n': 3}))").await;
+    let wrote =
+        eval(&py, "import json\nopen('/workspace/shared.json', 'w').write(json.dumps({'from': 'python', 'n': 3}))")
+            .await;
     assert!(wrote.is_ok(), "{wrote:?}");
     let read = eval(&js, "const data = JSON.parse(fs.readFile('shared.json')); data.from + ':' + data.n").await;
     assert_eq!(read.value().unwrap().text, "\"python:3\"");
@@ -217,9 +227,13 @@ async fn a_file_written_by_python_is_read_by_javascript() {
 #[tokio::test]
 async fn one_shot_runs_discard_their_context() {
     let fixture = Fixture::new();
-    let outcome = interpreters().run(Language::Python, fixture.workspace.clone(), "print(1 + 1)", small_limits()).await.unwrap();
+    let outcome =
+        interpreters().run(Language::Python, fixture.workspace.clone(), "print(1 + 1)", small_limits()).await.unwrap();
     assert_eq!(outcome.stdout_text(), "2\n");
-    let outcome = interpreters().run(Language::JavaScript, fixture.workspace.clone(), "console.log(1 + 1)", small_limits()).await.unwrap();
+    let outcome = interpreters()
+        .run(Language::JavaScript, fixture.workspace.clone(), "console.log(1 + 1)", small_limits())
+        .await
+        .unwrap();
     assert_eq!(outcome.stdout_text(), "2\n");
 }
 
@@ -236,37 +250,137 @@ async fn escapes_from_the_workspace_are_denied_to_interpreters_too() {
     assert!(!outcome.stdout_text().contains("root:"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spare_contexts_serve_repeat_one_shots_fresh_and_only_for_their_workspace() {
-    let spares = Interpreters::new(engine().clone(), Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/out")).keep_spares(4);
+#[tokio::test]
+async fn python_value_is_that_of_the_last_statement_however_it_is_laid_out() {
     let fixture = Fixture::new();
-    let other = Fixture::new();
-    let run = |fixture: &Fixture, code: &'static str| {
-        spares.run(Language::Python, fixture.workspace.clone(), code, small_limits())
-    };
-    // A workspace's first one-shot makes no spare; its second does.
-    assert!(run(&fixture, "x = 5").await.unwrap().is_ok());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(spares.spares_ready(), 0, "a spare for a workspace used once");
-    assert!(run(&fixture, "x = 6").await.unwrap().is_ok());
-    let give_up = std::time::Instant::now() + Duration::from_secs(30);
-    while spares.spares_ready() == 0 {
-        assert!(std::time::Instant::now() < give_up, "no spare was made");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let id = context(Language::Python, &fixture).await;
+    // In order, in one context; each expected value is what CPython's syntax
+    // tree says: the last statement's value if it is an expression.
+    let cases: &[(&str, Option<&str>)] = &[
+        ("x = 1 + 1", None),
+        ("x", Some("2")),
+        ("x = 1; 5", Some("5")),
+        ("5; x = 1", None),
+        ("x = 1\n5", Some("5")),
+        ("x == 1", Some("True")),
+        ("x <= 0", Some("False")),
+        ("x += 1", None),
+        ("a, b = x, 4\nb", Some("4")),
+        ("d = {}\nd['k'] = x", None),
+        ("d['k']", Some("2")),
+        ("n: int = 7", None),
+        ("n", Some("7")),
+        ("def f(a):\n    return a * 2\nf(\n    n,\n)", Some("14")),
+        ("g = f(\n    1,\n)", None),
+        ("g", Some("2")),
+        ("if True:\n    99", None),
+        ("for i in range(3):\n    i\n", None),
+        ("import functools\n@functools.cache\ndef h():\n    return 8\nh()", Some("8")),
+        ("s = '''\nx = 1\n'''\ns", Some(r"'\nx = 1\n'")),
+        ("t = '''\n5'''", None),
+        ("t", Some(r"'\n5'")),
+        ("print('a;b')", None),
+        ("match = 3\nmatch", Some("3")),
+        ("# only a comment", None),
+        ("x\n# trailing comment", Some("2")),
+        ("try:\n    1 / 0\nexcept ZeroDivisionError:\n    'caught'", None),
+        ("[i for i in range(3)]", Some("[0, 1, 2]")),
+        ("x = [\n    1,\n    2,\n]\nlen(x)", Some("2")),
+        ("'''doc'''", Some("'doc'")),
+        ("f'{x!r}'", Some("'[1, 2]'")),
+        ("passing = 1\npassing", Some("1")),
+        ("formatted = 2\nformatted", Some("2")),
+        ("y = lambda v=1: v\ny()", Some("1")),
+        ("x if x else\\\n 0", Some("[1, 2]")),
+    ];
+    for (code, expected) in cases {
+        let outcome = eval(&id, code).await;
+        assert!(outcome.is_ok(), "{code:?}: {outcome:?}");
+        assert_eq!(outcome.value().map(|v| v.text.as_str()), *expected, "{code:?}");
     }
-    // The spare is fresh: nothing from earlier runs, and it takes the workspace's files.
-    std::fs::write(fixture.workspace.host_path().join("f.txt"), "seen").unwrap();
-    let fresh = run(&fixture, "print(open('/workspace/f.txt').read())\ntry:\n    x\nexcept NameError:\n    print('fresh')").await.unwrap();
-    assert_eq!(fresh.stdout_text(), "seen\nfresh\n");
-    assert_eq!(spares.spares_ready(), 0, "the spare was not used");
-    // Another workspace never gets this workspace's spare.
-    while spares.spares_ready() == 0 {
-        assert!(std::time::Instant::now() < give_up, "no spare was made again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(eval(&id, "print('a;b')").await.stdout_text(), "a;b\n");
+    // Syntax errors keep their line, wherever the code would be split.
+    for (code, kind, line) in
+        [(" x", "IndentationError", 1), ("x = 1\ny = (", "SyntaxError", 2), ("x = (\n1\n]", "SyntaxError", 3)]
+    {
+        let outcome = eval(&id, code).await;
+        let EvalResult::SyntaxError(error) = &outcome.result else { panic!("{code:?}: {outcome:?}") };
+        assert_eq!((error.kind.as_str(), error.line), (kind, Some(line)), "{code:?}");
     }
-    let elsewhere = run(&other, "import os\nprint(os.listdir('/workspace'))").await.unwrap();
-    assert_eq!(elsewhere.stdout_text(), "[]\n");
-    assert_eq!(spares.spares_ready(), 1, "another workspace took the spare");
-    spares.drop_spares(&fixture.workspace);
-    assert_eq!(spares.spares_ready(), 0);
+    // A runtime error in the last statement reports that statement's line.
+    let outcome = eval(&id, "ok = 1\n\nundefined_name").await;
+    let EvalResult::RuntimeError(error) = &outcome.result else { panic!("{outcome:?}") };
+    assert_eq!((error.kind.as_str(), error.line), ("NameError", Some(3)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_contexts_serve_any_workspace_fresh_under_the_callers_limits() {
+    let warm =
+        Interpreters::new(engine().clone(), Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/out")).keep_warm(2);
+    let (first, second) = (Fixture::new(), Fixture::new());
+    std::fs::write(first.path("f.txt"), "first's file").unwrap();
+    std::fs::write(second.path("f.txt"), "second's file").unwrap();
+    async fn wait_for(warm: &Interpreters, language: Language, count: usize) {
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        while warm.warm_ready(language) < count {
+            assert!(std::time::Instant::now() < give_up, "the {language} pool did not fill to {count}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(warm.warm_ready(Language::Python), 0, "nothing is made before first use");
+    warm.prewarm(Language::Python).await.unwrap();
+    wait_for(&warm, Language::Python, 2).await;
+
+    // A warm context takes the workspace of whichever run takes it, and leaves
+    // nothing behind for the next.
+    let code = "print(open('f.txt').read())\nopen('out.txt', 'w').write('written')\ntry:\n    left\nexcept NameError:\n    print('fresh')\nleft = 1";
+    let in_first = warm.run(Language::Python, first.workspace.clone(), code, small_limits()).await.unwrap();
+    assert_eq!(in_first.stdout_text(), "first's file\nfresh\n", "{in_first:?}");
+    assert_eq!(warm.warm_ready(Language::Python), 1, "the run did not take a warm context");
+    let in_second = warm.run(Language::Python, second.workspace.clone(), code, small_limits()).await.unwrap();
+    assert_eq!(in_second.stdout_text(), "second's file\nfresh\n", "{in_second:?}");
+    assert_eq!(std::fs::read_to_string(first.path("out.txt")).unwrap(), "written");
+    assert_eq!(std::fs::read_to_string(second.path("out.txt")).unwrap(), "written");
+    let listed = warm.run(
+        Language::Python,
+        second.workspace.clone(),
+        "import os\nsorted(os.listdir('/workspace'))",
+        small_limits(),
+    );
+    assert_eq!(listed.await.unwrap().value().unwrap().text, "['f.txt', 'out.txt']");
+
+    // The caller's limits hold, not the pool's defaults.
+    wait_for(&warm, Language::Python, 2).await;
+    let capped = Limits { output_bytes: 10, ..small_limits() };
+    let flood = warm.run(Language::Python, first.workspace.clone(), "print('x' * 100)", capped).await.unwrap();
+    assert!(flood.stdout_truncated && flood.stdout.len() == 10, "{flood:?}");
+    assert!(matches!(flood.result, EvalResult::LimitExceeded(hit) if hit.limit == Limit::Output), "{flood:?}");
+    let quick = Limits { deadline: Duration::from_millis(300), ..small_limits() };
+    let spin = warm.run(Language::Python, first.workspace.clone(), "while True:\n    pass", quick).await.unwrap();
+    assert!(matches!(spin.result, EvalResult::LimitExceeded(hit) if hit.limit == Limit::Deadline), "{spin:?}");
+    let bomb = warm.run(Language::Python, first.workspace.clone(), "b = bytearray(300 * 1024 * 1024)", small_limits());
+    let bomb = bomb.await.unwrap();
+    assert!(matches!(bomb.result, EvalResult::LimitExceeded(hit) if hit.limit == Limit::Memory), "{bomb:?}");
+
+    // Limits a warm context cannot meet leave it in the pool; the run starts
+    // cold and fails as a cold start would.
+    wait_for(&warm, Language::Python, 2).await;
+    let tiny = Limits { memory_bytes: MIB, ..small_limits() };
+    let refused = warm.run(Language::Python, first.workspace.clone(), "1", tiny).await.unwrap_err().to_string();
+    assert!(refused.contains("memory"), "{refused}");
+    assert_eq!(warm.warm_ready(Language::Python), 2);
+
+    // New contexts come from the pool too, and keep their state.
+    let id = warm.create_context(Language::Python, second.workspace.clone(), small_limits()).await.unwrap();
+    assert!(warm.eval(&id, "kept = open('f.txt').read()").await.unwrap().is_ok());
+    assert_eq!(warm.eval(&id, "kept").await.unwrap().value().unwrap().text, "\"second's file\"");
+    let info = warm.list().into_iter().find(|c| c.id == id).unwrap();
+    assert_eq!(info.evaluations, 2, "the warm-up is not counted");
+
+    // JavaScript has its own pool.
+    warm.prewarm(Language::JavaScript).await.unwrap();
+    wait_for(&warm, Language::JavaScript, 2).await;
+    let js =
+        warm.run(Language::JavaScript, first.workspace.clone(), "console.log(fs.readFile('f.txt'))", small_limits());
+    assert_eq!(js.await.unwrap().stdout_text(), "first's file\n");
 }

@@ -25,10 +25,10 @@ use crate::store::{SandboxRecord, SandboxState, Store, UsageTotals};
 /// What one vCPU-second of active CPU costs by default, in US dollars (the
 /// figure in Cloudflare's announcement of active-CPU pricing).
 pub const DEFAULT_PRICE_PER_VCPU_SECOND: f64 = 0.000_02;
-/// Spare interpreter contexts the runtime keeps warm for one-shot code, over
-/// all sandboxes (each about 8 MiB for Python): a sandbox that runs one-shot
-/// code again finds a fresh context ready.
-pub const RUNTIME_SPARE_CONTEXTS: usize = 16;
+/// Interpreter contexts the runtime keeps made ahead per language, for any
+/// sandbox's one-shot code or new context (each about 8 MiB for Python): a
+/// run finds an instance ready instead of waiting for one.
+pub const RUNTIME_WARM_CONTEXTS: usize = 4;
 /// How often idle sandboxes are looked for.
 pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The registry's file in the home directory.
@@ -194,7 +194,7 @@ impl Runtime {
         let store = Store::open(&home.join(DATABASE_FILE))?;
         let isolates = IsolateEngine::new(options.isolates.clone())?;
         let interpreters =
-            Interpreters::new(isolates.clone(), options.interpreters.clone()).keep_spares(RUNTIME_SPARE_CONTEXTS);
+            Interpreters::new(isolates.clone(), options.interpreters.clone()).keep_warm(RUNTIME_WARM_CONTEXTS);
         let home_label: String =
             Sha256::digest(home.as_os_str().as_encoded_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
         let options = RuntimeOptions { home, ..options };

@@ -605,7 +605,6 @@ impl Sandbox {
         for id in contexts {
             let _ = self.runtime.inner.interpreters.delete(&id);
         }
-        self.runtime.inner.interpreters.drop_spares(&self.inner.workspace);
         self.runtime.inner.store.set_state(self.inner.id, SandboxState::Sleeping)?;
         lock(&self.inner.record).state = SandboxState::Sleeping;
         self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Slept });
@@ -639,7 +638,6 @@ impl Sandbox {
         for id in contexts {
             let _ = self.runtime.inner.interpreters.delete(&id);
         }
-        self.runtime.inner.interpreters.drop_spares(&self.inner.workspace);
         self.runtime.inner.store.delete(self.inner.id)?;
         self.runtime.forget(self.inner.id);
         self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Destroyed });

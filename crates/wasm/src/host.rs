@@ -22,6 +22,8 @@ pub(crate) struct Limiter {
     instance_cap: u64,
     /// All linear memories of the store together: the cap is per run, not per memory.
     memory_in_use: u64,
+    /// The largest table size granted so far.
+    table_peak: u64,
     /// When the current run or evaluation must end, and the deadline it came from.
     pub(crate) deadline: Instant,
     pub(crate) deadline_ms: u64,
@@ -35,6 +37,7 @@ impl Limiter {
             table_cap: limits.table_elements,
             instance_cap: limits.instances,
             memory_in_use: 0,
+            table_peak: 0,
             deadline: Instant::now() + limits.deadline,
             deadline_ms: u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX),
             hit: None,
@@ -45,6 +48,19 @@ impl Limiter {
     pub(crate) fn restart_deadline(&mut self, limits: &Limits) {
         self.deadline = Instant::now() + limits.deadline;
         self.deadline_ms = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX);
+    }
+
+    /// This limiter under other `limits`, keeping what the store already
+    /// uses: for a context made ahead under one set of limits and then given
+    /// to a caller with another. `None` if the store could not have been made
+    /// under `limits`: it uses more memory or a larger table than they allow,
+    /// or they allow fewer instances than it was made under (instances are
+    /// not counted, so only a cap at least as large is known to fit).
+    pub(crate) fn rebound(&self, limits: &Limits) -> Option<Self> {
+        let fits = self.memory_in_use <= limits.memory_bytes
+            && self.table_peak <= limits.table_elements
+            && self.instance_cap <= limits.instances;
+        fits.then(|| Self { memory_in_use: self.memory_in_use, table_peak: self.table_peak, ..Self::new(limits) })
     }
 
     fn exceeded(&mut self, limit: Limit, value: u64) -> wasmtime::Error {
@@ -75,6 +91,7 @@ impl ResourceLimiter for Limiter {
         if desired as u64 > self.table_cap {
             return Err(self.exceeded(Limit::TableElements, self.table_cap));
         }
+        self.table_peak = self.table_peak.max(desired as u64);
         Ok(true)
     }
 

@@ -28,6 +28,9 @@ pub(crate) struct OutputCapHit {
 struct Captured {
     bytes: Vec<u8>,
     truncated: bool,
+    /// Shared with every clone, so a pipe the guest already writes to can be
+    /// given another cap (a context made ahead, then bound to a caller's limits).
+    cap: usize,
 }
 
 /// One captured stream. Clones share the buffer, so the host keeps a handle
@@ -35,19 +38,19 @@ struct Captured {
 #[derive(Clone)]
 pub(crate) struct CapturePipe {
     stream: StreamName,
-    cap: usize,
     captured: Arc<Mutex<Captured>>,
     sender: Option<OutputSender>,
 }
 
 impl CapturePipe {
     pub(crate) fn new(stream: StreamName, cap: u64, sender: Option<OutputSender>) -> Self {
-        Self {
-            stream,
-            cap: usize::try_from(cap).unwrap_or(usize::MAX),
-            captured: Arc::default(),
-            sender,
-        }
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        Self { stream, captured: Arc::new(Mutex::new(Captured { cap, ..Captured::default() })), sender }
+    }
+
+    /// Sets the cap for what is written from now on.
+    pub(crate) fn set_cap(&self, cap: u64) {
+        self.lock().cap = usize::try_from(cap).unwrap_or(usize::MAX);
     }
 
     fn lock(&self) -> MutexGuard<'_, Captured> {
@@ -58,7 +61,7 @@ impl CapturePipe {
     /// Appends what fits; reports whether everything did.
     fn append(&self, bytes: &[u8]) -> Result<(), OutputCapHit> {
         let mut captured = self.lock();
-        let room = self.cap.saturating_sub(captured.bytes.len());
+        let room = captured.cap.saturating_sub(captured.bytes.len());
         let taken = &bytes[..bytes.len().min(room)];
         captured.bytes.extend_from_slice(taken);
         if taken.len() < bytes.len() {

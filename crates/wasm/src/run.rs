@@ -38,7 +38,10 @@ impl IsolateEngine {
         if guest.is_interpreter() {
             return Err(Error::Unsupported {
                 tier: TierKind::Isolate,
-                what: format!("running the interpreter {} as a command (evaluate code in a context instead)", guest.name()),
+                what: format!(
+                    "running the interpreter {} as a command (evaluate code in a context instead)",
+                    guest.name()
+                ),
             });
         }
         if let Some(cwd) = request.cwd.as_deref().filter(|cwd| cwd.trim_end_matches('/') != WORKSPACE_GUEST_PATH) {
@@ -126,7 +129,21 @@ impl IsolateEngine {
 /// The WASI context every guest starts from: the workspace as the only
 /// preopen (and the working directory), captured stdout and stderr, empty
 /// stdin, and no sockets or name lookups until egress policy grants them.
-pub(crate) fn confined_wasi(workspace: &Workspace, stdout: &CapturePipe, stderr: &CapturePipe) -> Result<WasiCtxBuilder, Error> {
+pub(crate) fn confined_wasi(
+    workspace: &Workspace,
+    stdout: &CapturePipe,
+    stderr: &CapturePipe,
+) -> Result<WasiCtxBuilder, Error> {
+    let mut wasi = unbound_wasi(stdout, stderr);
+    wasi.preopened_dir(workspace.host_path(), WORKSPACE_GUEST_PATH, FsPerms::ReadWrite).map_err(|e| {
+        Error::Workspace { path: workspace.host_path().to_path_buf(), reason: format!("cannot be opened: {e}") }
+    })?;
+    Ok(wasi)
+}
+
+/// A WASI context like [`confined_wasi`]'s without the workspace: no file
+/// system at all. For an interpreter context made ahead of its caller.
+pub(crate) fn unbound_wasi(stdout: &CapturePipe, stderr: &CapturePipe) -> WasiCtxBuilder {
     let mut wasi = WasiCtxBuilder::new();
     wasi.stdin(MemoryInputPipe::new(Bytes::new()))
         .stdout(stdout.clone())
@@ -135,11 +152,7 @@ pub(crate) fn confined_wasi(workspace: &Workspace, stdout: &CapturePipe, stderr:
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .initial_cwd(WORKSPACE_GUEST_PATH);
-    wasi.preopened_dir(workspace.host_path(), WORKSPACE_GUEST_PATH, FsPerms::ReadWrite).map_err(|e| Error::Workspace {
-        path: workspace.host_path().to_path_buf(),
-        reason: format!("cannot be opened: {e}"),
-    })?;
-    Ok(wasi)
+    wasi
 }
 
 /// Sets up a store's limiter and deadline check; the deadline itself lives in
@@ -162,7 +175,10 @@ pub(crate) fn arm<T: HasLimiter + 'static>(mut store: Store<T>) -> Store<T> {
 
 /// Drives a metered run until it ends or the deadline passes; the latter
 /// covers a guest blocked in a host call, where epoch checks cannot reach it.
-pub(crate) async fn bounded<F: std::future::Future<Output = Ended>>(run: Metered<F>, deadline: Instant) -> (Ended, std::time::Duration) {
+pub(crate) async fn bounded<F: std::future::Future<Output = Ended>>(
+    run: Metered<F>,
+    deadline: Instant,
+) -> (Ended, std::time::Duration) {
     let mut run = run;
     let metered = tokio::time::timeout_at(deadline.into(), &mut run).await;
     match metered {
@@ -178,7 +194,11 @@ pub(crate) fn find<E: std::error::Error + Send + Sync + 'static>(error: &wasmtim
 
 /// Turns how a run ended into a [`Termination`]; `Err` only for failures of the
 /// host (the engine could not start the guest for reasons not the guest's).
-pub(crate) fn classify(ended: Ended, limiter_hit: Option<LimitExceeded>, limits: &Limits) -> Result<Termination, Error> {
+pub(crate) fn classify(
+    ended: Ended,
+    limiter_hit: Option<LimitExceeded>,
+    limits: &Limits,
+) -> Result<Termination, Error> {
     let deadline_ms = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX);
     let limit = |limit: Limit, value: u64| Ok(Termination::LimitExceeded(LimitExceeded { limit, value }));
     let error = match ended {
@@ -187,7 +207,9 @@ pub(crate) fn classify(ended: Ended, limiter_hit: Option<LimitExceeded>, limits:
         Ended::Finished(Err(e)) | Ended::NotStarted(e) if limiter_hit.is_some() => {
             // The limiter refused a grow and the guest trapped on it: report the limit, not the trap.
             tracing::debug!("run stopped by the limiter: {e:#}");
-            return Ok(limiter_hit.map_or(Termination::Crashed { message: format!("{e:#}") }, Termination::LimitExceeded));
+            return Ok(
+                limiter_hit.map_or(Termination::Crashed { message: format!("{e:#}") }, Termination::LimitExceeded)
+            );
         }
         Ended::NotStarted(e) => {
             // The per-run instance cap is enforced by Wasmtime's store, which

@@ -1,5 +1,10 @@
 //! One interpreter context: a component instance kept alive between
 //! evaluations, so state persists. A limit hit or a crash resets it.
+//!
+//! A context can also be made ahead of its caller, without a workspace, and
+//! warmed ([`InterpreterContext::start_ahead`]); [`InterpreterContext::bind`]
+//! then gives it the caller's workspace and limits. Until then it has no file
+//! system at all, and evaluates nothing but the empty warm-up snippet.
 
 use std::time::{Duration, Instant};
 
@@ -11,12 +16,12 @@ use wasmtime::Store;
 
 use super::bindings::Interpreter;
 use super::bindings::exports::airlock::sandbox::evaluator as wit;
+use crate::IsolateEngine;
 use crate::guest::{Guest, GuestKind};
 use crate::host::{ComponentHost, Limiter};
 use crate::metering::Metered;
 use crate::output::CapturePipe;
-use crate::run::{Ended, arm, classify, confined_wasi};
-use crate::IsolateEngine;
+use crate::run::{Ended, arm, classify, confined_wasi, unbound_wasi};
 
 struct Live {
     store: Store<ComponentHost>,
@@ -31,7 +36,8 @@ pub struct InterpreterContext {
     engine: IsolateEngine,
     guest: Guest,
     language: Language,
-    workspace: Workspace,
+    /// `None` for a context made ahead and not yet bound to a caller.
+    workspace: Option<Workspace>,
     limits: Limits,
     live: Option<Live>,
     evaluations: u64,
@@ -47,6 +53,11 @@ impl std::fmt::Debug for InterpreterContext {
             .finish_non_exhaustive()
     }
 }
+
+/// What a context made ahead evaluates to warm up: the interpreters treat the
+/// empty snippet as "run your evaluation path once, touching no files and
+/// writing no output".
+pub(crate) const WARM_UP_SNIPPET: &str = "";
 
 fn code_error(error: wit::CodeError) -> CodeError {
     CodeError { kind: error.kind, message: error.message, traceback: error.traceback, line: error.line }
@@ -78,12 +89,83 @@ impl InterpreterContext {
                 reason: format!("{} is not an interpreter component", guest.name()),
             });
         }
-        let mut context =
-            Self { engine: engine.clone(), guest, language, workspace, limits, live: None, evaluations: 0, resets: 0 };
+        let mut context = Self {
+            engine: engine.clone(),
+            guest,
+            language,
+            workspace: Some(workspace),
+            limits,
+            live: None,
+            evaluations: 0,
+            resets: 0,
+        };
         if let Err(ended) = context.instantiate().await {
             return Err(Error::InterpreterUnavailable { language, reason: ended_text(ended) });
         }
         Ok(context)
+    }
+
+    /// Makes a context ahead of its caller: instantiated under the default
+    /// limits with no workspace, then warmed with the empty snippet (which the
+    /// interpreters run without touching files or output), so that after
+    /// [`bind`](Self::bind) the caller's first evaluation pays neither
+    /// instantiation nor first-use costs.
+    pub(crate) async fn start_ahead(engine: &IsolateEngine, guest: Guest, language: Language) -> Result<Self, Error> {
+        if !guest.is_interpreter() {
+            return Err(Error::InterpreterUnavailable {
+                language,
+                reason: format!("{} is not an interpreter component", guest.name()),
+            });
+        }
+        let mut context = Self {
+            engine: engine.clone(),
+            guest,
+            language,
+            workspace: None,
+            limits: Limits::default(),
+            live: None,
+            evaluations: 0,
+            resets: 0,
+        };
+        if let Err(ended) = context.instantiate().await {
+            return Err(Error::InterpreterUnavailable { language, reason: ended_text(ended) });
+        }
+        let warmed = context.eval(WARM_UP_SNIPPET).await;
+        if !warmed.is_ok() || context.live.is_none() {
+            return Err(Error::InterpreterUnavailable {
+                language,
+                reason: format!("warming up failed: {:?}", warmed.result),
+            });
+        }
+        Ok(context)
+    }
+
+    /// Gives a context made ahead its caller's workspace and limits, as if it
+    /// had been started with them. Returns false, leaving the context as it
+    /// was, if it is already bound, `limits` are invalid, the workspace cannot
+    /// be opened, or the instance already uses more than `limits` allow.
+    pub(crate) fn bind(&mut self, workspace: Workspace, limits: Limits) -> bool {
+        if self.workspace.is_some() || limits.validate().is_err() {
+            return false;
+        }
+        let Some(live) = self.live.as_mut() else { return false };
+        let Some(limiter) = live.store.data().limiter.rebound(&limits) else { return false };
+        let Ok(mut wasi) = confined_wasi(&workspace, &live.stdout, &live.stderr) else { return false };
+        wasi.arg(self.language.as_str());
+        // The guest has used no file system yet (the warm-up snippet touches
+        // none), so the new context's preopen is the first it will see.
+        let host = live.store.data_mut();
+        host.wasi = wasi.build();
+        host.limiter = limiter;
+        for pipe in [&live.stdout, &live.stderr] {
+            pipe.set_cap(limits.output_bytes);
+            let _ = pipe.take();
+        }
+        self.workspace = Some(workspace);
+        self.limits = limits;
+        self.evaluations = 0;
+        self.resets = 0;
+        true
     }
 
     pub fn language(&self) -> Language {
@@ -110,8 +192,11 @@ impl InterpreterContext {
         };
         let stdout = CapturePipe::new(OutputStream::Stdout, self.limits.output_bytes, None);
         let stderr = CapturePipe::new(OutputStream::Stderr, self.limits.output_bytes, None);
-        let mut wasi = confined_wasi(&self.workspace, &stdout, &stderr)
-            .map_err(|e| EvalResult::Crashed { message: e.to_string() })?;
+        let mut wasi = match &self.workspace {
+            Some(workspace) => confined_wasi(workspace, &stdout, &stderr)
+                .map_err(|e| EvalResult::Crashed { message: e.to_string() })?,
+            None => unbound_wasi(&stdout, &stderr),
+        };
         wasi.arg(self.language.as_str());
         let host = ComponentHost { wasi: wasi.build(), table: Default::default(), limiter: Limiter::new(&self.limits) };
         let mut store = arm(Store::new(&self.engine.inner.engine, host));
@@ -139,6 +224,10 @@ impl InterpreterContext {
     /// A limit hit or a crash resets the context: the next evaluation starts fresh.
     pub async fn eval(&mut self, code: &str) -> EvalOutcome {
         let started = Instant::now();
+        if self.workspace.is_none() && code != WARM_UP_SNIPPET {
+            // It would find no workspace, and could not find one after binding either.
+            return without_output(EvalResult::Crashed { message: "context has no workspace yet".into() }, started);
+        }
         self.evaluations += 1;
         if self.live.is_none()
             && let Err(result) = self.instantiate().await
@@ -150,6 +239,10 @@ impl InterpreterContext {
             return without_output(EvalResult::Crashed { message: "context is not running".into() }, started);
         };
         live.store.data_mut().limiter.restart_deadline(&limits);
+        // The epoch has moved on since the last evaluation: without this the
+        // guest's first epoch check would find its tick long passed and yield
+        // to the executor once before doing any work.
+        live.store.set_epoch_deadline(1);
         let deadline = Instant::now() + limits.deadline;
         let evaluator = live.bindings.airlock_sandbox_evaluator();
         let mut evaluating = Metered::new(evaluator.call_eval(&mut live.store, code));
@@ -186,7 +279,15 @@ impl InterpreterContext {
             self.live = None;
             self.resets += 1;
         }
-        EvalOutcome { result, stdout, stderr, stdout_truncated, stderr_truncated, wall_time: started.elapsed(), cpu_time }
+        EvalOutcome {
+            result,
+            stdout,
+            stderr,
+            stdout_truncated,
+            stderr_truncated,
+            wall_time: started.elapsed(),
+            cpu_time,
+        }
     }
 }
 
@@ -210,4 +311,3 @@ fn ended_text(result: EvalResult) -> String {
         other => format!("{other:?}"),
     }
 }
-

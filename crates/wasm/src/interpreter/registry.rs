@@ -1,6 +1,6 @@
 //! Contexts by id, the interpreters they run, and the one-shot path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,7 +12,8 @@ use super::InterpreterContext;
 use crate::{Guest, IsolateEngine};
 
 /// The file each language's interpreter component is read from, in the interpreter directory.
-pub const INTERPRETER_FILES: [(Language, &str); 2] = [(Language::Python, "python.wasm"), (Language::JavaScript, "js.wasm")];
+pub const INTERPRETER_FILES: [(Language, &str); 2] =
+    [(Language::Python, "python.wasm"), (Language::JavaScript, "js.wasm")];
 
 /// Where interpreter components are looked for: `$AIRLOCK_INTERPRETERS` if
 /// set; else the first `guests/out` holding `python.wasm` found walking up
@@ -45,63 +46,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Most spare contexts [`Interpreters::keep_spares`] may hold at once, over
-/// all keys: each holds an instance (about 8 MiB for Python).
-pub const MAX_SPARE_CONTEXTS: usize = 64;
-/// The snippet a spare context evaluates when it is made, so that the first
-/// evaluation's one-time costs (CPython's copy-on-write faults on its
-/// pre-initialised heap) are paid before a caller arrives. It leaves nothing
-/// behind a caller could see.
-fn warm_up_snippet(language: Language) -> &'static str {
-    match language {
-        Language::Python => "pass",
-        Language::JavaScript => ";",
-    }
-}
+/// Most warm contexts [`Interpreters::keep_warm`] keeps per language: each
+/// holds an instance (about 8 MiB for Python) and a slot of the engine's pool.
+pub const MAX_WARM_CONTEXTS: usize = 32;
 
-/// What a spare context was made for: a one-shot run takes a spare only if
-/// all three match.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct SpareKey {
-    language: Language,
-    workspace: PathBuf,
-    limits: Limits,
-}
-
-/// Fresh contexts made ahead for one-shot runs. Each serves one run and is
-/// dropped; it has evaluated only the warm-up snippet.
+/// Contexts made ahead, per language, not yet bound to a workspace: each
+/// serves one one-shot run or becomes one new context.
 #[derive(Debug, Default)]
-struct Spares {
-    ready: HashMap<SpareKey, InterpreterContext>,
-    /// Keys in the order their spares were made, oldest first (for eviction).
-    order: std::collections::VecDeque<SpareKey>,
-    /// Keys being refilled, so that a burst makes one spare, not many.
-    making: std::collections::HashSet<SpareKey>,
-    /// Keys one-shot runs used lately, oldest first: a spare is made only for
-    /// a key used before, so a workspace that runs code once costs one instance.
-    seen: std::collections::VecDeque<SpareKey>,
+struct WarmPool {
+    ready: HashMap<Language, Vec<InterpreterContext>>,
+    /// Languages a refill task is running for, so there is one at a time.
+    refilling: HashSet<Language>,
+    /// Contexts to keep ready per language; 0 turns the pool off.
     capacity: usize,
-}
-
-/// How many recently used keys are remembered for deciding on spares.
-const REMEMBERED_KEYS: usize = 1024;
-
-impl Spares {
-    /// Records a one-shot run for `key`; whether the key was used before.
-    fn note_use(&mut self, key: &SpareKey) -> bool {
-        let repeat = match self.seen.iter().position(|seen| seen == key) {
-            Some(at) => {
-                self.seen.remove(at);
-                true
-            }
-            None => false,
-        };
-        self.seen.push_back(key.clone());
-        if self.seen.len() > REMEMBERED_KEYS {
-            self.seen.pop_front();
-        }
-        repeat
-    }
 }
 
 /// The interpreters of one engine and the contexts created with them.
@@ -114,7 +71,7 @@ pub struct Interpreters {
     guests: tokio::sync::Mutex<HashMap<Language, Guest>>,
     contexts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<InterpreterContext>>>>,
     next_id: AtomicU64,
-    spares: Arc<Mutex<Spares>>,
+    warm: Arc<Mutex<WarmPool>>,
 }
 
 impl Interpreters {
@@ -126,23 +83,32 @@ impl Interpreters {
             guests: tokio::sync::Mutex::default(),
             contexts: Mutex::default(),
             next_id: AtomicU64::new(1),
-            spares: Arc::default(),
+            warm: Arc::default(),
         }
     }
 
-    /// Keeps up to `capacity` (at most [`MAX_SPARE_CONTEXTS`]) spare contexts
-    /// for one-shot runs: after a one-shot run, a fresh context for the same
-    /// language, workspace and limits is made in the background and warmed,
-    /// so the next such run only evaluates. Off (0) by default: a process that
-    /// runs once (the CLI) would make one for nothing.
-    pub fn keep_spares(self, capacity: usize) -> Self {
-        lock(&self.spares).capacity = capacity.min(MAX_SPARE_CONTEXTS);
+    /// Keeps up to `per_language` (at most [`MAX_WARM_CONTEXTS`]) contexts
+    /// of each language made ahead: instantiated and warmed in the background
+    /// with no workspace, then bound to the workspace and limits of the
+    /// one-shot run or new context that takes one, so that neither waits for
+    /// an instance. The pool of a language fills from its first use (or
+    /// [`prewarm`](Self::prewarm)) and refills after each take. Off (0) by
+    /// default: a process that runs once (the CLI) would make them for nothing.
+    pub fn keep_warm(self, per_language: usize) -> Self {
+        lock(&self.warm).capacity = per_language.min(MAX_WARM_CONTEXTS);
         self
     }
 
-    /// Spare contexts ready now.
-    pub fn spares_ready(&self) -> usize {
-        lock(&self.spares).ready.len()
+    /// Warm contexts of `language` ready now.
+    pub fn warm_ready(&self, language: Language) -> usize {
+        lock(&self.warm).ready.get(&language).map_or(0, Vec::len)
+    }
+
+    /// Starts filling `language`'s warm pool now rather than at its first use.
+    pub async fn prewarm(&self, language: Language) -> Result<(), Error> {
+        let guest = self.guest(language).await?;
+        self.refill(language, guest);
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -161,7 +127,10 @@ impl Interpreters {
         if !path.is_file() {
             return Err(Error::InterpreterUnavailable {
                 language,
-                reason: format!("{} not found (build it with scripts/build-guests.sh, or set AIRLOCK_INTERPRETERS)", path.display()),
+                reason: format!(
+                    "{} not found (build it with scripts/build-guests.sh, or set AIRLOCK_INTERPRETERS)",
+                    path.display()
+                ),
             });
         }
         let engine = self.engine.clone();
@@ -173,9 +142,18 @@ impl Interpreters {
     }
 
     /// Creates a context and returns its id.
-    pub async fn create_context(&self, language: Language, workspace: Workspace, limits: Limits) -> Result<String, Error> {
+    pub async fn create_context(
+        &self,
+        language: Language,
+        workspace: Workspace,
+        limits: Limits,
+    ) -> Result<String, Error> {
         let guest = self.guest(language).await?;
-        let context = InterpreterContext::start(&self.engine, guest, language, workspace, limits).await?;
+        let context = match self.take_warm(language, &workspace, limits) {
+            Some(context) => context,
+            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace, limits).await?,
+        };
+        self.refill(language, guest);
         let id = format!("ctx-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         lock(&self.contexts).insert(id.clone(), Arc::new(tokio::sync::Mutex::new(context)));
         Ok(id)
@@ -214,76 +192,75 @@ impl Interpreters {
     }
 
     /// One-shot: evaluates `code` in a fresh context that is discarded after.
-    /// With [`keep_spares`](Self::keep_spares), the fresh context may be a
-    /// spare made ahead for the same language, workspace and limits.
-    pub async fn run(&self, language: Language, workspace: Workspace, code: &str, limits: Limits) -> Result<EvalOutcome, Error> {
+    /// With [`keep_warm`](Self::keep_warm), the fresh context is one made ahead
+    /// when one is ready and fits `limits`.
+    pub async fn run(
+        &self,
+        language: Language,
+        workspace: Workspace,
+        code: &str,
+        limits: Limits,
+    ) -> Result<EvalOutcome, Error> {
         let guest = self.guest(language).await?;
-        let key = SpareKey { language, workspace: workspace.host_path().to_path_buf(), limits };
-        let (spare, repeat) = {
-            let mut spares = lock(&self.spares);
-            let repeat = spares.capacity > 0 && spares.note_use(&key);
-            let taken = spares.ready.remove(&key);
-            if taken.is_some() {
-                spares.order.retain(|k| *k != key);
-            }
-            (taken, repeat)
-        };
-        let mut context = match spare {
+        let mut context = match self.take_warm(language, &workspace, limits) {
             Some(context) => context,
-            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace.clone(), limits).await?,
+            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace, limits).await?,
         };
         let outcome = context.eval(code).await;
         // Tearing an instance down (resetting its memory) takes a fraction of a
         // millisecond; do it after answering, off the caller's path.
         tokio::task::spawn_blocking(move || drop(context));
-        if repeat {
-            self.make_spare(key, guest, workspace);
-        }
+        self.refill(language, guest);
         Ok(outcome)
     }
 
-    /// Starts making a warmed spare for `key` in the background, unless spares
-    /// are off or one is ready or being made.
-    fn make_spare(&self, key: SpareKey, guest: Guest, workspace: Workspace) {
+    /// A warm context of `language` bound to `workspace` and `limits`, if one
+    /// is ready and fits them (one that does not fit stays in the pool).
+    fn take_warm(&self, language: Language, workspace: &Workspace, limits: Limits) -> Option<InterpreterContext> {
+        let mut context = lock(&self.warm).ready.get_mut(&language)?.pop()?;
+        if context.bind(workspace.clone(), limits) {
+            return Some(context);
+        }
+        lock(&self.warm).ready.entry(language).or_default().push(context);
+        None
+    }
+
+    /// Starts filling `language`'s warm pool up to its capacity in the
+    /// background, unless the pool is off, full, or already being filled.
+    fn refill(&self, language: Language, guest: Guest) {
         {
-            let mut spares = lock(&self.spares);
-            if spares.capacity == 0 || spares.ready.contains_key(&key) || !spares.making.insert(key.clone()) {
+            let mut warm = lock(&self.warm);
+            let ready = warm.ready.get(&language).map_or(0, Vec::len);
+            if warm.capacity == 0 || ready >= warm.capacity || !warm.refilling.insert(language) {
                 return;
             }
         }
-        let (engine, spares) = (self.engine.clone(), self.spares.clone());
-        tokio::spawn(async move {
-            let made = InterpreterContext::start(&engine, guest, key.language, workspace, key.limits).await;
-            let spare = match made {
-                Ok(mut context) => context.eval(warm_up_snippet(key.language)).await.is_ok().then_some(context),
-                Err(_) => None,
-            };
-            let evicted = {
-                let mut spares = lock(&spares);
-                spares.making.remove(&key);
-                let Some(context) = spare else { return };
-                let mut evicted = Vec::new();
-                while spares.ready.len() >= spares.capacity.max(1) {
-                    let Some(oldest) = spares.order.pop_front() else { break };
-                    evicted.extend(spares.ready.remove(&oldest));
+        let (engine, warm) = (self.engine.clone(), self.warm.clone());
+        // Making a context is a few milliseconds of CPU with no waiting in it:
+        // off the async workers, so callers on them are not held up.
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            handle.block_on(async move {
+                loop {
+                    let made = InterpreterContext::start_ahead(&engine, guest.clone(), language).await;
+                    let mut pool = lock(&warm);
+                    let capacity = pool.capacity;
+                    let full = match made {
+                        Ok(context) => {
+                            let ready = pool.ready.entry(language).or_default();
+                            ready.push(context);
+                            ready.len() >= capacity
+                        }
+                        // The engine is out of slots or the guest is broken: stop
+                        // until the next take tries again.
+                        Err(_) => true,
+                    };
+                    if full {
+                        pool.refilling.remove(&language);
+                        return;
+                    }
                 }
-                spares.order.push_back(key.clone());
-                spares.ready.insert(key, context);
-                evicted
-            };
-            drop(evicted);
+            })
         });
-    }
-
-    /// Drops the spare contexts made for `workspace` (its sandbox went away or to sleep).
-    pub fn drop_spares(&self, workspace: &Workspace) {
-        let dropped: Vec<InterpreterContext> = {
-            let mut spares = lock(&self.spares);
-            let keys: Vec<SpareKey> =
-                spares.ready.keys().filter(|key| key.workspace == workspace.host_path()).cloned().collect();
-            spares.order.retain(|key| key.workspace != workspace.host_path());
-            keys.iter().filter_map(|key| spares.ready.remove(key)).collect()
-        };
-        drop(dropped);
     }
 }

@@ -17,6 +17,14 @@
 //! attacker who can write the cache directory (who could rewrite both files):
 //! the cache directory must be writable only by the runtime's user.
 //!
+//! Checksumming reads the whole artifact (37 MB for the Python interpreter,
+//! about 5 ms), which a new process would otherwise not touch. So once an
+//! artifact has passed, a third file (`.verified`) records the artifact's
+//! size, modification time and inode, and a later load whose artifact still
+//! has that stamp skips the checksum. Replacing or rewriting the artifact
+//! changes its stamp; damage that leaves size, time and inode unchanged (bit
+//! rot) goes unnoticed after the first check.
+//!
 //! The cache also remembers, per guest file path, the source hash of the file
 //! as it was (size, modification time, inode), so a new process does not read
 //! and hash a large guest again to find its entry.
@@ -102,13 +110,22 @@ fn checksum(bytes: &[u8]) -> [u8; 16] {
     xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes()
 }
 
-/// Writes `contents` under `path` atomically (temporary file, then rename).
+/// Writes `contents` under `path` atomically (temporary file, then rename),
+/// synced to disk before the rename.
 fn write_atomically(dir: &Path, path: &Path, contents: &[&[u8]]) -> std::io::Result<()> {
+    write_replacing(dir, path, contents, true)
+}
+
+/// Writes `contents` under `path` by rename, so readers see all or nothing;
+/// `sync` also makes it survive a crash.
+fn write_replacing(dir: &Path, path: &Path, contents: &[&[u8]], sync: bool) -> std::io::Result<()> {
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     for part in contents {
         file.write_all(part)?;
     }
-    file.as_file().sync_data()?;
+    if sync {
+        file.as_file().sync_data()?;
+    }
     file.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
@@ -125,8 +142,16 @@ impl DiskCache {
     }
 
     fn check_path_for(&self, source: &Hash32) -> PathBuf {
+        self.sidecar_path_for(source, ".check")
+    }
+
+    fn verified_path_for(&self, source: &Hash32) -> PathBuf {
+        self.sidecar_path_for(source, ".verified")
+    }
+
+    fn sidecar_path_for(&self, source: &Hash32, suffix: &str) -> PathBuf {
         let mut path = self.path_for(source).into_os_string();
-        path.push(".check");
+        path.push(suffix);
         PathBuf::from(path)
     }
 
@@ -139,6 +164,7 @@ impl DiskCache {
             // Best effort: an entry we cannot remove is overwritten by the rebuild anyway.
             let _ = std::fs::remove_file(self.path_for(source));
             let _ = std::fs::remove_file(self.check_path_for(source));
+            let _ = std::fs::remove_file(self.verified_path_for(source));
         }
         verdict
     }
@@ -170,15 +196,25 @@ impl DiskCache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Rejected::Truncated),
             Err(e) => return Err(Rejected::Unreadable(e.to_string())),
         };
-        let actual_len = file.metadata().map_err(|e| Rejected::Unreadable(e.to_string()))?.len();
+        let meta = file.metadata().map_err(|e| Rejected::Unreadable(e.to_string()))?;
+        let actual_len = meta.len();
         if actual_len < expected_len {
             return Err(Rejected::Truncated);
         }
         if actual_len != expected_len {
             return Err(Rejected::Corrupt);
         }
+        let stamp = FileStamp::of(&meta).map(encode_stamp);
+        let verified_path = self.verified_path_for(source);
+        if stamp.is_some() && std::fs::read(&verified_path).ok().as_deref() == stamp.as_ref().map(|s| &s[..]) {
+            return Ok(path);
+        }
         if checksum(&map(&file)?) != expected_sum {
             return Err(Rejected::Corrupt);
+        }
+        if let Some(stamp) = stamp {
+            // A hint: if it is lost, the next load checksums again.
+            let _ = write_replacing(&self.dir, &verified_path, &[&stamp], false);
         }
         Ok(path)
     }
@@ -300,6 +336,32 @@ mod tests {
         std::fs::remove_file(cache.check_path_for(&source)).unwrap();
         assert_eq!(cache.load(&source), Err(Rejected::BadMagic), "artifact without its check file");
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_verified_artifact_is_not_checksummed_again_until_it_changes() {
+        let (_dir, cache) = cache();
+        let source = sha256(b"module");
+        let path = cache.store(&source, &[42u8; 1000]).unwrap();
+        let verified = cache.verified_path_for(&source);
+        assert!(!verified.exists(), "stored is not verified");
+        assert_eq!(cache.load(&source), Ok(path.clone()));
+        assert!(verified.exists(), "a checksummed artifact is recorded");
+        // With the stamp recorded, a wrong checksum in the check file goes
+        // unread: proof the artifact was not checksummed again.
+        let check = cache.check_path_for(&source);
+        let mut bytes = std::fs::read(&check).unwrap();
+        bytes[MAGIC.len() + 2 * HASH_LEN] ^= 1;
+        std::fs::write(&check, &bytes).unwrap();
+        assert_eq!(cache.load(&source), Ok(path.clone()));
+        // A replaced artifact has another stamp, and is checksummed again.
+        let mut damaged = std::fs::read(&path).unwrap();
+        damaged[500] ^= 1;
+        let replacement = path.with_extension("new");
+        std::fs::write(&replacement, &damaged).unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert_eq!(cache.load(&source), Err(Rejected::Corrupt));
+        assert!(!path.exists() && !verified.exists());
     }
 
     #[test]

@@ -235,7 +235,12 @@ impl IsolateEngine {
             }
             match self.cached_or_rejection(&source, &name)? {
                 Ok(guest) => {
-                    self.remember(path, stamp, &guest);
+                    // The hash came from this process or the disk index: both
+                    // know it already, so only this process's map is updated
+                    // (rewriting the index would cost a sync on every start).
+                    if let Some(stamp) = stamp {
+                        lock(&self.inner.files).insert(path.to_path_buf(), KnownFile { stamp, source });
+                    }
                     return Ok(guest);
                 }
                 Err(reason) => rejected = reason,

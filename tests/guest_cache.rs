@@ -7,8 +7,8 @@ mod common;
 
 use std::path::Path;
 
-use airlock::wasm::{EngineConfig, GuestOrigin, IsolateEngine};
 use airlock::ExecRequest;
+use airlock::wasm::{EngineConfig, GuestOrigin, IsolateEngine};
 use common::{Fixture, guest};
 
 fn engine_with_cache(dir: &Path) -> IsolateEngine {
@@ -63,7 +63,16 @@ async fn damaged_cache_files_are_rebuilt() {
 
     let damages: [(&str, Vec<u8>, &str); 4] = [
         ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
-        ("corrupt", { let mut b = good.clone(); let i = b.len() - 100; b[i] ^= 0xff; b }, "corrupt"),
+        (
+            "corrupt",
+            {
+                let mut b = good.clone();
+                let i = b.len() - 100;
+                b[i] ^= 0xff;
+                b
+            },
+            "corrupt",
+        ),
         ("empty", Vec::new(), "truncated"),
         ("garbage of the same length", vec![b'#'; good.len()], "corrupt"),
     ];
@@ -80,7 +89,10 @@ async fn damaged_cache_files_are_rebuilt() {
         runs_hello(&engine, &loaded).await;
         assert_eq!(std::fs::read(&path).unwrap(), good, "{what}: the rebuilt entry should be whole again");
         // The rebuilt entry is used by the next process.
-        assert_eq!(engine_with_cache(cache.path()).load_file(guest("hello.wasm")).unwrap().origin(), &GuestOrigin::DiskCache);
+        assert_eq!(
+            engine_with_cache(cache.path()).load_file(guest("hello.wasm")).unwrap().origin(),
+            &GuestOrigin::DiskCache
+        );
     }
 }
 

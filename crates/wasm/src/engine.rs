@@ -10,7 +10,9 @@ use std::time::Duration;
 use airlock_core::Error;
 use airlock_core::limits::{MAX_INSTANCES, MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS};
 use wasmtime::component::{Component, Linker as ComponentLinker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, OptLevel, PoolingAllocationConfig, Precompiled};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Linker, Module, OptLevel, PoolingAllocationConfig, Precompiled,
+};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::cache::{DiskCache, FileStamp, Hash32, Rejected, Sha256Hasher, sha256};
@@ -224,9 +226,11 @@ impl IsolateEngine {
         // Find the file's content hash without reading it when it is known unchanged,
         // first to this process, then to the disk cache's path index.
         let known = stamp.and_then(|stamp| {
-            lock(&self.inner.files).get(path).filter(|f| f.stamp == stamp).map(|f| f.source).or_else(|| {
-                self.inner.disk.as_ref().and_then(|disk| disk.recall_source(path, stamp))
-            })
+            lock(&self.inner.files)
+                .get(path)
+                .filter(|f| f.stamp == stamp)
+                .map(|f| f.source)
+                .or_else(|| self.inner.disk.as_ref().and_then(|disk| disk.recall_source(path, stamp)))
         });
         let mut rejected = None;
         if let Some(source) = known {
@@ -312,7 +316,8 @@ impl IsolateEngine {
             // The guest still runs; it is only compiled again next process.
             tracing::warn!(dir = %disk.dir().display(), "cannot write the guest cache: {e}");
         }
-        let guest = Guest::new(name.to_string(), source, kind, GuestOrigin::Compiled { rejected_cache_entry: rejected });
+        let guest =
+            Guest::new(name.to_string(), source, kind, GuestOrigin::Compiled { rejected_cache_entry: rejected });
         lock(&self.inner.guests).insert(source, guest.clone());
         Ok(guest)
     }
@@ -331,7 +336,9 @@ impl IsolateEngine {
         };
         let engine = &self.inner.engine;
         let loaded = match Engine::detect_precompiled_file(&path) {
-            Ok(Some(Precompiled::Component)) => load_component(engine, &path).and_then(|c| Ok(self.link_component(&c, name)?)),
+            Ok(Some(Precompiled::Component)) => {
+                load_component(engine, &path).and_then(|c| Ok(self.link_component(&c, name)?))
+            }
             Ok(Some(Precompiled::Module)) => load_module(engine, &path).and_then(|m| Ok(self.link_module(&m, name)?)),
             Ok(None) => Err(wasmtime::format_err!("not a Wasmtime artifact")),
             Err(e) => Err(e),

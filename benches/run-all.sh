@@ -40,7 +40,8 @@ cargo bench --bench isolate_startup
 cargo bench --bench interpreters
 python3 benches/summarize.py criterion us \
   target/criterion/hello-instantiate-and-run/{airlock,wasmtime-pooling,wasmtime-default} \
-  target/criterion/one-shot/{python,javascript} target/criterion/eval-in-context/{python,javascript}
+  target/criterion/{one-shot,one-shot-warm,one-shot-warm-back-to-back}/{python,javascript} \
+  target/criterion/eval-in-context/{python,python-value,python-exact-path,js,js-value}
 cargo bench --bench context_memory
 
 # The container tier, and the Docker peer of the interpreters: a fresh container per snippet.

@@ -384,3 +384,20 @@ async fn warm_contexts_serve_any_workspace_fresh_under_the_callers_limits() {
         warm.run(Language::JavaScript, first.workspace.clone(), "console.log(fs.readFile('f.txt'))", small_limits());
     assert_eq!(js.await.unwrap().stdout_text(), "first's file\n");
 }
+
+#[test]
+fn a_refill_does_not_need_the_runtime_that_started_it() {
+    let warm =
+        Interpreters::new(engine().clone(), Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/out")).keep_warm(2);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(warm.prewarm(Language::JavaScript)).unwrap();
+    // Dropping a runtime waits for its blocking tasks; the refill is one, and
+    // must finish (not panic on this runtime's stopped timers) and fill the pool.
+    drop(runtime);
+    assert_eq!(warm.warm_ready(Language::JavaScript), 2);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let fixture = Fixture::new();
+    let outcome = runtime.block_on(warm.run(Language::JavaScript, fixture.workspace.clone(), "1 + 1", small_limits()));
+    assert_eq!(outcome.unwrap().value().unwrap().text, "2");
+    assert_eq!(warm.warm_ready(Language::JavaScript), 1, "the run took a warm context");
+}

@@ -237,10 +237,16 @@ impl Interpreters {
         }
         let (engine, warm) = (self.engine.clone(), self.warm.clone());
         // Making a context is a few milliseconds of CPU with no waiting in it:
-        // off the async workers, so callers on them are not held up.
-        let handle = tokio::runtime::Handle::current();
+        // off the async workers, so callers on them are not held up. It runs
+        // on a runtime of its own, so that it never depends on the caller's
+        // runtime staying up (a timer on a runtime being shut down panics).
         tokio::task::spawn_blocking(move || {
-            handle.block_on(async move {
+            // Building it fails only when the process cannot start a timer; the pool then stays as it is.
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
+                lock(&warm).refilling.remove(&language);
+                return;
+            };
+            runtime.block_on(async {
                 loop {
                     let made = InterpreterContext::start_ahead(&engine, guest.clone(), language).await;
                     let mut pool = lock(&warm);
@@ -256,11 +262,13 @@ impl Interpreters {
                         Err(_) => true,
                     };
                     if full {
+                        // Under the same lock as the last push, so a take after
+                        // it always finds the pool idle and starts a refill.
                         pool.refilling.remove(&language);
                         return;
                     }
                 }
-            })
+            });
         });
     }
 }

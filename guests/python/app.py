@@ -234,6 +234,14 @@ def _compiled(code):
     return None, compile(tree, CODE_FILENAME, "exec"), last
 
 
+def _evaluate_in_scratch(code):
+    """Evaluates `code` as `eval` does, in a namespace of its own: for warming up."""
+    scratch = {"__name__": "__main__", "__builtins__": builtins}
+    for part in _compiled(code):
+        if part is not None:
+            _value(eval(part, scratch))
+
+
 _warmed_at_run_time = False
 
 
@@ -248,10 +256,7 @@ class Evaluator(exports.Evaluator):
             global _warmed_at_run_time
             if not _warmed_at_run_time:
                 _warmed_at_run_time = True
-                scratch = {"__name__": "__main__", "__builtins__": builtins}
-                for part in _compiled("_ = [1]\n_"):
-                    if part is not None:
-                        _value(eval(part, scratch))
+                _evaluate_in_scratch("_ = [1]\n_")
             return None
         _enter_workspace()
         try:
@@ -291,12 +296,9 @@ def _warm_up():
     import io as _io
     import contextlib as _contextlib
 
-    scratch = {"__name__": "__main__", "__builtins__": builtins}
     with _contextlib.redirect_stdout(_io.StringIO()):
         for code in ("x = [1, 2]\nprint(len(x))\nx", "y = 1; y"):
-            for part in _compiled(code):
-                if part is not None:
-                    _value(eval(part, scratch))
+            _evaluate_in_scratch(code)
     try:
         _compiled("def broken(:")
     except SyntaxError as error:

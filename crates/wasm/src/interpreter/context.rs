@@ -83,26 +83,7 @@ impl InterpreterContext {
         limits: Limits,
     ) -> Result<Self, Error> {
         limits.validate()?;
-        if !guest.is_interpreter() {
-            return Err(Error::InterpreterUnavailable {
-                language,
-                reason: format!("{} is not an interpreter component", guest.name()),
-            });
-        }
-        let mut context = Self {
-            engine: engine.clone(),
-            guest,
-            language,
-            workspace: Some(workspace),
-            limits,
-            live: None,
-            evaluations: 0,
-            resets: 0,
-        };
-        if let Err(ended) = context.instantiate().await {
-            return Err(Error::InterpreterUnavailable { language, reason: ended_text(ended) });
-        }
-        Ok(context)
+        Self::instantiated(engine, guest, language, Some(workspace), limits).await
     }
 
     /// Makes a context ahead of its caller: instantiated under the default
@@ -111,31 +92,35 @@ impl InterpreterContext {
     /// [`bind`](Self::bind) the caller's first evaluation pays neither
     /// instantiation nor first-use costs.
     pub(crate) async fn start_ahead(engine: &IsolateEngine, guest: Guest, language: Language) -> Result<Self, Error> {
-        if !guest.is_interpreter() {
-            return Err(Error::InterpreterUnavailable {
-                language,
-                reason: format!("{} is not an interpreter component", guest.name()),
-            });
-        }
-        let mut context = Self {
-            engine: engine.clone(),
-            guest,
-            language,
-            workspace: None,
-            limits: Limits::default(),
-            live: None,
-            evaluations: 0,
-            resets: 0,
-        };
-        if let Err(ended) = context.instantiate().await {
-            return Err(Error::InterpreterUnavailable { language, reason: ended_text(ended) });
-        }
+        let mut context = Self::instantiated(engine, guest, language, None, Limits::default()).await?;
         let warmed = context.eval(WARM_UP_SNIPPET).await;
         if !warmed.is_ok() || context.live.is_none() {
             return Err(Error::InterpreterUnavailable {
                 language,
                 reason: format!("warming up failed: {:?}", warmed.result),
             });
+        }
+        Ok(context)
+    }
+
+    /// A context with a live instance, for `workspace` (`None`: no file system yet).
+    async fn instantiated(
+        engine: &IsolateEngine,
+        guest: Guest,
+        language: Language,
+        workspace: Option<Workspace>,
+        limits: Limits,
+    ) -> Result<Self, Error> {
+        if !guest.is_interpreter() {
+            return Err(Error::InterpreterUnavailable {
+                language,
+                reason: format!("{} is not an interpreter component", guest.name()),
+            });
+        }
+        let mut context =
+            Self { engine: engine.clone(), guest, language, workspace, limits, live: None, evaluations: 0, resets: 0 };
+        if let Err(ended) = context.instantiate().await {
+            return Err(Error::InterpreterUnavailable { language, reason: ended_text(ended) });
         }
         Ok(context)
     }

@@ -61,6 +61,31 @@ struct WarmPool {
     capacity: usize,
 }
 
+/// A language's "refill running" mark, cleared however the refill ends:
+/// finished, failed, or dropped before it started (a runtime shutting down
+/// does not start the blocking tasks still queued on it).
+struct RefillMark {
+    warm: Arc<Mutex<WarmPool>>,
+    language: Language,
+    armed: bool,
+}
+
+impl RefillMark {
+    /// Clears the mark under a lock the caller already holds.
+    fn clear(mut self, pool: &mut WarmPool) {
+        pool.refilling.remove(&self.language);
+        self.armed = false;
+    }
+}
+
+impl Drop for RefillMark {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.warm).refilling.remove(&self.language);
+        }
+    }
+}
+
 /// The interpreters of one engine and the contexts created with them.
 /// Contexts are isolated from each other: each is its own component instance.
 #[derive(Debug)]
@@ -148,11 +173,7 @@ impl Interpreters {
         workspace: Workspace,
         limits: Limits,
     ) -> Result<String, Error> {
-        let guest = self.guest(language).await?;
-        let context = match self.take_warm(language, &workspace, limits) {
-            Some(context) => context,
-            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace, limits).await?,
-        };
+        let (context, guest) = self.fresh_context(language, workspace, limits).await?;
         self.refill(language, guest);
         let id = format!("ctx-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         lock(&self.contexts).insert(id.clone(), Arc::new(tokio::sync::Mutex::new(context)));
@@ -201,17 +222,30 @@ impl Interpreters {
         code: &str,
         limits: Limits,
     ) -> Result<EvalOutcome, Error> {
-        let guest = self.guest(language).await?;
-        let mut context = match self.take_warm(language, &workspace, limits) {
-            Some(context) => context,
-            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace, limits).await?,
-        };
+        let (mut context, guest) = self.fresh_context(language, workspace, limits).await?;
         let outcome = context.eval(code).await;
         // Tearing an instance down (resetting its memory) takes a fraction of a
         // millisecond; do it after answering, off the caller's path.
         tokio::task::spawn_blocking(move || drop(context));
         self.refill(language, guest);
         Ok(outcome)
+    }
+
+    /// A context that has evaluated nothing for its caller: a warm one bound to
+    /// `workspace` and `limits` if one fits, else one started now; and the
+    /// interpreter, for the refill that follows.
+    async fn fresh_context(
+        &self,
+        language: Language,
+        workspace: Workspace,
+        limits: Limits,
+    ) -> Result<(InterpreterContext, Guest), Error> {
+        let guest = self.guest(language).await?;
+        let context = match self.take_warm(language, &workspace, limits) {
+            Some(context) => context,
+            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace, limits).await?,
+        };
+        Ok((context, guest))
     }
 
     /// A warm context of `language` bound to `workspace` and `limits`, if one
@@ -236,16 +270,15 @@ impl Interpreters {
             }
         }
         let (engine, warm) = (self.engine.clone(), self.warm.clone());
+        let mark = RefillMark { warm: warm.clone(), language, armed: true };
         // Making a context is a few milliseconds of CPU with no waiting in it:
         // off the async workers, so callers on them are not held up. It runs
         // on a runtime of its own, so that it never depends on the caller's
         // runtime staying up (a timer on a runtime being shut down panics).
         tokio::task::spawn_blocking(move || {
-            // Building it fails only when the process cannot start a timer; the pool then stays as it is.
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
-                lock(&warm).refilling.remove(&language);
-                return;
-            };
+            // Building it fails only when the process cannot start a timer; the
+            // pool then stays as it is, and the mark is cleared as it drops.
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else { return };
             runtime.block_on(async {
                 loop {
                     let made = InterpreterContext::start_ahead(&engine, guest.clone(), language).await;
@@ -264,11 +297,40 @@ impl Interpreters {
                     if full {
                         // Under the same lock as the last push, so a take after
                         // it always finds the pool idle and starts a refill.
-                        pool.refilling.remove(&language);
+                        mark.clear(&mut pool);
                         return;
                     }
                 }
             });
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refill_mark_is_cleared_however_the_refill_ends() {
+        let warm = Arc::new(Mutex::new(WarmPool::default()));
+        let marked = |warm: &Arc<Mutex<WarmPool>>| lock(warm).refilling.contains(&Language::Python);
+        // A refill dropped before it ran (a runtime shutting down drops the
+        // blocking tasks it has not started): its closure owns the mark.
+        lock(&warm).refilling.insert(Language::Python);
+        let mark = RefillMark { warm: warm.clone(), language: Language::Python, armed: true };
+        let never_run = move || drop(mark);
+        drop(never_run);
+        assert!(!marked(&warm), "a refill that never ran left the pool marked");
+        // A refill that ends clears its mark under the lock it holds, and its
+        // drop then leaves alone the mark of a refill started after it.
+        lock(&warm).refilling.insert(Language::Python);
+        let mark = RefillMark { warm: warm.clone(), language: Language::Python, armed: true };
+        {
+            let mut pool = lock(&warm);
+            mark.clear(&mut pool);
+            assert!(!pool.refilling.contains(&Language::Python));
+            pool.refilling.insert(Language::Python);
+        }
+        assert!(marked(&warm), "a finished refill cleared the next refill's mark");
     }
 }

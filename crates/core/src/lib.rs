@@ -5,6 +5,7 @@
 //! errors that cross crate boundaries, and the [`Tier`] trait the router routes
 //! across.
 
+pub mod confined;
 mod error;
 mod eval;
 mod exec;
@@ -14,6 +15,7 @@ mod needs;
 mod tier;
 mod workspace;
 
+pub use confined::{Entry, EntryKind, FileWriter, FsError, Owner, WorkspaceDir};
 pub use error::{Error, Result};
 pub use eval::{CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, UnknownLanguage};
 pub use exec::{ExecOutcome, ExecRequest, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};

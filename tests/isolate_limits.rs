@@ -143,3 +143,71 @@ async fn a_trap_never_affects_another_run() {
     let after = hello_once().await;
     assert_eq!(after, airlock::ExecOutcome { wall_time: after.wall_time, cpu_time: after.cpu_time, ..before });
 }
+
+/// Host file descriptors this process holds.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test]
+async fn opening_files_in_a_loop_is_refused_inside_the_guest_at_the_handle_cap() {
+    let cap = 64;
+    let outcome = run("handle-hog.wasm", &[], limits(|l| l.handles = cap)).await;
+    assert!(outcome.success(), "{outcome:?}");
+    let text = outcome.stdout_text();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("hogging"), "{text}");
+    let opened: u64 = lines.next().unwrap().strip_prefix("opened ").unwrap().parse().unwrap();
+    // Stdio and the workspace preopen hold a few handles of the cap.
+    assert!(opened > cap - 16 && opened < cap, "{text}");
+    // An error the guest handles (ENOMEM from wasi-libc), not a trap.
+    assert!(lines.next().unwrap().starts_with("refused: "), "{text}");
+    assert_eq!(lines.next(), Some("reopened after closing"), "{text}");
+
+    // The cap is what stopped it: a larger cap lets the same guest open more.
+    let outcome = run("handle-hog.wasm", &[], limits(|l| l.handles = 4 * cap)).await;
+    let more: u64 = outcome.stdout_text().lines().nth(1).unwrap().strip_prefix("opened ").unwrap().parse().unwrap();
+    assert!(more > 3 * cap, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_preview1_module_past_the_handle_cap_stops_at_the_handle_limit() {
+    // Preview 1 offers no hook to answer with an errno: the run ends, reported as the limit.
+    let outcome = run("handle-hog-p1.wasm", &[], limits(|l| l.handles = 32)).await;
+    assert_limit(&outcome, Limit::Handles, 32);
+    let outcome = run("handle-hog-p1.wasm", &["10"], limits(|l| l.handles = 32)).await;
+    assert!(outcome.success(), "{outcome:?}");
+    assert_eq!(outcome.stdout_text(), "hogging\nopened 10\nnever refused\nreopened after closing\n");
+}
+
+#[tokio::test]
+async fn handle_exhaustion_in_one_isolate_leaves_the_others_and_the_host_fine() {
+    let fixture = Fixture::new();
+    let hello = engine().load_file(guest("hello.wasm")).unwrap();
+    let hog = engine().load_file(guest("handle-hog.wasm")).unwrap();
+    let fds_before = open_fds();
+    let hogs = (0..4).map(|_| {
+        let hog = hog.clone();
+        async move {
+            let fixture = Fixture::new();
+            let request = ExecRequest::new("handle-hog").limits(limits(|l| l.handles = 200));
+            engine().run(&hog, &fixture.workspace, &request).await.unwrap()
+        }
+    });
+    let beside = async {
+        let mut outputs = Vec::new();
+        for _ in 0..20 {
+            let request = ExecRequest::new("hello").args(["beside"]);
+            outputs.push(engine().run(&hello, &fixture.workspace, &request).await.unwrap().stdout_text());
+        }
+        outputs
+    };
+    let (hogged, outputs) = tokio::join!(futures_util::future::join_all(hogs), beside);
+    for outcome in &hogged {
+        assert!(outcome.success(), "{outcome:?}");
+        assert!(outcome.stdout_text().contains("\nrefused: "), "{outcome:?}");
+    }
+    assert!(outputs.iter().all(|o| o == "hello, beside\n"), "{outputs:?}");
+    // Every descriptor the hogs held was closed with their runs.
+    assert!(open_fds() <= fds_before + 8, "{} fds after, {fds_before} before", open_fds());
+}

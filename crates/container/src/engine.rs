@@ -101,6 +101,8 @@ impl Default for EngineOptions {
 pub struct DockerEngine {
     docker: Docker,
     runtimes: BTreeSet<String>,
+    /// The storage driver can cap a container's writable layer (`--storage-opt size=`).
+    writable_layer_quota: bool,
 }
 
 impl DockerEngine {
@@ -109,8 +111,9 @@ impl DockerEngine {
         let docker = client(socket)?;
         let docker = docker.negotiate_version().await.map_err(Error::docker("version"))?;
         let info = docker.info().await.map_err(Error::docker("info"))?;
-        let runtimes = info.runtimes.unwrap_or_default().into_keys().collect();
-        Ok(Self { docker, runtimes })
+        let runtimes = info.runtimes.clone().unwrap_or_default().into_keys().collect();
+        let writable_layer_quota = storage_size_supported(&info);
+        Ok(Self { docker, runtimes, writable_layer_quota })
     }
 
     /// Connects, setting the engine up first where `options` allow it. A no-op
@@ -170,9 +173,30 @@ impl DockerEngine {
         runtime == ContainerRuntime::Runc || self.runtimes.contains(runtime.name())
     }
 
+    /// Whether containers' writable layers can get a size limit: overlay2 on
+    /// XFS (mounted with project quotas, which Docker checks when it starts), or
+    /// the btrfs or zfs driver. With overlay2 on ext4, as a default install has,
+    /// they cannot, and the limit is left to the container's memory and pids caps.
+    pub fn supports_writable_layer_quota(&self) -> bool {
+        self.writable_layer_quota
+    }
+
     /// Refuses a runtime the engine does not have, with an error naming it.
     pub fn require_runtime(&self, runtime: ContainerRuntime) -> Result<()> {
         if self.has_runtime(runtime) { Ok(()) } else { Err(Error::RuntimeUnavailable(runtime.name().into())) }
+    }
+}
+
+/// Reads the storage driver (and for overlay2, its backing filesystem) from `docker info`.
+fn storage_size_supported(info: &bollard::models::SystemInfo) -> bool {
+    let backing = info.driver_status.iter().flatten().find_map(|pair| match pair.as_slice() {
+        [key, value] if key == "Backing Filesystem" => Some(value.as_str()),
+        _ => None,
+    });
+    match info.driver.as_deref() {
+        Some("overlay2") => backing == Some("xfs"),
+        Some("btrfs" | "zfs") => true,
+        _ => false,
     }
 }
 

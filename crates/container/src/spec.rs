@@ -124,6 +124,9 @@ pub struct SandboxSpec {
     pub workspace: PathBuf,
     /// Extra labels (the warm pool marks its containers).
     pub labels: HashMap<String, String>,
+    /// Cap on the container's writable layer, in bytes (`--storage-opt size=`);
+    /// only for an engine that [supports it](crate::DockerEngine::supports_writable_layer_quota).
+    pub disk_bytes: Option<u64>,
 }
 
 impl SandboxSpec {
@@ -137,7 +140,14 @@ impl SandboxSpec {
             user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
             workspace: workspace.into(),
             labels: HashMap::new(),
+            disk_bytes: None,
         }
+    }
+
+    /// Caps the writable layer (see [`SandboxSpec::disk_bytes`]).
+    pub fn disk_limit(mut self, bytes: u64) -> Self {
+        self.disk_bytes = Some(bytes);
+        self
     }
 
     pub fn runtime(mut self, runtime: ContainerRuntime) -> Self {
@@ -224,6 +234,7 @@ impl SandboxSpec {
                 init: Some(true),
                 ipc_mode: Some("private".into()),
                 readonly_rootfs: Some(false),
+                storage_opt: self.disk_bytes.map(|bytes| HashMap::from([("size".to_string(), bytes.to_string())])),
                 ..HostConfig::default()
             }),
             ..ContainerCreateBody::default()
@@ -265,6 +276,14 @@ mod tests {
         assert_eq!(config.open_stdin, Some(true), "the agent takes requests on stdin");
         assert_eq!(host.log_config.unwrap().typ.as_deref(), Some("none"), "output must not reach a log file");
         assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
+    }
+
+    #[test]
+    fn a_disk_limit_caps_the_writable_layer_only_when_asked() {
+        let agent = Path::new("/agent");
+        assert_eq!(spec().container_config(agent).host_config.unwrap().storage_opt, None);
+        let capped = spec().disk_limit(64 * MIB).container_config(agent).host_config.unwrap();
+        assert_eq!(capped.storage_opt.unwrap().get("size").map(String::as_str), Some("67108864"));
     }
 
     #[test]

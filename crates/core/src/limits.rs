@@ -30,6 +30,17 @@ pub const MAX_TABLE_ELEMENTS: u64 = 1_000_000;
 pub const DEFAULT_INSTANCES: u64 = 50;
 /// Largest instance cap a request may ask for; also the engine pool's per-component maximum.
 pub const MAX_INSTANCES: u64 = 500;
+/// Default cap on the handles one isolate run holds at once: open files and
+/// directories, streams, pollables (its WASI resource table's capacity).
+/// Open files are host file descriptors, and many isolates share one
+/// process's descriptor limit, so one guest opening files in a loop must stop
+/// long before the process runs out.
+pub const DEFAULT_HANDLES: u64 = 256;
+/// Smallest handle cap a request may ask for: stdio and the workspace preopen
+/// take a few handles before the guest opens anything.
+pub const MIN_HANDLES: u64 = 16;
+/// Largest handle cap a request may ask for (Wasmtime's own default table capacity).
+pub const MAX_HANDLES: u64 = 1_000_000;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
@@ -51,6 +62,9 @@ pub struct Limits {
     pub table_elements: u64,
     /// Cap on the core instances one run may create.
     pub instances: u64,
+    /// Cap on the handles (open files, directories, streams) an isolate run
+    /// holds at once. Absent in older serialized limits: the default applies.
+    pub handles: u64,
 }
 
 impl Default for Limits {
@@ -61,6 +75,7 @@ impl Default for Limits {
             output_bytes: DEFAULT_OUTPUT_BYTES,
             table_elements: DEFAULT_TABLE_ELEMENTS,
             instances: DEFAULT_INSTANCES,
+            handles: DEFAULT_HANDLES,
         }
     }
 }
@@ -98,6 +113,7 @@ impl Limits {
         range(Limit::Output, self.output_bytes, 0, MAX_OUTPUT_BYTES)?;
         range(Limit::TableElements, self.table_elements, 0, MAX_TABLE_ELEMENTS)?;
         range(Limit::Instances, self.instances, 1, MAX_INSTANCES)?;
+        range(Limit::Handles, self.handles, MIN_HANDLES, MAX_HANDLES)?;
         Ok(())
     }
 }
@@ -119,6 +135,8 @@ pub enum Limit {
     Instances,
     /// The engine's cap on guest call-stack depth (value in bytes of native stack).
     Stack,
+    /// The cap on handles held at once (value in handles).
+    Handles,
 }
 
 impl Limit {
@@ -129,6 +147,7 @@ impl Limit {
             Limit::Memory | Limit::Output | Limit::Stack => format_size(value),
             Limit::TableElements => format!("{value} elements"),
             Limit::Instances => format!("{value} instances"),
+            Limit::Handles => format!("{value} handles"),
         }
     }
 }
@@ -142,6 +161,7 @@ impl fmt::Display for Limit {
             Limit::TableElements => "table size limit",
             Limit::Instances => "instance limit",
             Limit::Stack => "stack limit",
+            Limit::Handles => "handle limit",
         })
     }
 }
@@ -279,5 +299,13 @@ mod tests {
         assert_eq!(hit.to_string(), "memory limit of 64 MiB exceeded");
         let hit = LimitExceeded { limit: Limit::Output, value: 1536 };
         assert_eq!(hit.to_string(), "output limit of 1.5 KiB exceeded");
+        let hit = LimitExceeded { limit: Limit::Handles, value: 256 };
+        assert_eq!(hit.to_string(), "handle limit of 256 handles exceeded");
+    }
+
+    #[test]
+    fn the_handle_cap_has_a_floor() {
+        let limits = Limits { handles: MIN_HANDLES - 1, ..Limits::default() };
+        assert!(limits.validate().unwrap_err().to_string().starts_with("handle limit must be at least"));
     }
 }

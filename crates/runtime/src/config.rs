@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use airlock_container::{ContainerResources, ContainerRuntime};
 use airlock_core::Limits;
+use airlock_core::limits::format_size;
 use serde::{Deserialize, Serialize};
+
+use crate::disk::{DEFAULT_DISK_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES};
 
 /// How long a sandbox may sit unused before it sleeps (containers stopped,
 /// isolate contexts dropped), unless it is kept alive.
@@ -58,6 +61,10 @@ pub struct SandboxConfig {
     /// Never sleep.
     pub keep_alive: bool,
     pub policy: Policy,
+    /// Disk quota in bytes over the sandbox's directory (its workspace) and,
+    /// where the container engine can limit it, the container's writable layer.
+    /// Enforced when the runtime's disk quotas are ([`crate::DiskStatus`]).
+    pub disk: u64,
 }
 
 impl Default for SandboxConfig {
@@ -71,6 +78,7 @@ impl Default for SandboxConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             keep_alive: false,
             policy: Policy::default(),
+            disk: DEFAULT_DISK_BYTES,
         }
     }
 }
@@ -84,6 +92,17 @@ impl SandboxConfig {
             return Err(crate::Error::Invalid {
                 what: "idle timeout",
                 reason: format!("{:?} is under the minimum {MIN_IDLE_TIMEOUT:?}", self.idle_timeout),
+            });
+        }
+        if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&self.disk) {
+            return Err(crate::Error::Invalid {
+                what: "disk quota",
+                reason: format!(
+                    "{} is outside {}..={}",
+                    format_size(self.disk),
+                    format_size(MIN_DISK_BYTES),
+                    format_size(MAX_DISK_BYTES)
+                ),
             });
         }
         Ok(())

@@ -41,6 +41,9 @@ pub enum Error {
     /// A value is out of range; the message names the limit.
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+    /// The home's disk (its image, mount or quotas) could not be set up or used.
+    #[error("disk: {0}")]
+    Disk(String),
 }
 
 impl Error {

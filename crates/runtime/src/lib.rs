@@ -23,6 +23,7 @@
 //! ```
 
 mod config;
+mod disk;
 mod error;
 mod events;
 pub mod files;
@@ -32,6 +33,10 @@ mod sandbox;
 mod store;
 
 pub use config::{DEFAULT_IDLE_TIMEOUT, MIN_IDLE_TIMEOUT, NetworkPolicy, Policy, SandboxConfig, TierPreference};
+pub use disk::{
+    DEFAULT_DISK_BYTES, DEFAULT_IMAGE_SHARE_PERCENT, DISK_IMAGE_FILE, DiskOptions, DiskStatus, IMAGE_MOUNT_OPTIONS,
+    MAX_DEFAULT_IMAGE_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES, MIN_IMAGE_BYTES, QuotaMode,
+};
 pub use error::{Error, Result};
 pub use events::{COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, SandboxEvent};
 pub use files::{FileEntry, FileKind, MAX_FILE_BYTES, MAX_LIST_ENTRIES};

@@ -18,6 +18,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::SandboxConfig;
+use crate::disk::{DiskOptions, DiskStatus, HomeDisk};
 use crate::error::{Error, Result};
 use crate::sandbox::{Sandbox, SandboxInner};
 use crate::store::{SandboxRecord, SandboxState, Store, UsageTotals};
@@ -52,6 +53,9 @@ pub struct RuntimeOptions {
     /// Reconcile with the container engine on open when it answers (it is not
     /// set up for this; an engine that is down is left alone).
     pub reconcile: bool,
+    /// Per-sandbox disk quotas: the home's filesystem image and whether quotas
+    /// must hold (see [`crate::DiskStatus`]).
+    pub disk: DiskOptions,
 }
 
 impl RuntimeOptions {
@@ -67,6 +71,7 @@ impl RuntimeOptions {
             image: ImageRecipe::default(),
             price_per_vcpu_second: DEFAULT_PRICE_PER_VCPU_SECOND,
             reconcile: true,
+            disk: DiskOptions::default(),
         }
     }
 }
@@ -157,6 +162,9 @@ pub(crate) struct RuntimeInner {
     /// The value of every container's [`HOME_LABEL`] made by this runtime.
     pub home_label: String,
     reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Last, so that it is dropped (and the image unmounted) after everything
+    /// that may hold a directory in it.
+    pub disk: HomeDisk,
 }
 
 impl Drop for RuntimeInner {
@@ -191,6 +199,13 @@ impl Runtime {
             path: options.home.display().to_string(),
             source,
         })?;
+        // Mounted before any sandbox directory is looked at.
+        let disk = {
+            let (home, disk) = (home.clone(), options.disk.clone());
+            tokio::task::spawn_blocking(move || HomeDisk::open(&home, &disk))
+                .await
+                .map_err(|e| Error::Disk(format!("setting up the home's disk stopped: {e}")))??
+        };
         let store = Store::open(&home.join(DATABASE_FILE))?;
         let isolates = IsolateEngine::new(options.isolates.clone())?;
         let interpreters =
@@ -208,6 +223,7 @@ impl Runtime {
                 sandboxes: Mutex::default(),
                 home_label,
                 reaper: Mutex::new(None),
+                disk,
             }),
         };
         for record in runtime.inner.store.list()? {
@@ -229,6 +245,11 @@ impl Runtime {
     /// reconciliation touches only containers that carry it.
     pub fn home_label(&self) -> &str {
         &self.inner.home_label
+    }
+
+    /// Whether each sandbox's disk quota is enforced, and if not, why.
+    pub fn disk_status(&self) -> &DiskStatus {
+        self.inner.disk.status()
     }
 
     /// The isolate engine, shared by every sandbox.
@@ -259,6 +280,7 @@ impl Runtime {
             escalated: None,
             container_id: None,
         };
+        self.inner.disk.create_sandbox_dir(&self.sandbox_dir(record.id), record.config.disk)?;
         let workspace = self.workspace_dir(record.id);
         std::fs::create_dir_all(&workspace).map_err(|source| Error::File {
             operation: "create workspace",
@@ -267,7 +289,7 @@ impl Runtime {
         })?;
         if !self.inner.store.insert(&record)? {
             // Another caller created it first: theirs stands.
-            let _ = std::fs::remove_dir_all(self.sandbox_dir(record.id));
+            let _ = self.inner.disk.remove_sandbox_dir(&self.sandbox_dir(record.id));
             return self.find(&name)?.ok_or_else(|| Error::NoSuchSandbox(name.to_string()));
         }
         self.load(record)

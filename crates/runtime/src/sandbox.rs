@@ -554,6 +554,10 @@ impl Sandbox {
                     .runtime(self.inner.config.container_runtime)
                     .resources(self.inner.config.resources);
                 spec.labels.insert(HOME_LABEL.into(), self.runtime.inner.home_label.clone());
+                // The same quota on the writable layer, where the engine's storage can hold it.
+                if engine.supports_writable_layer_quota() {
+                    spec = spec.disk_limit(self.inner.config.disk);
+                }
                 match ContainerSandbox::create_started(engine, spec).await {
                     Ok(container) => container,
                     // The engine has one by this sandbox's name (made before a
@@ -641,12 +645,8 @@ impl Sandbox {
         self.runtime.inner.store.delete(self.inner.id)?;
         self.runtime.forget(self.inner.id);
         self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Destroyed });
-        let dir = self.runtime.sandbox_dir(self.inner.id);
-        std::fs::remove_dir_all(&dir).map_err(|source| Error::File {
-            operation: "remove workspace",
-            path: dir.display().to_string(),
-            source,
-        })
+        // With disk quotas, a subvolume deleted at once, its quota with it.
+        self.runtime.inner.disk.remove_sandbox_dir(&self.runtime.sandbox_dir(self.inner.id))
     }
 }
 

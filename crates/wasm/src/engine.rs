@@ -154,6 +154,8 @@ impl IsolateEngine {
         let mut component_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| engine_error("cannot link WASI preview 2", e))?;
+        crate::host::add_open_at_with_errno(&mut component_linker)
+            .map_err(|e| engine_error("cannot link the handle-capped open-at", e))?;
         let mut module_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |host: &mut ModuleHost| &mut host.wasi)
             .map_err(|e| engine_error("cannot link WASI preview 1", e))?;

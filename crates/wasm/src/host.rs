@@ -4,10 +4,15 @@
 use std::time::Instant;
 
 use airlock_core::{Limit, LimitExceeded, Limits};
-use wasmtime::ResourceLimiter;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Linker as ComponentLinker, Resource, ResourceTable, ResourceTableError};
+use wasmtime::{ResourceLimiter, StoreContextMut};
+use wasmtime_wasi::filesystem::WasiFilesystemView;
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::p2::FsResult;
+use wasmtime_wasi::p2::bindings::filesystem::types::{
+    Descriptor, DescriptorFlags, ErrorCode, HostDescriptor, OpenFlags, PathFlags,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// Tables and memories per store are bounded by the engine's pool; the
 /// limiter itself does not count them.
@@ -106,6 +111,83 @@ impl ResourceLimiter for Limiter {
     fn memories(&self) -> usize {
         UNCOUNTED
     }
+}
+
+/// A resource table holding at most `limits.handles` entries at once (open
+/// files and directories, streams, pollables), so a guest opening handles in
+/// a loop is refused long before the host runs out of file descriptors.
+pub(crate) fn handle_table(limits: &Limits) -> ResourceTable {
+    let mut table = ResourceTable::new();
+    set_handle_cap(&mut table, limits);
+    table
+}
+
+pub(crate) fn set_handle_cap(table: &mut ResourceTable, limits: &Limits) {
+    table.set_max_capacity(usize::try_from(limits.handles).unwrap_or(usize::MAX));
+}
+
+/// A preview 1 context whose resource table holds at most `limits.handles`
+/// entries (see [`handle_table`]).
+pub(crate) fn p1_context(wasi: &mut WasiCtxBuilder, limits: &Limits) -> WasiP1Ctx {
+    let mut p1 = wasi.build_p1();
+    set_handle_cap(p1.ctx().table, limits);
+    p1
+}
+
+/// The WASI filesystem interface as Wasmtime's WASI defines it; guests
+/// importing an older 0.2 version are matched to it by semver.
+const FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
+
+/// What a preview 2 guest sees when opening a file would pass its handle cap.
+/// WASI has no "too many open files" code; `insufficient-memory` (ENOMEM in
+/// wasi-libc) is the nearest "the system is out of a resource" answer.
+pub(crate) const HANDLES_EXHAUSTED: ErrorCode = ErrorCode::InsufficientMemory;
+
+/// Replaces `descriptor.open-at` with the same call that answers a full
+/// handle table with [`HANDLES_EXHAUSTED`]: Wasmtime's WASI would trap, and
+/// the guest should see an error it can handle, as with EMFILE on Linux. Any
+/// other handle created past the cap (a stream, a pollable) still traps, and
+/// the run is reported as having hit the handle limit.
+pub(crate) fn add_open_at_with_errno(linker: &mut ComponentLinker<ComponentHost>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut types = linker.instance(FILESYSTEM_TYPES)?;
+    types.func_wrap_async(
+        "[method]descriptor.open-at",
+        |mut store: StoreContextMut<'_, ComponentHost>,
+         (fd, path_flags, path, open_flags, flags): (
+            Resource<Descriptor>,
+            PathFlags,
+            String,
+            OpenFlags,
+            DescriptorFlags,
+        )| {
+            Box::new(async move {
+                let opened = store.data_mut().filesystem().open_at(fd, path_flags, path, open_flags, flags).await;
+                Ok((errno_when_full(opened)?,))
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+fn errno_when_full(
+    opened: FsResult<Resource<Descriptor>>,
+) -> wasmtime::Result<Result<Resource<Descriptor>, ErrorCode>> {
+    match opened {
+        Ok(fd) => Ok(Ok(fd)),
+        Err(error) => match error.downcast() {
+            Ok(code) => Ok(Err(code)),
+            // The file was opened and closed again when its handle found no room.
+            Err(trap) if is_table_full(&trap) => Ok(Err(HANDLES_EXHAUSTED)),
+            Err(trap) => Err(trap),
+        },
+    }
+}
+
+/// Whether a trap is a resource table refusing a handle past its cap.
+pub(crate) fn is_table_full(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| matches!(cause.downcast_ref::<ResourceTableError>(), Some(ResourceTableError::Full)))
 }
 
 /// Store data for WASI preview 2 components.

@@ -14,7 +14,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::engine::{IsolateEngine, WASM_STACK_BYTES};
 use crate::guest::{Guest, GuestKind};
-use crate::host::{ComponentHost, HasLimiter, Limiter, ModuleHost};
+use crate::host::{ComponentHost, HasLimiter, Limiter, ModuleHost, handle_table, is_table_full, p1_context};
 use crate::metering::Metered;
 use crate::output::{CapturePipe, OutputCapHit};
 
@@ -78,7 +78,7 @@ impl IsolateEngine {
             // Refused at the top of this function.
             GuestKind::Interpreter(_) => return Err(Error::Engine("an interpreter cannot run as a command".into())),
             GuestKind::Component(pre) => {
-                let host = ComponentHost { wasi: wasi.build(), table: Default::default(), limiter };
+                let host = ComponentHost { wasi: wasi.build(), table: handle_table(&limits), limiter };
                 let mut store = arm(Store::new(engine, host));
                 let ended = Metered::new(async {
                     let instance = match pre.instantiate_async(&mut store).await {
@@ -92,7 +92,7 @@ impl IsolateEngine {
                 (ended, cpu, store.data().limiter.hit)
             }
             GuestKind::Module(pre) => {
-                let host = ModuleHost { wasi: wasi.build_p1(), limiter };
+                let host = ModuleHost { wasi: p1_context(&mut wasi, &limits), limiter };
                 let mut store = arm(Store::new(engine, host));
                 let ended = Metered::new(async {
                     let instance = match pre.instantiate_async(&mut store).await {
@@ -233,6 +233,11 @@ pub(crate) fn classify(
     }
     if find::<OutputCapHit>(&error).is_some() {
         return limit(Limit::Output, limits.output_bytes);
+    }
+    if is_table_full(&error) {
+        // A handle past the cap that the guest could not be answered with an
+        // error code for (a stream, a pollable, any open in preview 1).
+        return limit(Limit::Handles, limits.handles);
     }
     if let Some(trap) = error.downcast_ref::<Trap>() {
         return match trap {

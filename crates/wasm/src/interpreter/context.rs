@@ -18,7 +18,7 @@ use super::bindings::Interpreter;
 use super::bindings::exports::airlock::sandbox::evaluator as wit;
 use crate::IsolateEngine;
 use crate::guest::{Guest, GuestKind};
-use crate::host::{ComponentHost, Limiter};
+use crate::host::{ComponentHost, Limiter, handle_table, set_handle_cap};
 use crate::metering::Metered;
 use crate::output::CapturePipe;
 use crate::run::{Ended, arm, classify, confined_wasi, unbound_wasi};
@@ -142,6 +142,7 @@ impl InterpreterContext {
         let host = live.store.data_mut();
         host.wasi = wasi.build();
         host.limiter = limiter;
+        set_handle_cap(&mut host.table, &limits);
         for pipe in [&live.stdout, &live.stderr] {
             pipe.set_cap(limits.output_bytes);
             let _ = pipe.take();
@@ -183,7 +184,11 @@ impl InterpreterContext {
             None => unbound_wasi(&stdout, &stderr),
         };
         wasi.arg(self.language.as_str());
-        let host = ComponentHost { wasi: wasi.build(), table: Default::default(), limiter: Limiter::new(&self.limits) };
+        let host = ComponentHost {
+            wasi: wasi.build(),
+            table: handle_table(&self.limits),
+            limiter: Limiter::new(&self.limits),
+        };
         let mut store = arm(Store::new(&self.engine.inner.engine, host));
         let deadline = Instant::now() + self.limits.deadline;
         let instantiating = Metered::new(pre.instantiate_async(&mut store));

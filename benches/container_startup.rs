@@ -1,9 +1,8 @@
 //! The container tier's start-up and round-trip costs, under runc and runsc,
 //! beside the Docker CLI doing the same in the same run:
 //!
-//! - `warm-claim-to-first-command`: claim a frozen sandbox from the warm pool
-//!   (unpause) and run `true` in it — what a new sandbox costs with a pool;
-//! - `cold-create-to-first-command`: create, start, run `true`;
+//! - `cold-create-to-first-command`: create, start, run `true` — what a
+//!   sandbox's first container command costs;
 //! - `exec-round-trip`: `true` in a running sandbox, as its user (through the
 //!   in-container agent, on the stream already open);
 //! - `engine-exec-round-trip`: the same as root, which goes through an engine
@@ -24,13 +23,9 @@ use std::time::{Duration, Instant};
 
 use airlock::ExecRequest;
 use airlock::container::{
-    ContainerResources, ContainerRuntime, ContainerSandbox, DockerEngine, EngineOptions, ImageRecipe, PoolTemplate,
-    SandboxSpec, WarmPool, ensure_base_image,
+    ContainerRuntime, ContainerSandbox, DockerEngine, EngineOptions, ImageRecipe, SandboxSpec, ensure_base_image,
 };
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-
-/// Warm sandboxes held per pool while measuring.
-const POOL_SIZE: usize = 4;
 
 fn docker_cli(args: &[&str]) {
     let status = Command::new("docker").args(args).stdout(std::process::Stdio::null()).status().unwrap();
@@ -57,31 +52,6 @@ fn bench(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(5));
         let true_request = || ExecRequest::new("true");
-
-        // Warm pool: claim and first command. Waiting for the refill is not timed.
-        let template =
-            PoolTemplate { image: image.clone(), runtime: container_runtime, resources: ContainerResources::default() };
-        let pool = runtime
-            .block_on(async { WarmPool::start(&engine, template, POOL_SIZE, root.path().join("pool")) })
-            .unwrap();
-        group.bench_function("warm-claim-to-first-command", |b| {
-            b.iter_custom(|iterations| {
-                runtime.block_on(async {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iterations {
-                        assert!(pool.wait_until_full(Duration::from_secs(120)).await, "the pool does not fill");
-                        let started = Instant::now();
-                        let sandbox = pool.claim().await.unwrap().unwrap();
-                        let outcome = sandbox.exec(true_request()).await.unwrap();
-                        total += started.elapsed();
-                        assert!(outcome.success());
-                        sandbox.remove().await.unwrap();
-                    }
-                    total
-                })
-            })
-        });
-        runtime.block_on(pool.shutdown()).unwrap();
 
         group.bench_function("cold-create-to-first-command", |b| {
             b.iter_custom(|iterations| {

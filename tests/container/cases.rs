@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use airlock::container::{
-    ContainerResources, ContainerRuntime, ContainerSandbox, ContainerState, ContainerTier, Error, PoolTemplate,
-    ProcessEvent, ProcessStatus, PtySize, SandboxSpec, Signal, WarmPool, list_labelled,
+    ContainerResources, ContainerRuntime, ContainerSandbox, ContainerState, ContainerTemplate, ContainerTier, Error,
+    ProcessEvent, ProcessStatus, PtySize, SandboxSpec, Signal, list_labelled,
 };
 use airlock::{
     ExecRequest, Limit, Limits, OutputStream, SandboxId, StdinSource, Termination, Tier, TierKind, Workspace,
@@ -358,38 +358,6 @@ pub async fn a_port_inside_is_reachable_without_a_network(runtime: ContainerRunt
     assert!(matches!(refused, Error::Port { port: 8001, .. }), "{refused}");
 }
 
-pub async fn the_warm_pool_hands_out_frozen_sandboxes_and_refills(runtime: ContainerRuntime) {
-    let (engine, image) = engine_and_image().await;
-    let root = tempfile::tempdir().unwrap();
-    let template = PoolTemplate { image, runtime, resources: ContainerResources::default() };
-    let pool = WarmPool::start(&engine, template.clone(), 2, root.path().to_path_buf()).unwrap();
-    assert!(pool.wait_until_full(Duration::from_secs(120)).await, "the pool never filled");
-    let pooled: Vec<_> = list_labelled(&engine)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|c| c.pool.as_deref() == Some(&template.key()))
-        .collect();
-    assert_eq!(pooled.len(), 2);
-    assert!(pooled.iter().all(|c| c.state == ContainerState::Paused), "{pooled:?}");
-
-    let claimed = pool.claim().await.unwrap().expect("a full pool");
-    assert_eq!(claimed.state().await.unwrap(), ContainerState::Running);
-    let outcome = claimed.exec(bash("echo claimed > /workspace/mine.txt")).await.unwrap();
-    assert!(outcome.success());
-    assert_eq!(std::fs::read_to_string(claimed.spec().workspace.join("mine.txt")).unwrap(), "claimed\n");
-    assert!(claimed.spec().workspace.starts_with(root.path()));
-    assert!(pool.wait_until_full(Duration::from_secs(120)).await, "the pool did not refill");
-
-    pool.shutdown().await.unwrap();
-    claimed.remove().await.unwrap();
-    let left = list_labelled(&engine).await.unwrap();
-    assert!(!left.iter().any(|c| c.pool.as_deref() == Some(&template.key())), "{left:?}");
-
-    let disabled = WarmPool::start(&engine, template, 0, root.path().to_path_buf()).unwrap();
-    assert!(disabled.claim().await.unwrap().is_none());
-}
-
 pub async fn labelled_containers_are_listed_and_adopted(runtime: ContainerRuntime) {
     let test = TestSandbox::new(runtime).await;
     let (engine, _) = engine_and_image().await;
@@ -410,7 +378,7 @@ pub async fn the_tier_seam_runs_in_the_workspace(runtime: ContainerRuntime) {
     let dir = tempfile::tempdir().unwrap();
     let workspace = Workspace::create(dir.path().join("workspace")).unwrap();
     std::fs::write(workspace.host_path().join("from-host.txt"), "host\n").unwrap();
-    let tier = ContainerTier::new(engine, PoolTemplate { image, runtime, resources: ContainerResources::default() });
+    let tier = ContainerTier::new(engine, ContainerTemplate { image, runtime, resources: ContainerResources::default() });
     let tier_object: &dyn Tier = &tier;
     assert_eq!(tier_object.kind(), TierKind::Container);
     let outcome = tier_object

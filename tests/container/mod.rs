@@ -114,7 +114,6 @@ macro_rules! container_suite {
                 background_processes_are_listed_followed_signalled_and_awaited,
                 a_pty_session_takes_input_and_resizes,
                 a_port_inside_is_reachable_without_a_network,
-                the_warm_pool_hands_out_frozen_sandboxes_and_refills,
                 labelled_containers_are_listed_and_adopted,
                 the_tier_seam_runs_in_the_workspace,
                 bad_requests_get_clear_errors,

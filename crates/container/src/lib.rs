@@ -23,7 +23,6 @@ mod error;
 mod exec;
 mod forward;
 mod image;
-mod pool;
 mod process;
 mod pty;
 mod sandbox;
@@ -42,13 +41,12 @@ pub use image::{
     BASE_IMAGE_REPOSITORY, ImageRecipe, Progress, RECIPE_LABEL, SANDBOX_UID, SANDBOX_USER, ensure_base_image,
     image_exists,
 };
-pub use pool::{MAX_POOL_SIZE, PoolTemplate, WarmPool};
 pub use process::{PROCESS_LOG_BYTES, ProcessEvent, ProcessFollower, ProcessInfo, ProcessStatus};
 pub use pty::{PtySession, PtySize};
 pub use sandbox::{ContainerSandbox, ContainerState, LabelledContainer, STOP_GRACE, container_name, list_labelled, remove_container};
 pub use spec::{
     ContainerResources, DEFAULT_CONTAINER_CPU_MILLIS, DEFAULT_CONTAINER_MEMORY_BYTES, DEFAULT_CONTAINER_PIDS,
-    HOME_LABEL, KEPT_CAPABILITIES, MAX_CONTAINER_CPU_MILLIS, MAX_CONTAINER_MEMORY_BYTES, MAX_CONTAINER_PIDS, POOL_LABEL,
+    HOME_LABEL, KEPT_CAPABILITIES, MAX_CONTAINER_CPU_MILLIS, MAX_CONTAINER_MEMORY_BYTES, MAX_CONTAINER_PIDS,
     RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec,
 };
-pub use tier::ContainerTier;
+pub use tier::{ContainerTemplate, ContainerTier};

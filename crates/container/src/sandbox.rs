@@ -19,7 +19,7 @@ use crate::engine::{ContainerRuntime, DockerEngine};
 use crate::error::{Error, Result};
 use crate::image::image_exists;
 use crate::process::ProcessTable;
-use crate::spec::{ContainerResources, HOME_LABEL, POOL_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec};
+use crate::spec::{ContainerResources, HOME_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec};
 
 /// How long `stop` lets processes end on SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -147,7 +147,7 @@ impl ContainerSandbox {
         };
         // Only Airlock's own container labels; the image's labels show up here too.
         let extra_labels: HashMap<String, String> =
-            labels.into_iter().filter(|(key, _)| key == POOL_LABEL || key == HOME_LABEL).collect();
+            labels.into_iter().filter(|(key, _)| key == HOME_LABEL).collect();
         let spec = SandboxSpec {
             sandbox_id,
             image: config.image.unwrap_or_default(),
@@ -156,6 +156,7 @@ impl ContainerSandbox {
             user: config.user.unwrap_or_default(),
             workspace,
             labels: extra_labels,
+            disk_bytes: host.storage_opt.as_ref().and_then(|opts| opts.get("size")).and_then(|size| size.parse().ok()),
         };
         let container_id = inspected.id.unwrap_or_else(|| container_id.to_string());
         Ok(Self::from_parts(engine.clone(), container_id, spec, runs_agent, paused))
@@ -401,8 +402,6 @@ pub struct LabelledContainer {
     pub sandbox_id: String,
     pub state: ContainerState,
     pub image: String,
-    /// Set on containers a warm pool holds.
-    pub pool: Option<String>,
     /// Every label the container carries (a runtime finds its own by them).
     pub labels: HashMap<String, String>,
 }
@@ -430,7 +429,6 @@ pub async fn list_labelled(engine: &DockerEngine) -> Result<Vec<LabelledContaine
                     _ => ContainerState::Exited,
                 },
                 image: summary.image.unwrap_or_default(),
-                pool: labels.get(POOL_LABEL).cloned(),
                 labels,
             })
         })

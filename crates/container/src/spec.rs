@@ -18,8 +18,6 @@ use crate::image::SANDBOX_UID;
 
 /// Label every Airlock container carries; its value is the sandbox id.
 pub const SANDBOX_LABEL: &str = "airlock.sandbox";
-/// Label on containers a warm pool made; its value is the pool's key.
-pub const POOL_LABEL: &str = "airlock.pool";
 /// Label naming the Airlock home (runtime) a container belongs to, so that one
 /// runtime's reconciliation never touches another's containers on a shared engine.
 pub const HOME_LABEL: &str = "airlock.home";
@@ -122,7 +120,7 @@ pub struct SandboxSpec {
     pub user: String,
     /// The host directory mounted read-write at `/workspace`.
     pub workspace: PathBuf,
-    /// Extra labels (the warm pool marks its containers).
+    /// Extra labels (the runtime marks its containers with its home).
     pub labels: HashMap<String, String>,
     /// Cap on the container's writable layer, in bytes (`--storage-opt size=`);
     /// only for an engine that [supports it](crate::DockerEngine::supports_writable_layer_quota).

@@ -9,22 +9,29 @@ use airlock_core::{BoxFuture, ExecOutcome, ExecRequest, Tier, TierKind, Workspac
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::engine::DockerEngine;
+use crate::engine::{ContainerRuntime, DockerEngine};
 use crate::error::Result;
-use crate::pool::PoolTemplate;
 use crate::sandbox::ContainerSandbox;
-use crate::spec::SandboxSpec;
+use crate::spec::{ContainerResources, SandboxSpec};
+
+/// What every container of one [`ContainerTier`] is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ContainerTemplate {
+    pub image: String,
+    pub runtime: ContainerRuntime,
+    pub resources: ContainerResources,
+}
 
 /// Runs requests in containers of one template (image, runtime, resources).
 #[derive(Debug)]
 pub struct ContainerTier {
     engine: DockerEngine,
-    template: PoolTemplate,
+    template: ContainerTemplate,
     sandboxes: Mutex<HashMap<PathBuf, ContainerSandbox>>,
 }
 
 impl ContainerTier {
-    pub fn new(engine: DockerEngine, template: PoolTemplate) -> Self {
+    pub fn new(engine: DockerEngine, template: ContainerTemplate) -> Self {
         Self { engine, template, sandboxes: Mutex::new(HashMap::new()) }
     }
 

@@ -28,6 +28,14 @@
 //! The cache also remembers, per guest file path, the source hash of the file
 //! as it was (size, modification time, inode), so a new process does not read
 //! and hash a large guest again to find its entry.
+//!
+//! The cache is bounded. Every load sets an artifact's access time (set
+//! explicitly, so `noatime` or `relatime` mounts do not matter, and without
+//! touching the modification time the `.verified` stamp records); after each
+//! store, while the artifacts and their side files together pass the size
+//! bound, the entry used least recently goes. An artifact larger than the
+//! bound alone is not stored. The path index keeps at most
+//! [`MAX_PATH_INDEX_ENTRIES`] entries, the oldest written going first.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,6 +49,10 @@ const HASH_LEN: usize = 32;
 const CHECK_LEN: usize = MAGIC.len() + 2 * HASH_LEN + 16 + 8;
 /// Path-index entries: size (8), modification time in ns (16), inode (8), source hash.
 const INDEX_LEN: usize = 8 + 16 + 8 + HASH_LEN;
+/// Most guest file paths the index remembers: each is a small file, and
+/// loading guests from ever new paths must not grow the directory for ever.
+const MAX_PATH_INDEX_ENTRIES: usize = 4096;
+const ARTIFACT_SUFFIX: &str = ".cwasm";
 
 pub(crate) type Hash32 = [u8; HASH_LEN];
 
@@ -104,6 +116,8 @@ impl FileStamp {
 pub(crate) struct DiskCache {
     dir: PathBuf,
     engine_key: Hash32,
+    /// Bound on the total size of artifacts and their side files.
+    max_bytes: u64,
 }
 
 fn checksum(bytes: &[u8]) -> [u8; 16] {
@@ -131,14 +145,14 @@ fn write_replacing(dir: &Path, path: &Path, contents: &[&[u8]], sync: bool) -> s
 }
 
 impl DiskCache {
-    pub(crate) fn new(dir: PathBuf, engine_key: Hash32) -> Self {
-        Self { dir, engine_key }
+    pub(crate) fn new(dir: PathBuf, engine_key: Hash32, max_bytes: u64) -> Self {
+        Self { dir, engine_key, max_bytes }
     }
 
     /// The artifact file for a source; the engine key in the name keeps
     /// engines of different versions or settings from fighting over one file.
     pub(crate) fn path_for(&self, source: &Hash32) -> PathBuf {
-        self.dir.join(format!("{}-{}.cwasm", hex(source), &hex(&self.engine_key)[..16]))
+        self.dir.join(format!("{}-{}{ARTIFACT_SUFFIX}", hex(source), &hex(&self.engine_key)[..16]))
     }
 
     fn check_path_for(&self, source: &Hash32) -> PathBuf {
@@ -207,6 +221,7 @@ impl DiskCache {
         let stamp = FileStamp::of(&meta).map(encode_stamp);
         let verified_path = self.verified_path_for(source);
         if stamp.is_some() && std::fs::read(&verified_path).ok().as_deref() == stamp.as_ref().map(|s| &s[..]) {
+            mark_used(&file);
             return Ok(path);
         }
         if checksum(&map(&file)?) != expected_sum {
@@ -216,12 +231,20 @@ impl DiskCache {
             // A hint: if it is lost, the next load checksums again.
             let _ = write_replacing(&self.dir, &verified_path, &[&stamp], false);
         }
+        mark_used(&file);
         Ok(path)
     }
 
     /// Stores an artifact: the artifact first, its check file last, so a crash
     /// in between leaves an entry without a check file, which is never loaded.
     pub(crate) fn store(&self, source: &Hash32, artifact: &[u8]) -> std::io::Result<PathBuf> {
+        if artifact.len() as u64 > self.max_bytes {
+            return Err(std::io::Error::other(format!(
+                "the artifact ({} bytes) is larger than the cache's size bound ({} bytes)",
+                artifact.len(),
+                self.max_bytes
+            )));
+        }
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path_for(source);
         write_atomically(&self.dir, &path, &[artifact])?;
@@ -231,7 +254,65 @@ impl DiskCache {
             &self.check_path_for(source),
             &[MAGIC, source, &self.engine_key, &checksum(artifact), &len],
         )?;
+        self.trim(&path);
         Ok(path)
+    }
+
+    /// Removes the least recently used entries, never `keep`, until the
+    /// artifacts and their side files fit the size bound. Best effort: an
+    /// entry another process removes first is simply gone.
+    fn trim(&self, keep: &Path) {
+        let Ok(listing) = std::fs::read_dir(&self.dir) else { return };
+        let mut sizes = std::collections::HashMap::new();
+        let mut artifacts = Vec::new();
+        for entry in listing.flatten() {
+            // Not followed: the cache holds regular files only.
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let path = entry.path();
+            if path.to_str().is_some_and(|p| p.ends_with(ARTIFACT_SUFFIX)) && path != keep {
+                let used = meta.accessed().unwrap_or(std::time::UNIX_EPOCH);
+                artifacts.push((used, path.clone()));
+            }
+            sizes.insert(path, meta.len());
+        }
+        let mut total: u64 = sizes.values().sum();
+        if total <= self.max_bytes {
+            return;
+        }
+        artifacts.sort();
+        for (_, artifact) in artifacts {
+            let mut files = vec![artifact.clone()];
+            for suffix in [".check", ".verified"] {
+                let mut side = artifact.clone().into_os_string();
+                side.push(suffix);
+                files.push(PathBuf::from(side));
+            }
+            for file in files {
+                // The artifact goes first: a check file left without it is
+                // refused (as truncated) and removed by the next load.
+                if let Some(size) = sizes.get(&file)
+                    && std::fs::remove_file(&file).is_ok()
+                {
+                    total = total.saturating_sub(*size);
+                }
+            }
+            if total <= self.max_bytes {
+                break;
+            }
+        }
+    }
+
+    /// Total bytes of the cache's entries now (artifacts and side files, not the path index).
+    #[cfg(test)]
+    fn size(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|listing| {
+                listing.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+            })
+            .unwrap_or(0)
     }
 
     fn index_path_for(&self, guest_file: &Path) -> PathBuf {
@@ -254,12 +335,39 @@ impl DiskCache {
             && std::fs::create_dir_all(dir).is_ok()
         {
             let _ = write_atomically(dir, &path, &[&encode_stamp(stamp), source]);
+            trim_index(dir, MAX_PATH_INDEX_ENTRIES);
         }
     }
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Removes the oldest written path-index entries beyond `max`.
+fn trim_index(dir: &Path, max: usize) {
+    let Ok(listing) = std::fs::read_dir(dir) else { return };
+    let mut entries: Vec<_> = listing
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok().filter(std::fs::Metadata::is_file)?;
+            Some((meta.modified().unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        })
+        .collect();
+    if entries.len() <= max {
+        return;
+    }
+    entries.sort();
+    let excess = entries.len() - max;
+    for (_, path) in entries.into_iter().take(excess) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Records that an artifact was just used: its access time, set explicitly.
+/// The modification time, part of the `.verified` stamp, is left alone.
+fn mark_used(file: &std::fs::File) {
+    let _ = file.set_times(std::fs::FileTimes::new().set_accessed(std::time::SystemTime::now()));
 }
 
 fn encode_stamp(stamp: FileStamp) -> [u8; 32] {
@@ -284,8 +392,47 @@ mod tests {
 
     fn cache() -> (tempfile::TempDir, DiskCache) {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::new(dir.path().to_path_buf(), [7; 32]);
+        let cache = DiskCache::new(dir.path().to_path_buf(), [7; 32], u64::MAX);
         (dir, cache)
+    }
+
+    #[test]
+    fn stays_under_its_bound_dropping_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for two entries of 1000 bytes with their side files, not three.
+        let cache = DiskCache::new(dir.path().to_path_buf(), [7; 32], 2 * (1000 + CHECK_LEN as u64 + 32) + 100);
+        let [a, b, c, d] = [b"a", b"b", b"c", b"d"].map(|s| sha256(s));
+        cache.store(&a, &[1; 1000]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cache.store(&b, &[2; 1000]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // a is used after b was stored: b is now the least recently used.
+        assert!(cache.load(&a).is_ok());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cache.store(&c, &[3; 1000]).unwrap();
+        assert!(cache.size() <= cache.max_bytes, "{} bytes", cache.size());
+        assert_eq!(cache.load(&b), Err(Rejected::Missing), "b was least recently used");
+        assert!(!cache.check_path_for(&b).exists() && !cache.verified_path_for(&b).exists());
+        assert!(cache.load(&a).is_ok() && cache.load(&c).is_ok());
+        // An artifact larger than the whole bound is not stored at all.
+        assert!(cache.store(&d, &[4; 5000]).is_err());
+        assert_eq!(cache.load(&d), Err(Rejected::Missing));
+        assert!(cache.load(&a).is_ok() && cache.load(&c).is_ok());
+    }
+
+    #[test]
+    fn the_path_index_is_bounded() {
+        let (dir, cache) = cache();
+        let index = dir.path().join("paths");
+        for i in 0..10 {
+            let guest = dir.path().join(format!("guest{i}.wasm"));
+            std::fs::write(&guest, b"v").unwrap();
+            let stamp = FileStamp::of(&std::fs::metadata(&guest).unwrap()).unwrap();
+            cache.remember_source(&guest, stamp, &sha256(b"v"));
+        }
+        assert_eq!(std::fs::read_dir(&index).unwrap().count(), 10);
+        trim_index(&index, 4);
+        assert_eq!(std::fs::read_dir(&index).unwrap().count(), 4);
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! The one Wasmtime engine of a process, and loading guests into it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use airlock_core::Error;
-use airlock_core::limits::{MAX_INSTANCES, MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS};
+use airlock_core::limits::{
+    GIB, MAX_INSTANCES, MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS, MIB, format_duration, format_size,
+};
 use wasmtime::component::{Component, Linker as ComponentLinker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, Linker, Module, OptLevel, PoolingAllocationConfig, Precompiled,
@@ -19,6 +20,7 @@ use crate::cache::{DiskCache, FileStamp, Hash32, Rejected, Sha256Hasher, sha256}
 use crate::guest::{Guest, GuestKind, GuestOrigin};
 use crate::host::{ComponentHost, ModuleHost};
 use crate::interpreter::bindings::InterpreterPre;
+use crate::lru::Lru;
 
 /// How often the engine's epoch advances. Deadlines are checked at each tick,
 /// so a guest overruns its deadline by at most about one tick.
@@ -41,8 +43,35 @@ const TABLES_PER_RUN: u32 = 4;
 /// has it) instead of being unmapped: the next run in the slot then takes no
 /// page faults for it. An interpreter dirties a few MiB per context.
 const KEEP_RESIDENT_BYTES: usize = 32 * 1024 * 1024;
-/// Largest guest file accepted (an interpreter component is about 20 MiB).
-pub const MAX_GUEST_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest guest file [`IsolateEngine::load_file`] accepts: files the
+/// operator installs (an interpreter component is about 20 MiB).
+pub const MAX_GUEST_BYTES: u64 = 256 * MIB;
+/// Default cap on a guest handed to [`IsolateEngine::load_bytes`], the entry
+/// point for guests a sandbox supplies (a `.wasm` in its workspace), after
+/// wasm text is parsed. Compile time and memory grow with a module's size, so
+/// this bounds what one upload can make the host do; the interpreters fit.
+pub const MAX_WORKSPACE_GUEST_BYTES: u64 = 64 * MIB;
+/// Default time a load waits for a guest to compile (including waiting for a
+/// compile slot). Cranelift cannot be interrupted, so past it the caller gets
+/// an error while the compile finishes in the background, holding its slot.
+/// The Python interpreter compiles in well under this on one core.
+pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default cap on guests compiling at once, counting compiles whose caller
+/// gave up waiting: each uses CPU and memory, and without the cap guests that
+/// time out could pile up behind one another.
+pub const DEFAULT_MAX_CONCURRENT_COMPILES: usize = 2;
+/// Default cap on the distinct guests the engine keeps loaded in memory
+/// (compiled code, mapped); the least recently used is dropped past it (a
+/// caller holding a `Guest` keeps it alive). Loading it again takes it from
+/// the disk cache.
+pub const DEFAULT_MAX_LOADED_GUESTS: usize = 64;
+/// Default cap on the on-disk guest cache's total size; the least recently
+/// used artifacts are removed past it. The Python interpreter's artifact is
+/// about 40 MB.
+pub const DEFAULT_MAX_CACHE_BYTES: u64 = GIB;
+/// Guest file paths whose content hash the engine remembers (so an unchanged
+/// file is not hashed again); the least recently used is forgotten past it.
+const MAX_KNOWN_FILES: usize = 1024;
 
 /// How the engine is set up. Every field is documented with its default.
 #[derive(Debug, Clone)]
@@ -53,11 +82,30 @@ pub struct EngineConfig {
     /// Runs that may execute at once. Default: [`DEFAULT_MAX_CONCURRENT_RUNS`].
     /// A run that would pass it fails with a clear error rather than waiting.
     pub max_concurrent_runs: u32,
+    /// Largest guest [`IsolateEngine::load_bytes`] accepts.
+    /// Default: [`MAX_WORKSPACE_GUEST_BYTES`].
+    pub max_guest_bytes: u64,
+    /// How long a load waits for a compile. Default: [`DEFAULT_COMPILE_TIMEOUT`].
+    pub compile_timeout: Duration,
+    /// Guests compiling at once. Default: [`DEFAULT_MAX_CONCURRENT_COMPILES`].
+    pub max_concurrent_compiles: usize,
+    /// Distinct guests kept loaded in memory. Default: [`DEFAULT_MAX_LOADED_GUESTS`].
+    pub max_loaded_guests: usize,
+    /// Total size of the on-disk cache. Default: [`DEFAULT_MAX_CACHE_BYTES`].
+    pub max_cache_bytes: u64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { cache_dir: default_cache_dir(), max_concurrent_runs: DEFAULT_MAX_CONCURRENT_RUNS }
+        Self {
+            cache_dir: default_cache_dir(),
+            max_concurrent_runs: DEFAULT_MAX_CONCURRENT_RUNS,
+            max_guest_bytes: MAX_WORKSPACE_GUEST_BYTES,
+            compile_timeout: DEFAULT_COMPILE_TIMEOUT,
+            max_concurrent_compiles: DEFAULT_MAX_CONCURRENT_COMPILES,
+            max_loaded_guests: DEFAULT_MAX_LOADED_GUESTS,
+            max_cache_bytes: DEFAULT_MAX_CACHE_BYTES,
+        }
     }
 }
 
@@ -86,8 +134,11 @@ pub(crate) struct EngineInner {
     component_linker: ComponentLinker<ComponentHost>,
     module_linker: Linker<ModuleHost>,
     disk: Option<DiskCache>,
-    guests: Mutex<HashMap<Hash32, Guest>>,
-    files: Mutex<HashMap<PathBuf, KnownFile>>,
+    guests: Mutex<Lru<Hash32, Guest>>,
+    files: Mutex<Lru<PathBuf, KnownFile>>,
+    compiles: Arc<CompileSlots>,
+    compile_timeout: Duration,
+    max_guest_bytes: u64,
     stop_ticker: Arc<AtomicBool>,
     ticker: Mutex<Option<JoinHandle<()>>>,
 }
@@ -163,7 +214,7 @@ impl IsolateEngine {
         let disk = config.cache_dir.map(|dir| {
             let mut hasher = Sha256Hasher::default();
             std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
-            DiskCache::new(dir, hasher.digest())
+            DiskCache::new(dir, hasher.digest(), config.max_cache_bytes)
         });
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -187,8 +238,11 @@ impl IsolateEngine {
                 component_linker,
                 module_linker,
                 disk,
-                guests: Mutex::default(),
-                files: Mutex::default(),
+                guests: Mutex::new(Lru::new(config.max_loaded_guests)),
+                files: Mutex::new(Lru::new(MAX_KNOWN_FILES)),
+                compiles: Arc::new(CompileSlots::new(config.max_concurrent_compiles)),
+                compile_timeout: config.compile_timeout,
+                max_guest_bytes: config.max_guest_bytes,
                 stop_ticker,
                 ticker: Mutex::new(Some(ticker)),
             }),
@@ -198,6 +252,16 @@ impl IsolateEngine {
     /// The directory of the on-disk guest cache, if there is one.
     pub fn cache_dir(&self) -> Option<&Path> {
         self.inner.disk.as_ref().map(DiskCache::dir)
+    }
+
+    /// Distinct guests loaded in memory now (at most the configured maximum).
+    pub fn loaded_guests(&self) -> usize {
+        lock(&self.inner.guests).len()
+    }
+
+    /// Compiles running now, including those whose caller stopped waiting.
+    pub fn compiles_in_flight(&self) -> usize {
+        self.inner.compiles.in_flight()
     }
 
     /// The cache file a guest with these bytes is kept in.
@@ -229,7 +293,7 @@ impl IsolateEngine {
         // first to this process, then to the disk cache's path index.
         let known = stamp.and_then(|stamp| {
             lock(&self.inner.files)
-                .get(path)
+                .get(&path.to_path_buf())
                 .filter(|f| f.stamp == stamp)
                 .map(|f| f.source)
                 .or_else(|| self.inner.disk.as_ref().and_then(|disk| disk.recall_source(path, stamp)))
@@ -253,7 +317,7 @@ impl IsolateEngine {
             }
         }
         let bytes = std::fs::read(path).map_err(|e| guest_error(e.to_string()))?;
-        let guest = self.load_bytes_after(&name, &bytes, rejected).map_err(|e| match e {
+        let guest = self.load_bytes_after(&name, &bytes, rejected, MAX_GUEST_BYTES).map_err(|e| match e {
             Error::Guest { reason, .. } => guest_error(reason),
             other => other,
         })?;
@@ -271,14 +335,44 @@ impl IsolateEngine {
     }
 
     /// Loads a guest from bytes (binary or text); `name` is used in messages
-    /// and as the guest's `argv[0]`.
+    /// and as the guest's `argv[0]`. The entry point for guests a sandbox
+    /// supplies: the caller reads them (from a workspace, through its
+    /// confined layer) and hands over the bytes, which this treats as hostile.
+    ///
+    /// Bounded: bytes (or the binary parsed from wasm text) past
+    /// [`EngineConfig::max_guest_bytes`] are refused before anything else; a
+    /// compile runs on a thread of its own, at most
+    /// [`EngineConfig::max_concurrent_compiles`] at once, and a load that
+    /// waits longer than [`EngineConfig::compile_timeout`] (for a slot and
+    /// the compile together) returns an error. Loads of bytes already
+    /// compiled come from memory or the disk cache and compile nothing.
+    ///
+    /// Blocking, for up to the compile timeout: call it off the async
+    /// workers (`tokio::task::spawn_blocking`).
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Guest, Error> {
-        self.load_bytes_after(name, bytes, None)
+        self.load_bytes_after(name, bytes, None, self.inner.max_guest_bytes)
     }
 
-    /// [`Self::load_bytes`], told why a cache entry was already refused for these bytes.
-    fn load_bytes_after(&self, name: &str, bytes: &[u8], rejected_before: Option<String>) -> Result<Guest, Error> {
+    /// [`Self::load_bytes`], told why a cache entry was already refused for
+    /// these bytes, with `max_bytes` as the size cap.
+    fn load_bytes_after(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        rejected_before: Option<String>,
+        max_bytes: u64,
+    ) -> Result<Guest, Error> {
         let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
+        let too_large = |len: usize| {
+            guest_error(format!(
+                "is {} bytes; the guest size limit is {max_bytes} bytes ({})",
+                len,
+                format_size(max_bytes)
+            ))
+        };
+        if bytes.len() as u64 > max_bytes {
+            return Err(too_large(bytes.len()));
+        }
         let source = sha256(bytes);
         if let Some(guest) = lock(&self.inner.guests).get(&source).cloned() {
             return Ok(guest.again_from_memory());
@@ -299,18 +393,14 @@ impl IsolateEngine {
                     .into_owned(),
             )
         };
-        // Bytes 4..8 are the version: 1 for core modules, a "layer" of 1 in bytes 6..8 for components.
-        let is_component = binary.get(6..8) == Some(&[1, 0]);
-        let engine = &self.inner.engine;
-        let compile_error = |e: wasmtime::Error| guest_error(format!("does not compile: {e:#}"));
-        let (kind, serialized) = if is_component {
-            let component = Component::new(engine, &binary).map_err(compile_error)?;
-            let serialized = component.serialize().map_err(compile_error)?;
-            (self.link_component(&component, name)?, serialized)
-        } else {
-            let module = Module::new(engine, &binary).map_err(compile_error)?;
-            let serialized = module.serialize().map_err(compile_error)?;
-            (self.link_module(&module, name)?, serialized)
+        // Text can expand: the cap holds for the binary that is compiled.
+        if binary.len() as u64 > max_bytes {
+            return Err(too_large(binary.len()));
+        }
+        let (compiled, serialized) = self.compile(name, binary.into_owned())?;
+        let kind = match &compiled {
+            Compiled::Component(component) => self.link_component(component, name)?,
+            Compiled::Module(module) => self.link_module(module, name)?,
         };
         if let Some(disk) = &self.inner.disk
             && let Err(e) = disk.store(&source, &serialized)
@@ -322,6 +412,51 @@ impl IsolateEngine {
             Guest::new(name.to_string(), source, kind, GuestOrigin::Compiled { rejected_cache_entry: rejected });
         lock(&self.inner.guests).insert(source, guest.clone());
         Ok(guest)
+    }
+
+    /// Compiles `binary` on a thread of its own once a compile slot is free,
+    /// waiting for both at most the compile timeout. A compile that outlives
+    /// the wait runs on, holding its slot, and its result is dropped.
+    fn compile(&self, name: &str, binary: Vec<u8>) -> Result<(Compiled, Vec<u8>), Error> {
+        let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
+        let timeout = self.inner.compile_timeout;
+        let deadline = Instant::now() + timeout;
+        let Some(slot) = self.inner.compiles.acquire(deadline) else {
+            return Err(guest_error(format!(
+                "cannot be compiled now: {} other guests have been compiling for longer than the compile timeout \
+                 of {}; try again later",
+                self.inner.compiles.max,
+                format_duration(timeout)
+            )));
+        };
+        let engine = self.inner.engine.clone();
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("airlock-compile".into())
+            .spawn(move || {
+                let _slot = slot;
+                // Bytes 4..8 are the version: 1 for core modules, a "layer" of 1 in bytes 6..8 for components.
+                let compiled = if binary.get(6..8) == Some(&[1, 0]) {
+                    Component::new(&engine, &binary)
+                        .and_then(|c| c.serialize().map(|serialized| (Compiled::Component(c), serialized)))
+                } else {
+                    Module::new(&engine, &binary)
+                        .and_then(|m| m.serialize().map(|serialized| (Compiled::Module(m), serialized)))
+                };
+                // The caller may have stopped waiting; then the result is dropped here.
+                let _ = sender.send(compiled);
+            })
+            .map_err(|e| engine_error("cannot start a compile thread", e))?;
+        match receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(compiled)) => Ok(compiled),
+            Ok(Err(e)) => Err(guest_error(format!("does not compile: {e:#}"))),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(guest_error(format!("did not compile within the compile timeout of {}", format_duration(timeout))))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(guest_error("does not compile: the compiler stopped without a result".into()))
+            }
+        }
     }
 
     /// A guest from a verified disk-cache entry, or why none was used
@@ -388,6 +523,52 @@ impl IsolateEngine {
             .instantiate_pre(module)
             .map_err(|e| guest_error(format!("cannot be linked: {e}")))?;
         Ok(GuestKind::Module(pre))
+    }
+}
+
+/// What a compile thread hands back.
+enum Compiled {
+    Component(Component),
+    Module(Module),
+}
+
+/// Counts compiles in flight against a cap. A slot is held by the compile
+/// thread, not by the caller, so a compile whose caller gave up still counts.
+struct CompileSlots {
+    in_flight: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+/// One compile's slot, given back when dropped.
+struct CompileSlot(Arc<CompileSlots>);
+
+impl CompileSlots {
+    fn new(max: usize) -> Self {
+        Self { in_flight: Mutex::new(0), freed: Condvar::new(), max: max.max(1) }
+    }
+
+    fn in_flight(&self) -> usize {
+        *lock(&self.in_flight)
+    }
+
+    /// A slot, waiting for one to be freed until `deadline`.
+    fn acquire(self: &Arc<Self>, deadline: Instant) -> Option<CompileSlot> {
+        let mut in_flight = lock(&self.in_flight);
+        while *in_flight >= self.max {
+            let left = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())?;
+            in_flight = self.freed.wait_timeout(in_flight, left).map_or_else(|p| p.into_inner().0, |(guard, _)| guard);
+        }
+        *in_flight += 1;
+        Some(CompileSlot(self.clone()))
+    }
+}
+
+impl Drop for CompileSlot {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.0.in_flight);
+        *in_flight = in_flight.saturating_sub(1);
+        self.0.freed.notify_one();
     }
 }
 

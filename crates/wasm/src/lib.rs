@@ -18,14 +18,16 @@ mod engine;
 mod guest;
 mod host;
 pub mod interpreter;
+mod lru;
 mod metering;
 mod output;
 mod run;
 mod tier;
 
 pub use engine::{
-    DEFAULT_MAX_CONCURRENT_RUNS, EPOCH_TICK, EngineConfig, IsolateEngine, MAX_GUEST_BYTES, WASM_STACK_BYTES,
-    default_cache_dir,
+    DEFAULT_COMPILE_TIMEOUT, DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CONCURRENT_COMPILES, DEFAULT_MAX_CONCURRENT_RUNS,
+    DEFAULT_MAX_LOADED_GUESTS, EPOCH_TICK, EngineConfig, IsolateEngine, MAX_GUEST_BYTES, MAX_WORKSPACE_GUEST_BYTES,
+    WASM_STACK_BYTES, default_cache_dir,
 };
 pub use guest::{Guest, GuestOrigin};
 pub use tier::IsolateTier;

@@ -1,0 +1,593 @@
+//! Per-sandbox disk quotas, through btrfs subvolumes and simple quotas.
+//!
+//! A home's `sandboxes/` directory is a btrfs filesystem in a sparse image
+//! file (`disk.img` in the home), loop-mounted by the runtime as root with
+//! `nosuid,nodev` (bind mounts of workspaces into containers inherit both).
+//! Each sandbox directory is a subvolume in its own level-1 quota group whose
+//! referenced-bytes limit is the sandbox's `disk`. With btrfs *simple quotas*
+//! (Linux 6.7+), a subvolume or snapshot that a sandbox makes inside its
+//! workspace joins the same group, so it cannot step outside the limit.
+//! Past the limit, writes fail with `EDQUOT` in the container and in
+//! isolates; the files API names the quota. The image is sparse and holes are
+//! punched back into it when files are deleted (`discard=async`), so the
+//! host's disk pays only for what sandboxes hold, and never more than the
+//! image's size in all.
+//!
+//! Why this mechanism: this kernel has no XFS quota and no ext4 quota format,
+//! so XFS or ext4 project quotas cannot be used; a filesystem image per
+//! sandbox would cost an mkfs and a loop device per sandbox. A subvolume and
+//! three ioctls per sandbox are cheap enough for thousands.
+//!
+//! Needs root (to loop-mount and to set quotas) and `mkfs.btrfs`
+//! (btrfs-progs; `airlock setup` installs it). Without them, quotas are not
+//! enforced: the runtime says why in a warning and in [`DiskStatus`], or
+//! refuses to open when [`QuotaMode::Required`].
+//!
+//! The mount is shared by every runtime open on the home (in any process) and
+//! taken down by the last one to close: a shared `flock` on `disk.users`
+//! counts users, and `disk.lock` orders mounting and unmounting.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use airlock_core::limits::{GIB, MIB, format_size};
+use rustix::fs::{FlockOperation, Mode, OFlags};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// A sandbox's disk quota unless its configuration says otherwise: the
+/// workspace (and the container's writable layer where the engine can limit it).
+pub const DEFAULT_DISK_BYTES: u64 = 10 * GIB;
+/// The smallest quota: btrfs needs some metadata room for even an empty tree.
+pub const MIN_DISK_BYTES: u64 = 16 * MIB;
+/// The largest quota a sandbox may ask for.
+pub const MAX_DISK_BYTES: u64 = 16 * 1024 * GIB;
+/// The home's filesystem image, holding every sandbox directory.
+pub const DISK_IMAGE_FILE: &str = "disk.img";
+/// Taken alone while the image is mounted or unmounted.
+pub const DISK_LOCK_FILE: &str = "disk.lock";
+/// Held shared by every runtime using the mounted image.
+pub const DISK_USERS_FILE: &str = "disk.users";
+/// The smallest image: mkfs.btrfs needs about 114 MiB for its own trees.
+pub const MIN_IMAGE_BYTES: u64 = 256 * MIB;
+/// The default image size is this share (in percent) of the host filesystem's
+/// free space when the image is made: sandboxes together can never fill the host.
+pub const DEFAULT_IMAGE_SHARE_PERCENT: u64 = 50;
+/// ... and at most this.
+pub const MAX_DEFAULT_IMAGE_BYTES: u64 = 1024 * GIB;
+/// Mount options of the image: no setuid binaries and no device nodes work
+/// from a workspace, in the container either; freed blocks go back to the host.
+pub const IMAGE_MOUNT_OPTIONS: &str = "loop,nosuid,nodev,discard=async";
+
+/// Whether the runtime enforces disk quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaMode {
+    /// Enforce them where the host allows (root, btrfs-progs, Linux 6.7+);
+    /// elsewhere warn and run without.
+    #[default]
+    Auto,
+    /// Refuse to open the runtime when they cannot be enforced.
+    Required,
+    /// Never: sandbox directories are plain directories on the home's filesystem.
+    Off,
+}
+
+/// How the home's disk is set up. Every field has a default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskOptions {
+    pub quotas: QuotaMode,
+    /// The image's size when it is made; `None` is [`DEFAULT_IMAGE_SHARE_PERCENT`]
+    /// of the host's free space, at most [`MAX_DEFAULT_IMAGE_BYTES`]. An existing
+    /// image keeps its size.
+    pub image_bytes: Option<u64>,
+}
+
+/// Whether disk quotas hold in this runtime, and why not when they do not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum DiskStatus {
+    Enforced { image: PathBuf, image_bytes: u64 },
+    NotEnforced { reason: String },
+}
+
+impl DiskStatus {
+    pub fn is_enforced(&self) -> bool {
+        matches!(self, DiskStatus::Enforced { .. })
+    }
+}
+
+/// The home's disk: the mounted image, or plain directories.
+#[derive(Debug)]
+pub(crate) struct HomeDisk {
+    status: DiskStatus,
+    mounted: Option<Mounted>,
+}
+
+#[derive(Debug)]
+struct Mounted {
+    /// `home/sandboxes`, the image's mount point.
+    sandboxes: PathBuf,
+    /// The mount point, open: subvolumes are made and destroyed beneath it.
+    /// An `Option` so that it is closed before the unmount.
+    root: Option<OwnedFd>,
+    lock: File,
+    users: File,
+    /// The image is ours (not a filesystem someone else mounted there): the
+    /// last user unmounts it.
+    unmount_when_last: bool,
+}
+
+impl HomeDisk {
+    /// Mounts the home's image (making it first if needed), or says why not.
+    /// `home` is canonical and `home/sandboxes` exists.
+    pub fn open(home: &Path, options: &DiskOptions) -> Result<Self> {
+        if options.quotas == QuotaMode::Off {
+            return Ok(Self::unenforced("disk quotas are turned off in the runtime's options".into()));
+        }
+        match Mounted::open(home, options) {
+            Ok(Ok((mounted, image_bytes))) => {
+                let image = home.join(DISK_IMAGE_FILE);
+                Ok(Self { status: DiskStatus::Enforced { image, image_bytes }, mounted: Some(mounted) })
+            }
+            Ok(Err(reason)) if options.quotas == QuotaMode::Auto => {
+                tracing::warn!("disk quotas are not enforced for {}: {reason}", home.display());
+                Ok(Self::unenforced(reason))
+            }
+            Ok(Err(reason)) => Err(Error::Disk(reason)),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn unenforced(reason: String) -> Self {
+        Self { status: DiskStatus::NotEnforced { reason }, mounted: None }
+    }
+
+    pub fn status(&self) -> &DiskStatus {
+        &self.status
+    }
+
+    /// Makes a sandbox's directory (`home/sandboxes/<id>`): a subvolume limited
+    /// to `disk_bytes` when quotas hold, a plain directory otherwise.
+    pub fn create_sandbox_dir(&self, dir: &Path, disk_bytes: u64) -> Result<()> {
+        let Some(mounted) = &self.mounted else {
+            return std::fs::create_dir_all(dir).map_err(file_error("create sandbox directory", dir));
+        };
+        let (root, name) = mounted.child(dir)?;
+        let group = quota_group_of(name);
+        let failed = |step: &'static str| {
+            move |source: io::Error| Error::Disk(format!("{step} for {}: {source}", dir.display()))
+        };
+        btrfs::create_qgroup(root, group).map_err(failed("making the quota group"))?;
+        let made = btrfs::limit_qgroup(root, group, disk_bytes)
+            .map_err(failed("limiting the quota group"))
+            .and_then(|()| btrfs::create_subvolume(root, name, group).map_err(failed("making the subvolume")));
+        if made.is_err() {
+            let _ = btrfs::destroy_qgroup(root, group);
+        }
+        made
+    }
+
+    /// Removes a sandbox's directory and everything in it; its quota goes with it.
+    pub fn remove_sandbox_dir(&self, dir: &Path) -> Result<()> {
+        let Some(mounted) = &self.mounted else {
+            return remove_tree(dir);
+        };
+        let (root, name) = mounted.child(dir)?;
+        match btrfs::destroy_subvolume(root, name) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // Not a subvolume (made before quotas), or it holds subvolumes the
+            // sandbox made: the slow way, which deletes those too.
+            Err(_) => remove_tree(dir)?,
+        }
+        // The group stays until the kernel has dropped the subvolume's extents;
+        // a leftover empty group is harmless.
+        if let Err(error) = btrfs::destroy_qgroup(root, quota_group_of(name)) {
+            tracing::debug!(%error, dir = %dir.display(), "the sandbox's quota group stays for now");
+        }
+        Ok(())
+    }
+}
+
+fn remove_tree(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(file_error("remove sandbox directory", dir)(error)),
+        _ => Ok(()),
+    }
+}
+
+fn file_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::File { operation, path: path.display().to_string(), source }
+}
+
+/// The level-1 quota group of the sandbox directory `name`: 48 bits of its
+/// name's hash (a clash is refused by the kernel when the group is made, never shared).
+fn quota_group_of(name: &str) -> u64 {
+    let hash = Sha256::digest(name.as_bytes());
+    let mut id = [0u8; 8];
+    id[2..].copy_from_slice(&hash[..6]);
+    (1u64 << 48) | u64::from_be_bytes(id).max(1)
+}
+
+/// Why quotas cannot be enforced, as told to the operator.
+type Reason = String;
+
+impl Mounted {
+    fn open(home: &Path, options: &DiskOptions) -> Result<std::result::Result<(Self, u64), Reason>> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(Err("they need root (to loop-mount the home's disk image and set quotas)".into()));
+        }
+        let sandboxes = home.join("sandboxes");
+        let image = home.join(DISK_IMAGE_FILE);
+        let lock = open_lock_file(&home.join(DISK_LOCK_FILE))?;
+        let users = open_lock_file(&home.join(DISK_USERS_FILE))?;
+        // Alone until this runtime counts as a user: nobody unmounts under us.
+        rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(lock_error(home))?;
+        let mut we_mounted = false;
+        if !is_btrfs_mount(home, &sandboxes)? {
+            let has_entries = std::fs::read_dir(&sandboxes)
+                .map_err(file_error("read", &sandboxes))?
+                .next()
+                .is_some();
+            if has_entries {
+                return Ok(Err(format!(
+                    "{} holds sandboxes made before disk quotas; destroy them (or move the home) to get quotas",
+                    sandboxes.display()
+                )));
+            }
+            if !image.exists()
+                && let Err(reason) = make_image(home, &image, options.image_bytes)?
+            {
+                return Ok(Err(reason));
+            }
+            if let Err(reason) = mount_image(&image, &sandboxes)? {
+                return Ok(Err(reason));
+            }
+            we_mounted = true;
+        }
+        let root = rustix::fs::open(&sandboxes, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| file_error("open", &sandboxes)(e.into()))?;
+        if let Err(error) = btrfs::enable_simple_quotas(root.as_fd()) {
+            drop(root);
+            if we_mounted {
+                let _ = rustix::mount::unmount(&sandboxes, rustix::mount::UnmountFlags::DETACH);
+            }
+            return Ok(Err(format!(
+                "btrfs simple quotas could not be turned on ({error}); they need Linux 6.7 or later"
+            )));
+        }
+        rustix::fs::flock(&users, FlockOperation::LockShared).map_err(lock_error(home))?;
+        let unmount_when_last = loop_backing_file(&sandboxes).is_some_and(|backing| same_file(&backing, &image));
+        let image_bytes = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+        rustix::fs::flock(&lock, FlockOperation::Unlock).map_err(lock_error(home))?;
+        Ok(Ok((Self { sandboxes, root: Some(root), lock, users, unmount_when_last }, image_bytes)))
+    }
+
+    /// The mount point and the name of `dir`, which must be directly beneath it.
+    fn child<'a>(&'a self, dir: &'a Path) -> Result<(BorrowedFd<'a>, &'a str)> {
+        let name = dir.file_name().and_then(|name| name.to_str());
+        match (&self.root, name) {
+            (Some(root), Some(name)) if dir.parent() == Some(self.sandboxes.as_path()) => Ok((root.as_fd(), name)),
+            _ => Err(Error::Disk(format!("{} is not a sandbox directory of this home", dir.display()))),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // Closed first: an open directory would keep the filesystem busy.
+        self.root = None;
+        if rustix::fs::flock(&self.lock, FlockOperation::LockExclusive).is_err() {
+            return;
+        }
+        let _ = rustix::fs::flock(&self.users, FlockOperation::Unlock);
+        let last = rustix::fs::flock(&self.users, FlockOperation::NonBlockingLockExclusive).is_ok();
+        if last && self.unmount_when_last {
+            // Detached: anything still open in it (a workspace handle not yet
+            // dropped) keeps it alive until closed, and the loop device, set to
+            // clear itself, goes with it.
+            if let Err(error) = rustix::mount::unmount(&self.sandboxes, rustix::mount::UnmountFlags::DETACH) {
+                tracing::warn!(%error, path = %self.sandboxes.display(), "unmounting the home's disk image failed");
+            }
+        }
+        let _ = rustix::fs::flock(&self.users, FlockOperation::Unlock);
+        let _ = rustix::fs::flock(&self.lock, FlockOperation::Unlock);
+    }
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(file_error("open", path))
+}
+
+fn lock_error(home: &Path) -> impl FnOnce(rustix::io::Errno) -> Error + '_ {
+    move |errno| Error::Disk(format!("locking the disk of {}: {errno}", home.display()))
+}
+
+/// `sandboxes` is a btrfs filesystem mounted over the home's directory.
+fn is_btrfs_mount(home: &Path, sandboxes: &Path) -> Result<bool> {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    let stat = |path: &Path| rustix::fs::stat(path).map_err(|e| file_error("stat", path)(e.into()));
+    if stat(home)?.st_dev == stat(sandboxes)?.st_dev {
+        return Ok(false);
+    }
+    let fs = rustix::fs::statfs(sandboxes).map_err(|e| file_error("statfs", sandboxes)(e.into()))?;
+    #[allow(clippy::unnecessary_cast)]
+    Ok(fs.f_type as i64 == BTRFS_SUPER_MAGIC)
+}
+
+/// Makes a sparse image of the chosen size holding an empty btrfs filesystem.
+fn make_image(home: &Path, image: &Path, size: Option<u64>) -> Result<std::result::Result<(), Reason>> {
+    let Some(mkfs) = find_program("mkfs.btrfs") else {
+        return Ok(Err("mkfs.btrfs is missing: install btrfs-progs (`airlock setup` does)".into()));
+    };
+    let size = match size {
+        Some(size) if size < MIN_IMAGE_BYTES => {
+            return Err(Error::Invalid {
+                what: "disk image size",
+                reason: format!("{} is under the minimum {}", format_size(size), format_size(MIN_IMAGE_BYTES)),
+            });
+        }
+        Some(size) => size,
+        None => {
+            let vfs = rustix::fs::statvfs(home).map_err(|e| file_error("statvfs", home)(e.into()))?;
+            let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+            (free / 100 * DEFAULT_IMAGE_SHARE_PERCENT).clamp(MIN_IMAGE_BYTES, MAX_DEFAULT_IMAGE_BYTES)
+        }
+    };
+    // Made aside and renamed when complete: a crash leaves no half-made image.
+    let partial = home.join(format!("{DISK_IMAGE_FILE}.partial"));
+    let file = File::create(&partial).map_err(file_error("create", &partial))?;
+    file.set_len(size).map_err(file_error("size", &partial))?;
+    drop(file);
+    // Single copies of metadata (the host's disk keeps its own integrity); no
+    // discard pass over a file that is all holes.
+    let output = Command::new(mkfs)
+        .args(["-q", "-f", "-m", "single", "-d", "single", "--nodiscard"])
+        .arg(&partial)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(file_error("run mkfs.btrfs on", &partial))?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Error::Disk(format!(
+            "mkfs.btrfs {}: {}",
+            partial.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    std::fs::rename(&partial, image).map_err(file_error("rename into place", image))?;
+    Ok(Ok(()))
+}
+
+fn mount_image(image: &Path, sandboxes: &Path) -> Result<std::result::Result<(), Reason>> {
+    let Some(mount) = find_program("mount") else {
+        return Ok(Err("mount(8) is missing".into()));
+    };
+    // mount(8) sets up a loop device that clears itself at unmount, and reuses
+    // the one already attached to this image if another mount holds it.
+    let output = Command::new(mount)
+        .args(["-t", "btrfs", "-o", IMAGE_MOUNT_OPTIONS])
+        .arg(image)
+        .arg(sandboxes)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(file_error("run mount for", image))?;
+    if output.status.success() {
+        Ok(Ok(()))
+    } else {
+        Ok(Err(format!(
+            "mounting {} on {} failed: {}",
+            image.display(),
+            sandboxes.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+/// The file behind the loop device mounted at `path`, if it is one.
+fn loop_backing_file(path: &Path) -> Option<PathBuf> {
+    let dev = rustix::fs::stat(path).ok()?.st_dev;
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(text.trim_end_matches('\n')))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The btrfs ioctls, with the kernel's structures (linux/btrfs.h).
+#[allow(unsafe_code)]
+mod btrfs {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    const MAGIC: u64 = 0x94;
+    const fn ioc(dir: u64, nr: u64, size: usize) -> libc::Ioctl {
+        ((dir << 30) | ((size as u64) << 16) | (MAGIC << 8) | nr) as libc::Ioctl
+    }
+    const WRITE: u64 = 1;
+    const READ: u64 = 2;
+
+    const QUOTA_CTL: libc::Ioctl = ioc(READ | WRITE, 40, size_of::<QuotaCtlArgs>());
+    const QGROUP_CREATE: libc::Ioctl = ioc(WRITE, 42, size_of::<QgroupCreateArgs>());
+    // Declared as a read in the kernel's header although the kernel reads it.
+    const QGROUP_LIMIT: libc::Ioctl = ioc(READ, 43, size_of::<QgroupLimitArgs>());
+    const SUBVOL_CREATE_V2: libc::Ioctl = ioc(WRITE, 24, size_of::<VolArgsV2>());
+    const SNAP_DESTROY: libc::Ioctl = ioc(WRITE, 15, size_of::<VolArgs>());
+
+    const QUOTA_CTL_ENABLE_SIMPLE_QUOTA: u64 = 4;
+    const QGROUP_LIMIT_MAX_RFER: u64 = 1;
+    const SUBVOL_QGROUP_INHERIT: u64 = 1 << 2;
+    const VOL_NAME_MAX: usize = 4087;
+    const SUBVOL_NAME_MAX: usize = 4039;
+
+    #[repr(C)]
+    struct QuotaCtlArgs {
+        cmd: u64,
+        status: u64,
+    }
+
+    #[repr(C)]
+    struct QgroupCreateArgs {
+        create: u64,
+        qgroupid: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct QgroupLimit {
+        flags: u64,
+        max_rfer: u64,
+        max_excl: u64,
+        rsv_rfer: u64,
+        rsv_excl: u64,
+    }
+
+    #[repr(C)]
+    struct QgroupLimitArgs {
+        qgroupid: u64,
+        lim: QgroupLimit,
+    }
+
+    /// `struct btrfs_qgroup_inherit` with room for one group.
+    #[repr(C)]
+    struct QgroupInherit {
+        flags: u64,
+        num_qgroups: u64,
+        num_ref_copies: u64,
+        num_excl_copies: u64,
+        lim: QgroupLimit,
+        qgroups: [u64; 1],
+    }
+
+    #[repr(C)]
+    struct VolArgs {
+        fd: i64,
+        name: [u8; VOL_NAME_MAX + 1],
+    }
+
+    #[repr(C)]
+    struct VolArgsV2 {
+        fd: i64,
+        transid: u64,
+        flags: u64,
+        /// The union of `{ size, qgroup_inherit pointer }` and `unused[4]`.
+        size: u64,
+        qgroup_inherit: u64,
+        unused: [u64; 2],
+        name: [u8; SUBVOL_NAME_MAX + 1],
+    }
+
+    fn call<T>(fd: BorrowedFd<'_>, request: libc::Ioctl, arg: &mut T) -> io::Result<()> {
+        // SAFETY: `arg` is a live, exclusively borrowed `repr(C)` value laid out
+        // as the structure `request` takes (linux/btrfs.h), valid for the call;
+        // any pointer inside it points to a value the caller keeps alive.
+        let result = unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(arg)) };
+        if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    fn name_field<const N: usize>(name: &str) -> io::Result<[u8; N]> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= N || bytes.contains(&0) || bytes.contains(&b'/') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad subvolume name {name:?}")));
+        }
+        let mut field = [0u8; N];
+        field[..bytes.len()].copy_from_slice(bytes);
+        Ok(field)
+    }
+
+    /// Turns on simple quotas (a no-op when quotas are on already).
+    pub fn enable_simple_quotas(fs: BorrowedFd<'_>) -> io::Result<()> {
+        call(fs, QUOTA_CTL, &mut QuotaCtlArgs { cmd: QUOTA_CTL_ENABLE_SIMPLE_QUOTA, status: 0 })
+    }
+
+    pub fn create_qgroup(fs: BorrowedFd<'_>, qgroupid: u64) -> io::Result<()> {
+        call(fs, QGROUP_CREATE, &mut QgroupCreateArgs { create: 1, qgroupid })
+    }
+
+    pub fn destroy_qgroup(fs: BorrowedFd<'_>, qgroupid: u64) -> io::Result<()> {
+        call(fs, QGROUP_CREATE, &mut QgroupCreateArgs { create: 0, qgroupid })
+    }
+
+    /// Limits the bytes the group's subvolumes may reference.
+    pub fn limit_qgroup(fs: BorrowedFd<'_>, qgroupid: u64, bytes: u64) -> io::Result<()> {
+        let lim = QgroupLimit { flags: QGROUP_LIMIT_MAX_RFER, max_rfer: bytes, ..QgroupLimit::default() };
+        call(fs, QGROUP_LIMIT, &mut QgroupLimitArgs { qgroupid, lim })
+    }
+
+    /// Makes subvolume `name` in the directory `parent`, in the quota group `qgroupid`.
+    pub fn create_subvolume(parent: BorrowedFd<'_>, name: &str, qgroupid: u64) -> io::Result<()> {
+        let mut inherit = QgroupInherit {
+            flags: 0,
+            num_qgroups: 1,
+            num_ref_copies: 0,
+            num_excl_copies: 0,
+            lim: QgroupLimit::default(),
+            qgroups: [qgroupid],
+        };
+        let mut args = VolArgsV2 {
+            fd: 0,
+            transid: 0,
+            flags: SUBVOL_QGROUP_INHERIT,
+            size: size_of::<QgroupInherit>() as u64,
+            qgroup_inherit: std::ptr::from_mut(&mut inherit) as u64,
+            unused: [0; 2],
+            name: name_field(name)?,
+        };
+        call(parent, SUBVOL_CREATE_V2, &mut args)
+    }
+
+    /// Deletes subvolume `name` in `parent` at once (the kernel frees its
+    /// extents in the background). Fails with ENOTEMPTY when it holds subvolumes.
+    pub fn destroy_subvolume(parent: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+        call(parent, SNAP_DESTROY, &mut VolArgs { fd: 0, name: name_field(name)? })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn request_numbers_match_the_kernel_header() {
+            assert_eq!(QUOTA_CTL as u64, 0xc010_9428);
+            assert_eq!(QGROUP_CREATE as u64, 0x4010_942a);
+            assert_eq!(QGROUP_LIMIT as u64, 0x8030_942b);
+            assert_eq!(SUBVOL_CREATE_V2 as u64, 0x5000_9418);
+            assert_eq!(SNAP_DESTROY as u64, 0x5000_940f);
+            assert_eq!(size_of::<QgroupInherit>(), 80);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_groups_are_level_one_and_distinct() {
+        let a = quota_group_of("0b6c4a1e-1");
+        let b = quota_group_of("0b6c4a1e-2");
+        assert_eq!(a >> 48, 1);
+        assert_eq!(b >> 48, 1);
+        assert_ne!(a, b);
+        assert_eq!(a, quota_group_of("0b6c4a1e-1"));
+    }
+}

@@ -16,6 +16,24 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// container stop and start.
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Interpreter contexts a sandbox may hold at once unless configured
+/// otherwise: each keeps an instance and its memory (about 8 MiB for Python)
+/// alive on the host until deleted or the sandbox sleeps.
+pub const DEFAULT_MAX_CONTEXTS: usize = 16;
+/// The most contexts a sandbox may be configured to hold (host memory).
+pub const MAX_CONTEXTS_LIMIT: usize = 1024;
+/// Background processes a sandbox may have running at once unless configured
+/// otherwise: each holds an agent stream, a follower task and an output log on
+/// the host.
+pub const DEFAULT_MAX_PROCESSES: usize = 32;
+/// The most running background processes a sandbox may be configured for.
+pub const MAX_PROCESSES_LIMIT: usize = 1024;
+/// Terminal sessions a sandbox may have open at once unless configured
+/// otherwise: each holds an engine exec and its attached stream on the host.
+pub const DEFAULT_MAX_PTYS: usize = 8;
+/// The most open terminals a sandbox may be configured for.
+pub const MAX_PTYS_LIMIT: usize = 256;
+
 /// Which tier a sandbox's work may run on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -65,6 +83,14 @@ pub struct SandboxConfig {
     /// where the container engine can limit it, the container's writable layer.
     /// Enforced when the runtime's disk quotas are ([`crate::DiskStatus`]).
     pub disk: u64,
+    /// Interpreter contexts held at once ([`DEFAULT_MAX_CONTEXTS`]).
+    pub max_contexts: usize,
+    /// Background processes running at once ([`DEFAULT_MAX_PROCESSES`]);
+    /// exited ones do not count.
+    pub max_processes: usize,
+    /// Terminal sessions open at once ([`DEFAULT_MAX_PTYS`]); a session counts
+    /// until its handle is dropped.
+    pub max_ptys: usize,
 }
 
 impl Default for SandboxConfig {
@@ -79,6 +105,9 @@ impl Default for SandboxConfig {
             keep_alive: false,
             policy: Policy::default(),
             disk: DEFAULT_DISK_BYTES,
+            max_contexts: DEFAULT_MAX_CONTEXTS,
+            max_processes: DEFAULT_MAX_PROCESSES,
+            max_ptys: DEFAULT_MAX_PTYS,
         }
     }
 }
@@ -104,6 +133,15 @@ impl SandboxConfig {
                     format_size(MAX_DISK_BYTES)
                 ),
             });
+        }
+        for (what, value, max) in [
+            ("max contexts", self.max_contexts, MAX_CONTEXTS_LIMIT),
+            ("max processes", self.max_processes, MAX_PROCESSES_LIMIT),
+            ("max ptys", self.max_ptys, MAX_PTYS_LIMIT),
+        ] {
+            if value == 0 || value > max {
+                return Err(crate::Error::Invalid { what, reason: format!("{value} is outside 1..={max}") });
+            }
         }
         Ok(())
     }

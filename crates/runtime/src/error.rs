@@ -41,6 +41,10 @@ pub enum Error {
     /// A value is out of range; the message names the limit.
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+    /// A per-sandbox limit is reached (`limit` is its `SandboxConfig` field):
+    /// nothing was started, and what the sandbox already has is untouched.
+    #[error("sandbox limit {limit} reached: {held} of {max} {what} in use")]
+    SandboxLimit { limit: &'static str, what: &'static str, held: usize, max: usize },
     /// The home's disk (its image, mount or quotas) could not be set up or used.
     #[error("disk: {0}")]
     Disk(String),

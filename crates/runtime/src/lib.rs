@@ -32,7 +32,10 @@ mod runtime;
 mod sandbox;
 mod store;
 
-pub use config::{DEFAULT_IDLE_TIMEOUT, MIN_IDLE_TIMEOUT, NetworkPolicy, Policy, SandboxConfig, TierPreference};
+pub use config::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONTEXTS, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_PTYS, MAX_CONTEXTS_LIMIT,
+    MAX_PROCESSES_LIMIT, MAX_PTYS_LIMIT, MIN_IDLE_TIMEOUT, NetworkPolicy, Policy, SandboxConfig, TierPreference,
+};
 pub use disk::{
     DEFAULT_DISK_BYTES, DEFAULT_IMAGE_SHARE_PERCENT, DISK_IMAGE_FILE, DiskOptions, DiskStatus, IMAGE_MOUNT_OPTIONS,
     MAX_DEFAULT_IMAGE_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES, MIN_IMAGE_BYTES, QuotaMode,
@@ -45,5 +48,5 @@ pub use runtime::{
     DATABASE_FILE, DEFAULT_PRICE_PER_VCPU_SECOND, IDLE_SWEEP_INTERVAL, RUNTIME_WARM_CONTEXTS, Runtime, RuntimeOptions,
     SandboxInfo, Usage, UsageQuery, default_home,
 };
-pub use sandbox::{CodeOutcome, Placement, RunOutcome, Sandbox};
+pub use sandbox::{CodeOutcome, Placement, RunOutcome, Sandbox, SandboxPortStream, SandboxPty};
 pub use store::{ExecutionKind, SandboxState, UsageTotals};

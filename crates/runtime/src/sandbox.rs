@@ -71,6 +71,17 @@ pub(crate) struct SandboxInner {
     isolate_wrote: AtomicBool,
     /// This sandbox's contexts and their languages.
     contexts: Mutex<HashMap<String, Language>>,
+    /// Contexts being made: they count against `max_contexts` (changed under
+    /// the `contexts` lock).
+    contexts_pending: AtomicUsize,
+    /// Held while a background process is checked against `max_processes` and
+    /// started, so two starts cannot both take the last slot.
+    process_start: tokio::sync::Mutex<()>,
+    /// Terminal sessions whose handles are alive (against `max_ptys`).
+    open_ptys: AtomicUsize,
+    /// Terminal sessions and port streams whose handles are alive: each keeps
+    /// the sandbox awake.
+    open_streams: AtomicUsize,
     lifecycle: tokio::sync::RwLock<()>,
     in_flight: AtomicUsize,
     last_active: Mutex<Instant>,
@@ -92,6 +103,10 @@ impl SandboxInner {
             record: Mutex::new(record),
             container: tokio::sync::Mutex::new(None),
             contexts: Mutex::default(),
+            contexts_pending: AtomicUsize::new(0),
+            process_start: tokio::sync::Mutex::new(()),
+            open_ptys: AtomicUsize::new(0),
+            open_streams: AtomicUsize::new(0),
             lifecycle: tokio::sync::RwLock::new(()),
             in_flight: AtomicUsize::new(0),
             last_active: Mutex::new(Instant::now()),
@@ -117,12 +132,168 @@ impl SandboxInner {
         lock(&self.record).state
     }
 
-    /// Idle past its timeout, awake, not kept alive, nothing running.
+    /// Idle past its timeout, awake, not kept alive, nothing running, no
+    /// terminal or port stream open. (Running background processes are
+    /// checked by [`Sandbox::sleep_if_idle`].)
     pub fn should_sleep(&self) -> bool {
         !self.config.keep_alive
             && self.state() == SandboxState::Active
             && self.in_flight.load(Ordering::SeqCst) == 0
+            && self.open_streams.load(Ordering::SeqCst) == 0
             && lock(&self.last_active).elapsed() >= self.config.idle_timeout
+    }
+}
+
+/// Keeps a sandbox awake while a terminal or port stream is open (the sweep
+/// sees it under the lifecycle lock); a terminal also holds one of the
+/// sandbox's `max_ptys` slots. Dropping it restarts the idle clock.
+#[derive(Debug)]
+struct OpenStream {
+    inner: Arc<SandboxInner>,
+    pty: bool,
+}
+
+impl OpenStream {
+    fn port(inner: &Arc<SandboxInner>) -> Self {
+        inner.open_streams.fetch_add(1, Ordering::SeqCst);
+        Self { inner: inner.clone(), pty: false }
+    }
+
+    /// Takes a terminal slot, or says which limit is reached.
+    fn pty(inner: &Arc<SandboxInner>) -> Result<Self> {
+        let max = inner.config.max_ptys;
+        inner
+            .open_ptys
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| (held < max).then_some(held + 1))
+            .map_err(|held| Error::SandboxLimit { limit: "max_ptys", what: "terminals", held, max })?;
+        inner.open_streams.fetch_add(1, Ordering::SeqCst);
+        Ok(Self { inner: inner.clone(), pty: true })
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        *lock(&self.inner.last_active) = Instant::now();
+        if self.pty {
+            self.inner.open_ptys.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.inner.open_streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A terminal session in a sandbox's container ([`PtySession`]'s methods
+/// through `Deref`). While it lives it holds one of the sandbox's `max_ptys`
+/// slots and keeps the sandbox awake: drop it to close the session.
+#[derive(Debug)]
+pub struct SandboxPty {
+    session: PtySession,
+    _open: OpenStream,
+}
+
+impl SandboxPty {
+    /// Reads to the end and returns the command's exit code.
+    pub async fn wait(self) -> Result<Option<i32>> {
+        let SandboxPty { session, _open } = self;
+        Ok(session.wait().await?)
+    }
+}
+
+impl std::ops::Deref for SandboxPty {
+    type Target = PtySession;
+    fn deref(&self) -> &PtySession {
+        &self.session
+    }
+}
+
+impl std::ops::DerefMut for SandboxPty {
+    fn deref_mut(&mut self) -> &mut PtySession {
+        &mut self.session
+    }
+}
+
+/// A byte stream to a port inside a sandbox's container. While it lives the
+/// sandbox stays awake (a preview being viewed is not idle).
+#[derive(Debug)]
+pub struct SandboxPortStream {
+    stream: PortStream,
+    _open: OpenStream,
+}
+
+impl SandboxPortStream {
+    /// The stream underneath.
+    pub fn get_ref(&self) -> &PortStream {
+        &self.stream
+    }
+}
+
+impl tokio::io::AsyncRead for SandboxPortStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SandboxPortStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A context being made, counted against `max_contexts` until it is in the
+/// sandbox's table (or failed).
+struct ContextSlot<'a> {
+    inner: &'a SandboxInner,
+    filled: bool,
+}
+
+impl<'a> ContextSlot<'a> {
+    fn take(inner: &'a SandboxInner) -> Result<Self> {
+        let contexts = lock(&inner.contexts);
+        let held = contexts.len() + inner.contexts_pending.load(Ordering::SeqCst);
+        let max = inner.config.max_contexts;
+        if held >= max {
+            return Err(Error::SandboxLimit { limit: "max_contexts", what: "contexts", held, max });
+        }
+        inner.contexts_pending.fetch_add(1, Ordering::SeqCst);
+        Ok(Self { inner, filled: false })
+    }
+
+    /// Puts the new context in the table in place of the slot, in one step.
+    fn fill(mut self, id: String, language: Language) {
+        let mut contexts = lock(&self.inner.contexts);
+        contexts.insert(id, language);
+        self.inner.contexts_pending.fetch_sub(1, Ordering::SeqCst);
+        self.filled = true;
+    }
+}
+
+impl Drop for ContextSlot<'_> {
+    fn drop(&mut self) {
+        if !self.filled {
+            let _contexts = lock(&self.inner.contexts);
+            self.inner.contexts_pending.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -355,15 +526,17 @@ impl Sandbox {
     }
 
     /// Makes an interpreter context in this sandbox; its id is for [`code_in`](Self::code_in).
+    /// At most `max_contexts` at once: past it, [`Error::SandboxLimit`].
     pub async fn create_context(&self, language: Language) -> Result<String> {
         let _active = self.begin().await?;
+        let slot = ContextSlot::take(&self.inner)?;
         let id = self
             .runtime
             .inner
             .interpreters
             .create_context(language, self.inner.workspace.clone(), self.inner.config.limits)
             .await?;
-        lock(&self.inner.contexts).insert(id.clone(), language);
+        slot.fill(id.clone(), language);
         Ok(id)
     }
 
@@ -446,13 +619,21 @@ impl Sandbox {
         }
     }
 
-    /// Starts a background process in the container; returns its id.
+    /// Starts a background process in the container; returns its id. At most
+    /// `max_processes` run at once: past it, [`Error::SandboxLimit`].
     pub async fn start_process(&self, request: ExecRequest) -> Result<String> {
         self.require_container_tier("a background process")?;
         let _active = self.begin().await?;
         let container = self.container().await?;
+        let starting = self.inner.process_start.lock().await;
+        let held = container.list_processes().iter().filter(|p| p.status == ProcessStatus::Running).count();
+        let max = self.inner.config.max_processes;
+        if held >= max {
+            return Err(Error::SandboxLimit { limit: "max_processes", what: "running background processes", held, max });
+        }
         self.note_escalation("a process that outlives the request needs a full Linux")?;
         let id = container.start_process(request).await?;
+        drop(starting);
         // Its output and exit go to the sandbox's subscribers too.
         let mut follower = container.follow_process(&id)?;
         let (inner, process) = (self.inner.clone(), id.clone());
@@ -493,22 +674,28 @@ impl Sandbox {
         Ok(container.wait_process(id).await?)
     }
 
-    /// Opens a terminal session in the container.
-    pub async fn open_pty(&self, request: ExecRequest, size: PtySize) -> Result<PtySession> {
+    /// Opens a terminal session in the container. At most `max_ptys` are open
+    /// at once (past it, [`Error::SandboxLimit`]); an open one keeps the
+    /// sandbox awake.
+    pub async fn open_pty(&self, request: ExecRequest, size: PtySize) -> Result<SandboxPty> {
         self.require_container_tier("a terminal")?;
         let _active = self.begin().await?;
+        let open = OpenStream::pty(&self.inner)?;
         let container = self.container().await?;
-        Ok(container.open_pty(request, size).await?)
+        let session = container.open_pty(request, size).await?;
+        Ok(SandboxPty { session, _open: open })
     }
 
     /// Opens a TCP stream to `127.0.0.1:<port>` inside the sandbox's container,
-    /// with no network in between (for preview URLs).
-    pub async fn connect_port(&self, port: u16) -> Result<PortStream> {
+    /// with no network in between (for preview URLs). An open stream keeps
+    /// the sandbox awake.
+    pub async fn connect_port(&self, port: u16) -> Result<SandboxPortStream> {
         let needs = Needs { ports: true, native: true, ..Needs::default() };
         route(&needs, self.inner.config.tier)?;
         let _active = self.begin().await?;
         let container = self.container().await?;
-        Ok(container.connect_port(port).await?)
+        let stream = container.connect_port(port).await?;
+        Ok(SandboxPortStream { stream, _open: OpenStream::port(&self.inner) })
     }
 
     async fn existing_container(&self) -> Option<ContainerSandbox> {
@@ -580,9 +767,16 @@ impl Sandbox {
         Ok(container)
     }
 
-    /// What the idle sweep calls: sleeps unless a background process still
-    /// runs (a dev server is not idle), in which case the idle clock restarts.
+    /// What the idle sweep calls. Idleness is checked again under the
+    /// lifecycle lock, held alone, so no operation can begin between the check
+    /// and the sleep: one that began after the sweep looked has ended (and
+    /// restarted the idle clock) by the time the lock is had. A running
+    /// background process (a dev server is not idle) restarts the idle clock.
     pub(crate) async fn sleep_if_idle(&self) -> Result<()> {
+        let alone = self.inner.lifecycle.write().await;
+        if !self.inner.should_sleep() {
+            return Ok(());
+        }
         let busy = match self.existing_container().await {
             Some(container) => container.list_processes().iter().any(|p| p.status == ProcessStatus::Running),
             None => false,
@@ -591,13 +785,17 @@ impl Sandbox {
             *lock(&self.inner.last_active) = Instant::now();
             return Ok(());
         }
-        self.sleep().await
+        self.sleep_alone(alone).await
     }
 
     /// Puts the sandbox to sleep now: its container stopped (filesystem kept),
     /// its contexts dropped. Waits for running operations to end.
     pub async fn sleep(&self) -> Result<()> {
-        let _alone = self.inner.lifecycle.write().await;
+        let alone = self.inner.lifecycle.write().await;
+        self.sleep_alone(alone).await
+    }
+
+    async fn sleep_alone(&self, _alone: tokio::sync::RwLockWriteGuard<'_, ()>) -> Result<()> {
         if self.inner.state() == SandboxState::Sleeping {
             return Ok(());
         }

@@ -211,3 +211,10 @@ async fn handle_exhaustion_in_one_isolate_leaves_the_others_and_the_host_fine() 
     // Every descriptor the hogs held was closed with their runs.
     assert!(open_fds() <= fds_before + 8, "{} fds after, {fds_before} before", open_fds());
 }
+
+#[test]
+fn limits_saved_before_the_handle_cap_existed_take_its_default() {
+    let old: Limits = serde_json::from_str(r#"{"deadline": 1000, "memory_bytes": 1048576}"#).unwrap();
+    assert_eq!(old.handles, airlock::limits::DEFAULT_HANDLES);
+    assert_eq!(old.deadline, Duration::from_secs(1));
+}

@@ -161,3 +161,50 @@ mod seconds {
         Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_sandbox_limits_have_defaults_and_are_validated_by_name() {
+        let config = SandboxConfig::default();
+        assert_eq!(
+            (config.max_contexts, config.max_processes, config.max_ptys),
+            (DEFAULT_MAX_CONTEXTS, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_PTYS)
+        );
+        config.validate().unwrap();
+        let cases: [(SandboxConfig, &str); 6] = [
+            (SandboxConfig { max_contexts: 0, ..SandboxConfig::default() }, "max contexts"),
+            (SandboxConfig { max_contexts: MAX_CONTEXTS_LIMIT + 1, ..SandboxConfig::default() }, "max contexts"),
+            (SandboxConfig { max_processes: 0, ..SandboxConfig::default() }, "max processes"),
+            (SandboxConfig { max_processes: MAX_PROCESSES_LIMIT + 1, ..SandboxConfig::default() }, "max processes"),
+            (SandboxConfig { max_ptys: 0, ..SandboxConfig::default() }, "max ptys"),
+            (SandboxConfig { max_ptys: MAX_PTYS_LIMIT + 1, ..SandboxConfig::default() }, "max ptys"),
+        ];
+        for (config, name) in cases {
+            match config.validate() {
+                Err(crate::Error::Invalid { what, .. }) => assert_eq!(what, name),
+                other => panic!("{name}: expected an invalid-value error, got {other:?}"),
+            }
+        }
+        let edges = SandboxConfig {
+            max_contexts: MAX_CONTEXTS_LIMIT,
+            max_processes: 1,
+            max_ptys: MAX_PTYS_LIMIT,
+            ..SandboxConfig::default()
+        };
+        edges.validate().unwrap();
+    }
+
+    #[test]
+    fn a_config_stored_before_the_limits_existed_gets_their_defaults() {
+        let mut stored = serde_json::to_value(SandboxConfig::default()).unwrap();
+        let object = stored.as_object_mut().unwrap();
+        for field in ["max_contexts", "max_processes", "max_ptys"] {
+            assert!(object.remove(field).is_some(), "{field} is serialised");
+        }
+        let read: SandboxConfig = serde_json::from_value(stored).unwrap();
+        assert_eq!(read, SandboxConfig::default());
+    }
+}

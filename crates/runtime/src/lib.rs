@@ -45,8 +45,8 @@ pub use events::{COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecyc
 pub use files::{FileEntry, FileKind, MAX_FILE_BYTES, MAX_LIST_ENTRIES};
 pub use router::{Route, route};
 pub use runtime::{
-    DATABASE_FILE, DEFAULT_PRICE_PER_VCPU_SECOND, IDLE_SWEEP_INTERVAL, RUNTIME_WARM_CONTEXTS, Runtime, RuntimeOptions,
-    SandboxInfo, Usage, UsageQuery, default_home,
+    DATABASE_FILE, DEFAULT_PRICE_PER_VCPU_SECOND, IDLE_SWEEP_INTERVAL, PRIVATE_DIR_MODE, RUNTIME_WARM_CONTEXTS,
+    Runtime, RuntimeOptions, SandboxInfo, Usage, UsageQuery, default_home,
 };
 pub use sandbox::{CodeOutcome, Placement, RunOutcome, Sandbox, SandboxPortStream, SandboxPty};
 pub use store::{ExecutionKind, SandboxState, UsageTotals};

@@ -34,6 +34,10 @@ pub const RUNTIME_WARM_CONTEXTS: usize = 4;
 pub const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The registry's file in the home directory.
 pub const DATABASE_FILE: &str = "airlock.db";
+/// Mode of the home, its `sandboxes/` directory and each sandbox's directory:
+/// the runtime's user alone may list, read or pass through them, so no other
+/// host user reaches a workspace, the registry or the guest cache.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
 /// How a runtime is opened. Every field has a default ([`RuntimeOptions::new`]).
 #[derive(Debug, Clone)]
@@ -206,6 +210,9 @@ impl Runtime {
                 .await
                 .map_err(|e| Error::Disk(format!("setting up the home's disk stopped: {e}")))??
         };
+        // After the mount: `sandboxes/` may be the mounted image's root.
+        make_private(&home)?;
+        make_private(&home.join("sandboxes"))?;
         let store = Store::open(&home.join(DATABASE_FILE))?;
         let isolates = IsolateEngine::new(options.isolates.clone())?;
         let interpreters =
@@ -227,6 +234,11 @@ impl Runtime {
             }),
         };
         for record in runtime.inner.store.list()? {
+            // Directories made before they were closed are closed now.
+            match make_private(&runtime.sandbox_dir(record.id)) {
+                Err(Error::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
             runtime.load(record)?;
         }
         if runtime.inner.options.reconcile {
@@ -281,6 +293,7 @@ impl Runtime {
             container_id: None,
         };
         self.inner.disk.create_sandbox_dir(&self.sandbox_dir(record.id), record.config.disk)?;
+        make_private(&self.sandbox_dir(record.id))?;
         let workspace = self.workspace_dir(record.id);
         std::fs::create_dir_all(&workspace).map_err(|source| Error::File {
             operation: "create workspace",
@@ -431,6 +444,16 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// Closes a directory the runtime made to every other host user ([`PRIVATE_DIR_MODE`]).
+fn make_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE)).map_err(|source| Error::File {
+        operation: "close to other users",
+        path: dir.display().to_string(),
+        source,
+    })
 }
 
 /// Puts sandboxes that have been idle past their timeout to sleep, until the

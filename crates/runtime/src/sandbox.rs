@@ -629,7 +629,8 @@ impl Sandbox {
         let held = container.list_processes().iter().filter(|p| p.status == ProcessStatus::Running).count();
         let max = self.inner.config.max_processes;
         if held >= max {
-            return Err(Error::SandboxLimit { limit: "max_processes", what: "running background processes", held, max });
+            let what = "running background processes";
+            return Err(Error::SandboxLimit { limit: "max_processes", what, held, max });
         }
         self.note_escalation("a process that outlives the request needs a full Linux")?;
         let id = container.start_process(request).await?;

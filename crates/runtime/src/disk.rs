@@ -390,12 +390,44 @@ fn mount_image(image: &Path, sandboxes: &Path) -> Result<std::result::Result<(),
     }
 }
 
-/// The file behind the loop device mounted at `path`, if it is one.
-fn loop_backing_file(path: &Path) -> Option<PathBuf> {
-    let dev = rustix::fs::stat(path).ok()?.st_dev;
-    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
+/// The file behind the loop device mounted at `mount_point`, if it is one.
+/// (A file's `st_dev` on btrfs is an anonymous device, not the loop device:
+/// the mount table names the device.)
+fn loop_backing_file(mount_point: &Path) -> Option<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let source = table.lines().rev().find_map(|line| {
+        let (mount, rest) = line.split_once(" - ")?;
+        let point = mount.split(' ').nth(4)?;
+        (unescape_mount_field(point) == mount_point.as_os_str().as_encoded_bytes())
+            .then(|| rest.split(' ').nth(1).map(str::to_string))?
+    })?;
+    let device = source.strip_prefix("/dev/")?;
+    if !device.starts_with("loop") || device.contains('/') {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/sys/block/{device}/loop/backing_file")).ok()?;
     Some(PathBuf::from(text.trim_end_matches('\n')))
+}
+
+/// The mount table writes space, tab, newline and backslash as octal escapes.
+fn unescape_mount_field(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(digits) => {
+                out.push(digits.iter().fold(0u8, |value, digit| value.wrapping_mul(8).wrapping_add(digit - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -589,5 +621,12 @@ mod tests {
         assert_eq!(b >> 48, 1);
         assert_ne!(a, b);
         assert_eq!(a, quota_group_of("0b6c4a1e-1"));
+    }
+
+    #[test]
+    fn mount_table_escapes_are_undone() {
+        assert_eq!(unescape_mount_field("/tmp/a\\040b/sandboxes"), b"/tmp/a b/sandboxes");
+        assert_eq!(unescape_mount_field("/plain"), b"/plain");
+        assert_eq!(unescape_mount_field("/odd\\9"), b"/odd\\9");
     }
 }

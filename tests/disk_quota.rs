@@ -1,0 +1,273 @@
+//! Per-sandbox disk quotas and the workspace's mount options, against the
+//! real container tier and the real isolate tier (issue 11, points 4 and 5).
+//!
+//! Each test's home gets its own small btrfs image (1 GiB, sparse) and its
+//! sandboxes a 64 MiB quota. Writing past it fails with EDQUOT from a command
+//! in the container, from Python in an isolate and from the files API; the
+//! host's free space stays put; deleting files makes room again; a neighbour
+//! in the same home is untouched; a subvolume made inside the workspace does
+//! not escape the quota. The workspace is mounted `nosuid,nodev`, inside the
+//! container too. Every test leaves no mount and no loop device behind.
+//!
+//! Needs root, btrfs-progs, the guests and the engine (`scripts/test.sh`
+//! provides them all); a missing one fails these tests, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use airlock::runtime::{DISK_IMAGE_FILE, DiskOptions, DiskStatus, QuotaMode, Runtime, RuntimeOptions, SandboxConfig};
+use airlock::{ExecRequest, Language, TierKind};
+
+const MIB: u64 = 1024 * 1024;
+/// Each sandbox's quota in these tests.
+const QUOTA: u64 = 64 * MIB;
+/// Each test home's image.
+const IMAGE: u64 = 1024 * MIB;
+/// What each attacker tries to write: four times the quota.
+const ATTEMPT_MIB: u64 = 4 * QUOTA / MIB;
+
+async fn runtime_in(home: &Path) -> Runtime {
+    let mut options = RuntimeOptions::new(home);
+    options.isolates.cache_dir = Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache"));
+    options.disk = DiskOptions { quotas: QuotaMode::Required, image_bytes: Some(IMAGE) };
+    Runtime::open(options).await.expect("opening the runtime with disk quotas required (root and btrfs-progs)")
+}
+
+fn quota_config() -> SandboxConfig {
+    SandboxConfig { disk: QUOTA, ..SandboxConfig::default() }
+}
+
+fn bash(script: &str) -> ExecRequest {
+    ExecRequest::new("bash").args(["-c", script])
+}
+
+/// The mount points and options of the calling process's mount namespace.
+fn mount_options(mount_point: &Path) -> Option<String> {
+    let wanted = mount_point.to_str().unwrap();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&wanted)).then(|| fields[5].to_string())
+    })
+}
+
+/// Loop devices backed by `image`.
+fn loop_devices_of(image: &Path) -> String {
+    let out = Command::new("losetup").arg("-j").arg(image).output().expect("running losetup");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Bytes free to unprivileged users on the filesystem holding `path`.
+fn host_free(path: &Path) -> u64 {
+    let out = Command::new("df").args(["-B1", "--output=avail"]).arg(path).output().expect("running df");
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// Bytes the host has allocated to the file (it is sparse).
+fn allocated(file: &Path) -> u64 {
+    std::fs::metadata(file).unwrap().blocks() * 512
+}
+
+/// Removes sandboxes' containers however the test ends.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for sandbox in &self.0 {
+            let filter = format!("label=airlock.sandbox={sandbox}");
+            if let Ok(out) = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output() {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
+                }
+            }
+        }
+    }
+}
+
+/// After the last runtime on a home is gone: no mount on its sandboxes
+/// directory and (soon, the loop device clearing itself) no loop device on its image.
+async fn assert_released(home: &Path) {
+    let sandboxes = home.canonicalize().unwrap().join("sandboxes");
+    assert_eq!(mount_options(&sandboxes), None, "the image is still mounted on {}", sandboxes.display());
+    let image = home.join(DISK_IMAGE_FILE);
+    let started = Instant::now();
+    while !loop_devices_of(&image).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "a loop device stays on the image: {}", loop_devices_of(&image));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_the_quota_fail_in_the_container_in_isolates_and_in_the_files_api() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let image = home.path().join(DISK_IMAGE_FILE);
+    match runtime.disk_status() {
+        DiskStatus::Enforced { image_bytes, .. } => assert_eq!(*image_bytes, IMAGE),
+        other => panic!("quotas are not enforced: {other:?}"),
+    }
+    let sandbox = runtime.sandbox_with("greedy", quota_config()).await.unwrap();
+    let neighbour = runtime.sandbox_with("neighbour", quota_config()).await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string(), neighbour.id().to_string()]);
+    let free_before = host_free(home.path());
+    let allocated_before = allocated(&image);
+
+    // From the container: dd stops at the quota with EDQUOT.
+    let dd = format!("dd if=/dev/zero of=/workspace/big bs=1M count={ATTEMPT_MIB} 2>&1; stat -c %s /workspace/big");
+    let ran = sandbox.exec(bash(&dd)).await.unwrap();
+    assert_eq!(ran.placement.tier, TierKind::Container);
+    let out = ran.outcome.stdout_text();
+    assert!(out.contains("Disk quota exceeded"), "dd was not stopped by the quota:\n{out}{}", ran.outcome.stderr_text());
+    let size: u64 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!(size <= QUOTA, "the container wrote {size} bytes past a {QUOTA}-byte quota");
+    assert!(size >= QUOTA / 2, "the container could write only {size} bytes of a {QUOTA}-byte quota");
+
+    // Deleting makes room again.
+    assert!(sandbox.exec(bash("rm /workspace/big")).await.unwrap().outcome.success());
+
+    // From an isolate: Python's writes fail with EDQUOT.
+    let python = format!(
+        "import errno\nwritten = 0\ntry:\n    with open('/workspace/py.bin', 'wb') as f:\n        chunk = b'\\0' * 1048576\n        \
+         for _ in range({ATTEMPT_MIB}):\n            f.write(chunk)\n            f.flush()\n            written += len(chunk)\n\
+         except OSError as e:\n    print('error', errno.errorcode.get(e.errno, e.errno))\nprint('written', written)\n"
+    );
+    let ran = sandbox.code(Language::Python, &python).await.unwrap();
+    assert_eq!(ran.placement.tier, TierKind::Isolate, "{}", ran.placement.reason);
+    let out = ran.outcome.stdout_text();
+    assert!(ran.outcome.is_ok(), "{:?} {}", ran.outcome.result, ran.outcome.stderr_text());
+    // Stopped by an OSError at the quota. (Which errno the guest sees is
+    // wasmtime-wasi's mapping: version 48 maps ENOSPC but not EDQUOT, which
+    // reaches Python as a generic stream error.)
+    assert!(out.starts_with("error "), "the isolate was not stopped:\n{out}");
+    let written: u64 = out.lines().last().unwrap().trim_start_matches("written ").parse().unwrap();
+    assert!(written <= QUOTA, "the isolate wrote {written} bytes past a {QUOTA}-byte quota");
+
+    // From the files API: a clear error that names the quota.
+    let error = sandbox.write_file("more.bin", &vec![7u8; 16 * MIB as usize]).await.unwrap_err().to_string();
+    assert!(error.to_lowercase().contains("quota"), "the files API error does not name the quota: {error}");
+
+    // The neighbour in the same home is unaffected.
+    neighbour.write_file("half.bin", &vec![1u8; 32 * MIB as usize]).await.unwrap();
+    assert_eq!(neighbour.read_file("half.bin").await.unwrap().len() as u64, 32 * MIB);
+
+    // The host paid at most for what the quotas allow (2 attempts of 4x the quota each went in).
+    let grown = allocated(&image).saturating_sub(allocated_before);
+    assert!(grown <= 3 * QUOTA, "the image grew by {grown} bytes for 64 MiB quotas");
+    let dropped = free_before.saturating_sub(host_free(home.path()));
+    // A margin for other work on this machine; the attackers tried 2 x 256 MiB, plus 16 MiB.
+    assert!(dropped < 8 * QUOTA, "the host lost {dropped} bytes of free space");
+
+    // After a delete, the sandbox works again, in both tiers and through the files API.
+    sandbox.remove_file("py.bin").await.unwrap();
+    sandbox.write_file("after.txt", b"room again").await.unwrap();
+    let ran = sandbox.exec(bash("dd if=/dev/zero of=/workspace/again bs=1M count=16 2>&1 && cat after.txt")).await.unwrap();
+    assert!(ran.outcome.success(), "{}", ran.outcome.stdout_text());
+    assert!(ran.outcome.stdout_text().ends_with("room again"), "{}", ran.outcome.stdout_text());
+    let ran = sandbox.code(Language::Python, "open('/workspace/iso.txt', 'w').write('x' * 4096)").await.unwrap();
+    assert!(ran.outcome.is_ok(), "{:?}", ran.outcome.result);
+
+    // Destroying a sandbox takes its subvolume with it.
+    let dir = home.path().canonicalize().unwrap().join("sandboxes").join(sandbox.id().to_string());
+    assert!(dir.is_dir());
+    runtime.destroy("greedy").await.unwrap();
+    assert!(!dir.exists(), "the sandbox's directory outlived it");
+    runtime.destroy("neighbour").await.unwrap();
+    drop((sandbox, neighbour));
+    drop(runtime);
+    assert_released(home.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subvolume_made_inside_the_workspace_stays_within_the_quota() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox_with("nested", quota_config()).await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    // Any user may make a btrfs subvolume in a directory it can write; with
+    // plain quota groups, its data would count against no limit.
+    let make_subvolume = "import fcntl, os, struct\n\
+        fd = os.open('/workspace', os.O_RDONLY)\n\
+        fcntl.ioctl(fd, 0x5000940E, bytearray(struct.pack('q4088s', 0, b'inner')))\n\
+        print(os.stat('/workspace/inner').st_ino)\n";
+    let ran = sandbox.exec(ExecRequest::new("python3").args(["-c", make_subvolume])).await.unwrap();
+    assert!(ran.outcome.success(), "making the subvolume failed: {}", ran.outcome.stderr_text());
+    assert_eq!(ran.outcome.stdout_text().trim(), "256", "/workspace/inner is not a subvolume");
+
+    let dd = format!("dd if=/dev/zero of=/workspace/inner/big bs=1M count={ATTEMPT_MIB} 2>&1; stat -c %s /workspace/inner/big");
+    let ran = sandbox.exec(bash(&dd)).await.unwrap();
+    let out = ran.outcome.stdout_text();
+    assert!(out.contains("Disk quota exceeded"), "the nested subvolume escaped the quota:\n{out}");
+    let size: u64 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!(size <= QUOTA, "{size} bytes written past a {QUOTA}-byte quota");
+
+    // A sandbox holding a subvolume is still destroyed whole.
+    let dir = home.path().canonicalize().unwrap().join("sandboxes").join(sandbox.id().to_string());
+    runtime.destroy("nested").await.unwrap();
+    assert!(!dir.exists(), "the sandbox's directory outlived it");
+    drop(sandbox);
+    drop(runtime);
+    assert_released(home.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workspace_is_mounted_nosuid_and_nodev_on_the_host_and_in_the_container() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox_with("mounts", quota_config()).await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    let on_host = mount_options(&runtime.home().join("sandboxes")).expect("the sandboxes directory is not a mount");
+    for flag in ["nosuid", "nodev"] {
+        assert!(on_host.split(',').any(|o| o == flag), "host mount options {on_host} lack {flag}");
+    }
+    let ran = sandbox.exec(bash("awk '$5 == \"/workspace\" { print $6 }' /proc/self/mountinfo")).await.unwrap();
+    let in_container = ran.outcome.stdout_text().trim().to_string();
+    assert!(!in_container.is_empty(), "no /workspace mount in the container: {}", ran.outcome.stderr_text());
+    for flag in ["nosuid", "nodev"] {
+        assert!(in_container.split(',').any(|o| o == flag), "/workspace options {in_container} lack {flag}");
+    }
+
+    runtime.destroy("mounts").await.unwrap();
+    drop(sandbox);
+    drop(runtime);
+    assert_released(home.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_stays_mounted_while_any_runtime_uses_it_and_a_quota_is_checked() {
+    let home = tempfile::tempdir().unwrap();
+    let first = runtime_in(home.path()).await;
+    let second = runtime_in(home.path()).await;
+    let sandboxes: PathBuf = first.home().join("sandboxes");
+    assert!(mount_options(&sandboxes).is_some());
+
+    // Quotas out of range are refused, naming the limit.
+    let tiny = SandboxConfig { disk: 1024, ..SandboxConfig::default() };
+    let error = first.sandbox_with("tiny", tiny).await.unwrap_err().to_string();
+    assert!(error.contains("disk quota"), "{error}");
+
+    // A sandbox made through one runtime is seen, with its files, by the other.
+    let shared = first.sandbox_with("shared", quota_config()).await.unwrap();
+    shared.write_file("note.txt", b"kept").await.unwrap();
+    drop(shared);
+    drop(first);
+    assert!(mount_options(&sandboxes).is_some(), "the first runtime to close unmounted the image under the second");
+    let seen = second.get("shared").unwrap().expect("the sandbox is registered");
+    assert_eq!(seen.read_file("note.txt").await.unwrap(), b"kept");
+    drop(seen);
+    drop(second);
+    assert_released(home.path()).await;
+
+    // Reopened, the image comes back with the sandbox's files.
+    let again = runtime_in(home.path()).await;
+    let seen = again.get("shared").unwrap().expect("the sandbox survives a remount");
+    assert_eq!(seen.read_file("note.txt").await.unwrap(), b"kept");
+    again.destroy("shared").await.unwrap();
+    drop(seen);
+    drop(again);
+    assert_released(home.path()).await;
+}

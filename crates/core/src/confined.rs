@@ -182,7 +182,8 @@ impl FsError {
         }
     }
 
-    fn from_io(operation: &'static str, path: &str, error: io::Error) -> Self {
+    /// Maps an I/O error met while reading or writing a confined file.
+    pub fn from_io(operation: &'static str, path: &str, error: io::Error) -> Self {
         match error.raw_os_error() {
             Some(code) => Self::from_errno(operation, path, Errno::from_raw_os_error(code)),
             None => Self::Io { operation, path: path.to_string(), source: error },

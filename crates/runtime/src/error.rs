@@ -38,16 +38,45 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A confined file operation was refused or failed (see the variant).
+    #[error(transparent)]
+    Fs(airlock_core::FsError),
+    /// A file operation ran past its time limit.
+    #[error("{operation} {path:?} took longer than {after:?} (the file operation time limit)")]
+    FileTimeout { operation: &'static str, path: String, after: std::time::Duration },
+    /// The bytes of an upload could not be read from their source; the old
+    /// file, if any, is unchanged.
+    #[error("upload of {path:?} stopped: {source}")]
+    Upload {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A value is out of range; the message names the limit.
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+    /// The home's disk (its image, mount or quotas) could not be set up or used.
+    #[error("disk: {0}")]
+    Disk(String),
     /// A per-sandbox limit is reached (`limit` is its `SandboxConfig` field):
     /// nothing was started, and what the sandbox already has is untouched.
     #[error("sandbox limit {limit} reached: {held} of {max} {what} in use")]
     SandboxLimit { limit: &'static str, what: &'static str, held: usize, max: usize },
-    /// The home's disk (its image, mount or quotas) could not be set up or used.
-    #[error("disk: {0}")]
-    Disk(String),
+}
+
+/// Paths that leave the workspace, are malformed, or go through a link are
+/// [`Error::Path`]; everything else the confined layer says is [`Error::Fs`].
+impl From<airlock_core::FsError> for Error {
+    fn from(error: airlock_core::FsError) -> Self {
+        use airlock_core::FsError;
+        match error {
+            FsError::InvalidPath { path, reason } => Error::Path { path, reason: reason.to_string() },
+            FsError::Symlink { ref path } | FsError::Escape { ref path } => {
+                Error::Path { path: path.clone(), reason: error.to_string() }
+            }
+            other => Error::Fs(other),
+        }
+    }
 }
 
 impl Error {

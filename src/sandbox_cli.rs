@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use airlock::container::ContainerRuntime;
-use airlock::limits::parse_duration;
+use airlock::limits::{parse_duration, parse_size};
 use airlock::runtime::{Runtime, RuntimeOptions, SandboxConfig, TierPreference, UsageQuery, default_home};
 use airlock::{ExecRequest, Language, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
 use anyhow::{Context, Result, bail};
@@ -70,6 +70,10 @@ pub struct CreateArgs {
     /// A local image for its container (default: Airlock's base image).
     #[arg(long)]
     image: Option<String>,
+    /// Disk quota over its workspace (and the container's writable layer where
+    /// the engine can limit it), such as 512MiB or 20GiB. Enforced as root.
+    #[arg(long, value_name = "SIZE", default_value = "10GiB")]
+    disk: String,
     #[command(flatten)]
     home: HomeArgs,
 }
@@ -167,6 +171,7 @@ pub async fn sandbox(command: SandboxCommand) -> Result<ExitCode> {
                 idle_timeout: parse_duration(&args.idle_timeout)?,
                 keep_alive: args.keep_alive,
                 image: args.image,
+                disk: parse_size(&args.disk)?,
                 ..SandboxConfig::default()
             };
             let sandbox = runtime.sandbox_with(&args.name, config).await?;

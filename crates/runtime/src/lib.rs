@@ -41,8 +41,10 @@ pub use disk::{
     MAX_DEFAULT_IMAGE_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES, MIN_IMAGE_BYTES, QuotaMode,
 };
 pub use error::{Error, Result};
-pub use events::{COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, SandboxEvent};
-pub use files::{FileEntry, FileKind, MAX_FILE_BYTES, MAX_LIST_ENTRIES};
+pub use events::{
+    COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, MAX_WATCHED_DIRECTORIES, SandboxEvent,
+};
+pub use files::{FILE_OP_TIMEOUT, FileEntry, FileKind, MAX_CONCURRENT_FILE_OPS, MAX_FILE_BYTES, MAX_LIST_ENTRIES};
 pub use router::{Route, route};
 pub use runtime::{
     DATABASE_FILE, DEFAULT_PRICE_PER_VCPU_SECOND, IDLE_SWEEP_INTERVAL, PRIVATE_DIR_MODE, RUNTIME_WARM_CONTEXTS,

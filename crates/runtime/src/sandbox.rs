@@ -17,8 +17,9 @@ use airlock_container::{
 };
 use airlock_core::{
     CodeError, EscalationReason, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, Limits, Needs, SandboxId,
-    SandboxName, Termination, TierKind, Workspace,
+    SandboxName, Termination, TierKind, Workspace, WorkspaceDir, confined::Owner,
 };
+use airlock_wasm::MAX_GUEST_BYTES;
 use airlock_wasm::interpreter::ContextInfo;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -62,6 +63,9 @@ pub(crate) struct SandboxInner {
     pub name: SandboxName,
     pub config: SandboxConfig,
     workspace: Workspace,
+    /// The workspace as a directory handle: every host-side file operation
+    /// goes through it (DESIGN.md decision 1), never through a host path.
+    dir: WorkspaceDir,
     record: Mutex<SandboxRecord>,
     container: tokio::sync::Mutex<Option<ContainerSandbox>>,
     /// Set when the container was stopped by sleep; the next use starts it.
@@ -93,7 +97,9 @@ pub(crate) struct SandboxInner {
 impl SandboxInner {
     pub fn new(record: SandboxRecord, workspace_dir: &Path) -> Result<Self> {
         let workspace = Workspace::create(workspace_dir)?;
+        let dir = WorkspaceDir::open(workspace.host_path())?;
         Ok(Self {
+            dir,
             id: record.id,
             name: record.name.clone(),
             config: record.config.clone(),
@@ -375,17 +381,18 @@ impl Sandbox {
     /// tier and from the host, background process output and exits, and
     /// lifecycle changes. The workspace is watched while any subscriber lives.
     pub fn watch(&self) -> Result<EventStream> {
+        // Subscribed first, so what starting the watch reports is seen.
+        let receiver = self.inner.events.subscribe();
         let mut slot = lock(&self.inner.watch);
         let watch = match slot.upgrade() {
             Some(watch) => watch,
             None => {
-                let watch =
-                    Arc::new(WorkspaceWatch::start(self.inner.workspace.host_path(), self.inner.events.clone())?);
+                let watch = Arc::new(WorkspaceWatch::start(&self.inner.dir, self.inner.events.clone())?);
                 *slot = Arc::downgrade(&watch);
                 watch
             }
         };
-        Ok(EventStream::new(self.inner.events.subscribe(), watch))
+        Ok(EventStream::new(receiver, watch))
     }
 
     /// Remembers (once) that the sandbox moved to the container tier, and why.
@@ -420,9 +427,12 @@ impl Sandbox {
                 container.exec(request).await?
             }
             _ => {
-                let host_path = files::resolve(self.inner.workspace.host_path(), &request.program, true)?;
+                // Read through the confined layer (no link followed, only a
+                // regular file, bounded), then compiled from the bytes.
+                let bytes = files::read_guest(&self.inner.dir, &request.program, MAX_GUEST_BYTES).await?;
                 let engine = self.runtime.inner.isolates.clone();
-                let guest = tokio::task::spawn_blocking(move || engine.load_file(host_path))
+                let name = request.program.rsplit('/').next().unwrap_or_default().to_string();
+                let guest = tokio::task::spawn_blocking(move || engine.load_bytes(&name, &bytes))
                     .await
                     .map_err(|e| airlock_core::Error::Engine(format!("loading the guest stopped: {e}")))??;
                 self.inner.isolate_wrote.store(true, Ordering::SeqCst);
@@ -554,56 +564,57 @@ impl Sandbox {
         Ok(())
     }
 
-    // Files, from the host, for both tiers.
+    // Files, from the host, for both tiers, through the confined layer.
 
+    /// Reads a whole file (at most [`MAX_FILE_BYTES`](crate::MAX_FILE_BYTES)).
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         let _active = self.begin().await?;
-        files::read(self.inner.workspace.host_path(), path)
+        files::read(&self.inner.dir, path).await
     }
 
-    /// Writes a file (making missing directories); the sandbox's user owns it.
+    /// Opens a regular file as a stream, of any size, with its entry.
+    pub async fn open_file(&self, path: &str) -> Result<(tokio::fs::File, FileEntry)> {
+        let _active = self.begin().await?;
+        files::open_read(&self.inner.dir, path).await
+    }
+
+    /// Writes a whole file (making missing directories); the sandbox's user owns it.
     pub async fn write_file(&self, path: &str, bytes: &[u8]) -> Result<()> {
         let _active = self.begin().await?;
-        let written = files::write(self.inner.workspace.host_path(), path, bytes)?;
-        self.hand_to_sandbox_user(&written);
-        Ok(())
+        files::write(&self.inner.dir, path, bytes, sandbox_owner()).await
+    }
+
+    /// Writes a file from a stream, of any size within the disk quota; it
+    /// replaces `path` only once every byte is written. Returns the size.
+    pub async fn write_file_from<R: tokio::io::AsyncRead + Unpin>(&self, path: &str, source: &mut R) -> Result<u64> {
+        let _active = self.begin().await?;
+        files::write_from(&self.inner.dir, path, source, sandbox_owner()).await
     }
 
     pub async fn list_files(&self, path: &str) -> Result<Vec<FileEntry>> {
         let _active = self.begin().await?;
-        files::list(self.inner.workspace.host_path(), path)
+        files::list(&self.inner.dir, path).await
+    }
+
+    /// What is at `path` (a link is reported as one, not followed).
+    pub async fn stat_file(&self, path: &str) -> Result<FileEntry> {
+        let _active = self.begin().await?;
+        files::stat(&self.inner.dir, path).await
     }
 
     pub async fn mkdir(&self, path: &str) -> Result<()> {
         let _active = self.begin().await?;
-        let made = files::mkdir(self.inner.workspace.host_path(), path)?;
-        self.hand_to_sandbox_user(&made);
-        Ok(())
+        files::mkdir(&self.inner.dir, path, sandbox_owner()).await
     }
 
     pub async fn remove_file(&self, path: &str) -> Result<()> {
         let _active = self.begin().await?;
-        files::remove(self.inner.workspace.host_path(), path)
+        files::remove(&self.inner.dir, path).await
     }
 
     pub async fn rename_file(&self, from: &str, to: &str) -> Result<()> {
         let _active = self.begin().await?;
-        let moved = files::rename(self.inner.workspace.host_path(), from, to)?;
-        self.hand_to_sandbox_user(&moved);
-        Ok(())
-    }
-
-    /// As root, files the host makes go to the container's user, from `path`
-    /// up to the workspace (links themselves, never followed), so commands in
-    /// the container can change them.
-    fn hand_to_sandbox_user(&self, path: &Path) {
-        if !rustix::process::geteuid().is_root() {
-            return;
-        }
-        let root = self.inner.workspace.host_path();
-        for ancestor in path.ancestors().take_while(|p| p.starts_with(root) && *p != root) {
-            let _ = std::os::unix::fs::lchown(ancestor, Some(SANDBOX_UID), Some(SANDBOX_UID));
-        }
+        files::rename(&self.inner.dir, from, to, sandbox_owner()).await
     }
 
     // Background processes and terminals: the container's.
@@ -710,11 +721,12 @@ impl Sandbox {
         let container = self.running_container().await?;
         // Files an isolate made belong to the host's user: the container's
         // user could read them but not change them. Hand them over first.
-        if self.inner.isolate_wrote.swap(false, Ordering::SeqCst) {
-            let handing = container.clone();
-            tokio::task::spawn_blocking(move || handing.hand_workspace_to_user())
-                .await
-                .map_err(|e| airlock_core::Error::Engine(format!("handing the workspace over stopped: {e}")))??;
+        // The walk goes through descriptors (links changed themselves, never
+        // followed), so code racing it cannot steer it out of the workspace.
+        if self.inner.isolate_wrote.swap(false, Ordering::SeqCst)
+            && let Some(owner) = sandbox_owner()
+        {
+            files::hand_over(&self.inner.dir, owner).await?;
         }
         Ok(container)
     }
@@ -892,4 +904,10 @@ fn eval_outcome_of(outcome: ExecOutcome) -> EvalOutcome {
         wall_time: outcome.wall_time,
         cpu_time: outcome.cpu_time,
     }
+}
+
+/// Who files the host makes in a workspace belong to: the container's user,
+/// when Airlock runs as root and can give them away; otherwise the host's user.
+fn sandbox_owner() -> Option<Owner> {
+    rustix::process::geteuid().is_root().then_some(Owner { uid: SANDBOX_UID, gid: SANDBOX_UID })
 }

@@ -78,7 +78,18 @@ async fn code_that_spawns_a_subprocess_escalates_and_succeeds_in_the_container()
     assert_eq!(ran.placement.escalated, Some(EscalationReason::Subprocess));
     assert!(ran.outcome.is_ok(), "{:?} {}", ran.outcome.result, ran.outcome.stderr_text());
     assert_eq!(ran.outcome.stdout_text(), "Linux\n");
-    // JavaScript that the isolate cannot run escalates the same way; errors keep their kind.
+    // JavaScript that the isolate cannot run escalates the same way, to node in the container.
+    let script = "const { execSync } = require('child_process');\nconsole.log(execSync('uname -s').toString().trim())";
+    let node = sandbox.code(Language::JavaScript, script).await.unwrap();
+    assert_eq!(node.placement.tier, TierKind::Container);
+    assert_eq!(node.placement.escalated, Some(EscalationReason::Subprocess));
+    assert!(node.outcome.is_ok(), "{:?} {}", node.outcome.result, node.outcome.stderr_text());
+    assert_eq!(node.outcome.stdout_text(), "Linux\n");
+    // JavaScript the isolate can run stays there.
+    let plain_js = sandbox.code(Language::JavaScript, "console.log(6 * 7)").await.unwrap();
+    assert_eq!(plain_js.placement.tier, TierKind::Isolate);
+    assert_eq!(plain_js.outcome.stdout_text(), "42\n");
+    // Errors keep their kind.
     let failing = sandbox.code(Language::Python, "import subprocess\nraise ValueError('bad')").await.unwrap();
     match &failing.outcome.result {
         EvalResult::RuntimeError(error) => {
@@ -487,4 +498,195 @@ async fn contexts_keep_state_belong_to_their_sandbox_and_take_turns() {
     assert!(matches!(stranger.code_in(&context, "total").await, Err(Error::Core(airlock::Error::NoSuchContext(_)))));
     notebook.delete_context(&context).unwrap();
     assert!(notebook.code_in(&context, "total").await.is_err());
+}
+s = (0..6).map(|_| {
+        let (notebook, context) = (notebook.clone(), context.clone());
+        tokio::spawn(async move { notebook.code_in(&context, "total += 1").await.unwrap() })
+    });
+    for added in futures_util::future::join_all(adds).await {
+        assert!(added.unwrap().outcome.is_ok());
+    }
+    let total = notebook.code_in(&context, "total").await.unwrap();
+    assert_eq!(total.outcome.value().map(|v| v.text.as_str()), Some("6"));
+    assert_eq!(notebook.contexts().len(), 1);
+    // Another sandbox cannot reach it.
+    assert!(matches!(stranger.code_in(&context, "total").await, Err(Error::Core(airlock::Error::NoSuchContext(_)))));
+    notebook.delete_context(&context).unwrap();
+    assert!(notebook.code_in(&context, "total").await.is_err());
+}
+
+/// Waits (up to 20 s) for the sandbox to fall asleep.
+async fn until_asleep(sandbox: &airlock::Sandbox, what: &str) {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while sandbox.info().state != SandboxState::Sleeping {
+        assert!(Instant::now() < give_up, "never slept {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_terminal_or_port_stream_keeps_a_sandbox_awake() {
+    use tokio::io::AsyncReadExt;
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let config = SandboxConfig { idle_timeout: Duration::from_secs(1), ..SandboxConfig::default() };
+    let sandbox = runtime.sandbox_with("watched", config).await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    // A terminal left open with nothing typed: three idle timeouts pass, awake.
+    let mut pty = sandbox
+        .open_pty(ExecRequest::new("bash").args(["--norc", "-i"]), airlock::container::PtySize::default())
+        .await
+        .unwrap();
+    pty.write(b"echo ready\n").await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready\r\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), pty.read()).await.unwrap().unwrap().unwrap();
+        seen.extend_from_slice(&chunk);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sandbox.info().state, SandboxState::Active, "slept with a terminal open");
+    drop(pty);
+    until_asleep(&sandbox, "after its terminal closed").await;
+
+    // A port stream left open, its server gone: awake until the stream is dropped.
+    let server = "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                  s.bind(('127.0.0.1', 8000))\ns.listen(1)\nc, _ = s.accept()\nc.sendall(b'hi')";
+    let process = sandbox.start_process(ExecRequest::new("python3").args(["-c", server])).await.unwrap();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match sandbox.connect_port(8000).await {
+            Ok(stream) => break stream,
+            Err(error) => assert!(Instant::now() < give_up, "the server never listened: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut greeting = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut greeting)).await.unwrap().unwrap();
+    assert_eq!(&greeting, b"hi");
+    // The process that served it has ended: only the stream is left.
+    sandbox.wait_process(&process).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sandbox.info().state, SandboxState::Active, "slept with a port stream open");
+    drop(stream);
+    until_asleep(&sandbox, "after its port stream closed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_holds_at_most_its_limit_of_contexts() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let config = SandboxConfig { max_contexts: 2, ..SandboxConfig::default() };
+    let notebook = runtime.sandbox_with("small-notebook", config).await.unwrap();
+    let first = notebook.create_context(Language::Python).await.unwrap();
+    let second = notebook.create_context(Language::JavaScript).await.unwrap();
+    match notebook.create_context(Language::Python).await {
+        Err(error @ Error::SandboxLimit { limit: "max_contexts", held: 2, max: 2, .. }) => {
+            assert!(error.to_string().contains("max_contexts"), "{error}")
+        }
+        other => panic!("expected the contexts limit, got {other:?}"),
+    }
+    // Nothing else broke: the contexts it has work, one-shot code runs, a neighbour is unaffected.
+    assert!(notebook.code_in(&first, "x = 1").await.unwrap().outcome.is_ok());
+    assert!(notebook.code_in(&second, "1 + 1").await.unwrap().outcome.is_ok());
+    assert!(notebook.code(Language::Python, "print(1)").await.unwrap().outcome.is_ok());
+    let neighbour = runtime.sandbox("neighbour").await.unwrap();
+    for _ in 0..3 {
+        neighbour.create_context(Language::Python).await.unwrap();
+    }
+    assert_eq!(notebook.contexts().len(), 2);
+    // A slot freed is a slot to use again; concurrent creates never pass the limit.
+    notebook.delete_context(&first).unwrap();
+    let racing = (0..4).map(|_| {
+        let notebook = notebook.clone();
+        tokio::spawn(async move { notebook.create_context(Language::Python).await })
+    });
+    let made = futures_util::future::join_all(racing).await.into_iter().filter(|r| r.as_ref().unwrap().is_ok()).count();
+    assert_eq!(made, 1, "one slot was free");
+    assert_eq!(notebook.contexts().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_runs_at_most_its_limits_of_processes_and_terminals() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let config = SandboxConfig { max_processes: 1, max_ptys: 1, ..SandboxConfig::default() };
+    let sandbox = runtime.sandbox_with("bounded", config).await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    let server = sandbox.start_process(ExecRequest::new("sleep").args(["300"])).await.unwrap();
+    match sandbox.start_process(ExecRequest::new("sleep").args(["300"])).await {
+        Err(error @ Error::SandboxLimit { limit: "max_processes", held: 1, max: 1, .. }) => {
+            assert!(error.to_string().contains("max_processes"), "{error}")
+        }
+        other => panic!("expected the processes limit, got {other:?}"),
+    }
+    // The running one is untouched and commands still run.
+    let listed = sandbox.list_processes().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].status, airlock::container::ProcessStatus::Running);
+    assert!(sandbox.exec(bash("true")).await.unwrap().outcome.success());
+    // Exited processes do not count.
+    sandbox.signal_process(&server, airlock::container::Signal::Kill).await.unwrap();
+    sandbox.wait_process(&server).await.unwrap();
+    let next = sandbox.start_process(bash("echo again")).await.unwrap();
+    assert_eq!(sandbox.wait_process(&next).await.unwrap(), Some(0));
+
+    let size = airlock::container::PtySize::default();
+    let mut terminal = sandbox.open_pty(ExecRequest::new("bash").args(["--norc", "-i"]), size).await.unwrap();
+    match sandbox.open_pty(ExecRequest::new("bash"), size).await {
+        Err(error @ Error::SandboxLimit { limit: "max_ptys", held: 1, max: 1, .. }) => {
+            assert!(error.to_string().contains("max_ptys"), "{error}")
+        }
+        other => panic!("expected the terminals limit, got {other:?}"),
+    }
+    // The open terminal still works.
+    terminal.write(b"echo still-here\n").await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("still-here\r\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), terminal.read()).await.unwrap().unwrap().unwrap();
+        seen.extend_from_slice(&chunk);
+    }
+    // Closing it frees the slot.
+    drop(terminal);
+    let again = sandbox.open_pty(bash("exit 4"), size).await.unwrap();
+    assert_eq!(again.wait().await.unwrap(), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_and_sandbox_directories_are_closed_to_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    // Open the way down to the home, and the home itself, as an older home might be.
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = parent.path().join("home");
+    std::fs::create_dir_all(home.join("sandboxes")).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+
+    let runtime = runtime_in(&home).await;
+    let sandbox = runtime.sandbox("private").await.unwrap();
+    sandbox.write_file("secret.txt", b"for the sandbox only").await.unwrap();
+    let sandbox_dir = home.join("sandboxes").join(sandbox.id().to_string());
+    for dir in [home.clone(), home.join("sandboxes"), sandbox_dir.clone()] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    // Another host user (nobody) can neither list nor read.
+    let secret = sandbox_dir.join("workspace").join("secret.txt");
+    for (program, target) in [("ls", &sandbox_dir), ("ls", &home), ("cat", &secret)] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", program])
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "nobody ran {program} {}", target.display());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    }
+
+    // A sandbox directory left open (made by an older runtime) is closed on the next open.
+    std::fs::set_permissions(&sandbox_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(sandbox);
+    drop(runtime);
+    let _runtime = runtime_in(&home).await;
+    assert_eq!(mode(&sandbox_dir), 0o700);
 }

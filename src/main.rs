@@ -48,9 +48,10 @@ enum Command {
     Run(RunArgs),
     /// Evaluate Python or JavaScript line by line in one context that keeps its state.
     Repl(ReplArgs),
-    /// Make the container tier ready: install and start the Docker engine (with no default
-    /// bridge and no iptables rules) and runsc where missing, then build the base image from
-    /// Debian packages if its recipe changed. Needs root on Debian; a no-op when all is there.
+    /// Make the host ready: install btrfs-progs (sandbox disk quotas) and the Docker engine
+    /// (started with no default bridge and no iptables rules) and runsc where missing, then build
+    /// the base image from Debian packages if its recipe changed. Needs root on Debian; a no-op
+    /// when all is there.
     Setup(SetupArgs),
     /// Create, list and destroy sandboxes by name (kept in the runtime's home).
     #[command(subcommand)]
@@ -181,6 +182,9 @@ fn main() -> ExitCode {
 
 async fn setup(args: SetupArgs) -> Result<ExitCode> {
     use airlock::container::{DockerEngine, EngineOptions, ImageRecipe, ensure_base_image};
+    // Each sandbox's disk quota lives on a btrfs image the runtime makes with mkfs.btrfs.
+    airlock::runtime::install_disk_tools()?;
+    eprintln!("airlock: btrfs-progs ready (sandbox disk quotas)");
     let options = EngineOptions { with_runsc: !args.no_runsc, ..EngineOptions::default() };
     let engine = DockerEngine::connect_or_setup(&options).await?;
     eprintln!("airlock: docker engine ready at {}", options.socket.display());

@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use airlock::container::ContainerRuntime;
 use airlock::limits::{parse_duration, parse_size};
-use airlock::runtime::{Runtime, RuntimeOptions, SandboxConfig, TierPreference, UsageQuery, default_home};
+use airlock::runtime::{
+    DiskStatus, Runtime, RuntimeOptions, SandboxConfig, TierPreference, UsageQuery, default_home,
+};
 use airlock::{ExecRequest, Language, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
 use anyhow::{Context, Result, bail};
 
@@ -23,9 +25,13 @@ pub struct HomeArgs {
 impl HomeArgs {
     async fn open(&self) -> Result<Runtime> {
         let home = self.home.clone().unwrap_or_else(default_home);
-        Runtime::open(RuntimeOptions::new(&home))
+        let runtime = Runtime::open(RuntimeOptions::new(&home))
             .await
-            .with_context(|| format!("opening the runtime at {}", home.display()))
+            .with_context(|| format!("opening the runtime at {}", home.display()))?;
+        if let DiskStatus::NotEnforced { reason } = runtime.disk_status() {
+            eprintln!("airlock: warning: sandbox disk quotas are not enforced: {reason}");
+        }
+        Ok(runtime)
     }
 }
 

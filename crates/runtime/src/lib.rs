@@ -38,7 +38,7 @@ pub use config::{
 };
 pub use disk::{
     DEFAULT_DISK_BYTES, DEFAULT_IMAGE_SHARE_PERCENT, DISK_IMAGE_FILE, DiskOptions, DiskStatus, IMAGE_MOUNT_OPTIONS,
-    MAX_DEFAULT_IMAGE_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES, MIN_IMAGE_BYTES, QuotaMode,
+    MAX_DEFAULT_IMAGE_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES, MIN_IMAGE_BYTES, QuotaMode, install_disk_tools,
 };
 pub use error::{Error, Result};
 pub use events::{

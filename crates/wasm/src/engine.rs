@@ -54,7 +54,9 @@ pub const MAX_WORKSPACE_GUEST_BYTES: u64 = 64 * MIB;
 /// Default time a load waits for a guest to compile (including waiting for a
 /// compile slot). Cranelift cannot be interrupted, so past it the caller gets
 /// an error while the compile finishes in the background, holding its slot.
-/// The Python interpreter compiles in well under this on one core.
+/// The Python interpreter (20 MiB of wasm) compiles in under a minute on a
+/// busy 2-core machine. Loads of the operator's files
+/// ([`IsolateEngine::load_file`]) wait for as long as their compile takes.
 pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default cap on guests compiling at once, counting compiles whose caller
 /// gave up waiting: each uses CPU and memory, and without the cap guests that
@@ -274,6 +276,12 @@ impl IsolateEngine {
     /// component, or a preview 1 module exporting `_start`. Compiles it, or
     /// takes it from the cache. Blocking: compilation can take seconds for
     /// large guests.
+    ///
+    /// For files the operator installs (interpreters, a guest named on the
+    /// command line): up to [`MAX_GUEST_BYTES`], no compile timeout (a compile
+    /// still takes one of the compile slots). Never give it a path inside a
+    /// workspace: read the guest through the workspace's confined layer and
+    /// hand the bytes to [`Self::load_bytes`], which is bounded for hostile input.
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Guest, Error> {
         let path = path.as_ref();
         let guest_error = |reason: String| Error::Guest { path: path.to_path_buf(), reason };
@@ -317,7 +325,7 @@ impl IsolateEngine {
             }
         }
         let bytes = std::fs::read(path).map_err(|e| guest_error(e.to_string()))?;
-        let guest = self.load_bytes_after(&name, &bytes, rejected, MAX_GUEST_BYTES).map_err(|e| match e {
+        let guest = self.load_bytes_after(&name, &bytes, rejected, LoadBounds::OPERATOR).map_err(|e| match e {
             Error::Guest { reason, .. } => guest_error(reason),
             other => other,
         })?;
@@ -350,18 +358,21 @@ impl IsolateEngine {
     /// Blocking, for up to the compile timeout: call it off the async
     /// workers (`tokio::task::spawn_blocking`).
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Guest, Error> {
-        self.load_bytes_after(name, bytes, None, self.inner.max_guest_bytes)
+        let bounds =
+            LoadBounds { max_bytes: self.inner.max_guest_bytes, compile_timeout: Some(self.inner.compile_timeout) };
+        self.load_bytes_after(name, bytes, None, bounds)
     }
 
     /// [`Self::load_bytes`], told why a cache entry was already refused for
-    /// these bytes, with `max_bytes` as the size cap.
+    /// these bytes, under `bounds`.
     fn load_bytes_after(
         &self,
         name: &str,
         bytes: &[u8],
         rejected_before: Option<String>,
-        max_bytes: u64,
+        bounds: LoadBounds,
     ) -> Result<Guest, Error> {
+        let max_bytes = bounds.max_bytes;
         let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
         let too_large = |len: usize| {
             guest_error(format!(
@@ -397,7 +408,7 @@ impl IsolateEngine {
         if binary.len() as u64 > max_bytes {
             return Err(too_large(binary.len()));
         }
-        let (compiled, serialized) = self.compile(name, binary.into_owned())?;
+        let (compiled, serialized) = self.compile(name, binary.into_owned(), bounds.compile_timeout)?;
         let kind = match &compiled {
             Compiled::Component(component) => self.link_component(component, name)?,
             Compiled::Module(module) => self.link_module(module, name)?,
@@ -415,12 +426,13 @@ impl IsolateEngine {
     }
 
     /// Compiles `binary` on a thread of its own once a compile slot is free,
-    /// waiting for both at most the compile timeout. A compile that outlives
-    /// the wait runs on, holding its slot, and its result is dropped.
-    fn compile(&self, name: &str, binary: Vec<u8>) -> Result<(Compiled, Vec<u8>), Error> {
+    /// waiting for both at most `timeout` (`None`: as long as it takes). A
+    /// compile that outlives the wait runs on, holding its slot, and its
+    /// result is dropped.
+    fn compile(&self, name: &str, binary: Vec<u8>, timeout: Option<Duration>) -> Result<(Compiled, Vec<u8>), Error> {
         let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
-        let timeout = self.inner.compile_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        let timeout = timeout.unwrap_or(Duration::MAX);
         let Some(slot) = self.inner.compiles.acquire(deadline) else {
             return Err(guest_error(format!(
                 "cannot be compiled now: {} other guests have been compiling for longer than the compile timeout \
@@ -447,7 +459,11 @@ impl IsolateEngine {
                 let _ = sender.send(compiled);
             })
             .map_err(|e| engine_error("cannot start a compile thread", e))?;
-        match receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let received = match deadline {
+            Some(deadline) => receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())),
+            None => receiver.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+        };
+        match received {
             Ok(Ok(compiled)) => Ok(compiled),
             Ok(Err(e)) => Err(guest_error(format!("does not compile: {e:#}"))),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -526,6 +542,22 @@ impl IsolateEngine {
     }
 }
 
+/// What one load may make the engine do.
+#[derive(Debug, Clone, Copy)]
+struct LoadBounds {
+    /// Largest guest, in bytes (of the file, and of the binary parsed from text).
+    max_bytes: u64,
+    /// How long the load waits for a compile slot and the compile together.
+    compile_timeout: Option<Duration>,
+}
+
+impl LoadBounds {
+    /// For files the operator installs ([`IsolateEngine::load_file`]): the
+    /// interpreters must load however long a cold compile takes on a busy
+    /// host, so there is no timeout; compiles still take a slot each.
+    const OPERATOR: Self = Self { max_bytes: MAX_GUEST_BYTES, compile_timeout: None };
+}
+
 /// What a compile thread hands back.
 enum Compiled {
     Component(Component),
@@ -552,12 +584,17 @@ impl CompileSlots {
         *lock(&self.in_flight)
     }
 
-    /// A slot, waiting for one to be freed until `deadline`.
-    fn acquire(self: &Arc<Self>, deadline: Instant) -> Option<CompileSlot> {
+    /// A slot, waiting for one to be freed until `deadline` (`None`: for as long as it takes).
+    fn acquire(self: &Arc<Self>, deadline: Option<Instant>) -> Option<CompileSlot> {
         let mut in_flight = lock(&self.in_flight);
         while *in_flight >= self.max {
-            let left = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())?;
-            in_flight = self.freed.wait_timeout(in_flight, left).map_or_else(|p| p.into_inner().0, |(guard, _)| guard);
+            in_flight = match deadline {
+                Some(deadline) => {
+                    let left = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())?;
+                    self.freed.wait_timeout(in_flight, left).map_or_else(|p| p.into_inner().0, |(guard, _)| guard)
+                }
+                None => self.freed.wait(in_flight).unwrap_or_else(|p| p.into_inner()),
+            };
         }
         *in_flight += 1;
         Some(CompileSlot(self.clone()))

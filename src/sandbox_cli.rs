@@ -80,6 +80,15 @@ pub struct CreateArgs {
     /// the engine can limit it), such as 512MiB or 20GiB. Enforced as root.
     #[arg(long, value_name = "SIZE", default_value = "10GiB")]
     disk: String,
+    /// Interpreter contexts it may hold at once.
+    #[arg(long, value_name = "N", default_value_t = airlock::runtime::DEFAULT_MAX_CONTEXTS)]
+    max_contexts: usize,
+    /// Background processes it may have running at once.
+    #[arg(long, value_name = "N", default_value_t = airlock::runtime::DEFAULT_MAX_PROCESSES)]
+    max_processes: usize,
+    /// Terminal sessions it may have open at once.
+    #[arg(long, value_name = "N", default_value_t = airlock::runtime::DEFAULT_MAX_PTYS)]
+    max_ptys: usize,
     #[command(flatten)]
     home: HomeArgs,
 }
@@ -178,6 +187,9 @@ pub async fn sandbox(command: SandboxCommand) -> Result<ExitCode> {
                 keep_alive: args.keep_alive,
                 image: args.image,
                 disk: parse_size(&args.disk)?,
+                max_contexts: args.max_contexts,
+                max_processes: args.max_processes,
+                max_ptys: args.max_ptys,
                 ..SandboxConfig::default()
             };
             let sandbox = runtime.sandbox_with(&args.name, config).await?;

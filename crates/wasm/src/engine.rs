@@ -256,6 +256,13 @@ impl IsolateEngine {
         self.inner.disk.as_ref().map(DiskCache::dir)
     }
 
+    /// The largest guest [`Self::load_bytes`] accepts: a caller reading a
+    /// guest from a workspace need read no more than this (one byte more
+    /// tells it the guest is too large).
+    pub fn max_guest_bytes(&self) -> u64 {
+        self.inner.max_guest_bytes
+    }
+
     /// Distinct guests loaded in memory now (at most the configured maximum).
     pub fn loaded_guests(&self) -> usize {
         lock(&self.inner.guests).len()

@@ -95,7 +95,11 @@ async fn assert_released(home: &Path) {
     let image = home.join(DISK_IMAGE_FILE);
     let started = Instant::now();
     while !loop_devices_of(&image).is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(10), "a loop device stays on the image: {}", loop_devices_of(&image));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a loop device stays on the image: {}",
+            loop_devices_of(&image)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -120,7 +124,11 @@ async fn writes_past_the_quota_fail_in_the_container_in_isolates_and_in_the_file
     let ran = sandbox.exec(bash(&dd)).await.unwrap();
     assert_eq!(ran.placement.tier, TierKind::Container);
     let out = ran.outcome.stdout_text();
-    assert!(out.contains("Disk quota exceeded"), "dd was not stopped by the quota:\n{out}{}", ran.outcome.stderr_text());
+    assert!(
+        out.contains("Disk quota exceeded"),
+        "dd was not stopped by the quota:\n{out}{}",
+        ran.outcome.stderr_text()
+    );
     let size: u64 = out.lines().last().unwrap().trim().parse().unwrap();
     assert!(size <= QUOTA, "the container wrote {size} bytes past a {QUOTA}-byte quota");
     assert!(size >= QUOTA / 2, "the container could write only {size} bytes of a {QUOTA}-byte quota");
@@ -163,7 +171,8 @@ async fn writes_past_the_quota_fail_in_the_container_in_isolates_and_in_the_file
     // After a delete, the sandbox works again, in both tiers and through the files API.
     sandbox.remove_file("py.bin").await.unwrap();
     sandbox.write_file("after.txt", b"room again").await.unwrap();
-    let ran = sandbox.exec(bash("dd if=/dev/zero of=/workspace/again bs=1M count=16 2>&1 && cat after.txt")).await.unwrap();
+    let ran =
+        sandbox.exec(bash("dd if=/dev/zero of=/workspace/again bs=1M count=16 2>&1 && cat after.txt")).await.unwrap();
     assert!(ran.outcome.success(), "{}", ran.outcome.stdout_text());
     assert!(ran.outcome.stdout_text().ends_with("room again"), "{}", ran.outcome.stdout_text());
     let ran = sandbox.code(Language::Python, "open('/workspace/iso.txt', 'w').write('x' * 4096)").await.unwrap();
@@ -197,7 +206,9 @@ async fn a_subvolume_made_inside_the_workspace_stays_within_the_quota() {
     assert!(ran.outcome.success(), "making the subvolume failed: {}", ran.outcome.stderr_text());
     assert_eq!(ran.outcome.stdout_text().trim(), "256", "/workspace/inner is not a subvolume");
 
-    let dd = format!("dd if=/dev/zero of=/workspace/inner/big bs=1M count={ATTEMPT_MIB} 2>&1; stat -c %s /workspace/inner/big");
+    let dd = format!(
+        "dd if=/dev/zero of=/workspace/inner/big bs=1M count={ATTEMPT_MIB} 2>&1; stat -c %s /workspace/inner/big"
+    );
     let ran = sandbox.exec(bash(&dd)).await.unwrap();
     let out = ran.outcome.stdout_text();
     assert!(out.contains("Disk quota exceeded"), "the nested subvolume escaped the quota:\n{out}");

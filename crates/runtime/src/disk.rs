@@ -197,7 +197,9 @@ impl HomeDisk {
 
 fn remove_tree(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(file_error("remove sandbox directory", dir)(error)),
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            Err(file_error("remove sandbox directory", dir)(error))
+        }
         _ => Ok(()),
     }
 }
@@ -231,10 +233,7 @@ impl Mounted {
         rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(lock_error(home))?;
         let mut we_mounted = false;
         if !is_btrfs_mount(home, &sandboxes)? {
-            let has_entries = std::fs::read_dir(&sandboxes)
-                .map_err(file_error("read", &sandboxes))?
-                .next()
-                .is_some();
+            let has_entries = std::fs::read_dir(&sandboxes).map_err(file_error("read", &sandboxes))?.next().is_some();
             if has_entries {
                 return Ok(Err(format!(
                     "{} holds sandboxes made before disk quotas; destroy them (or move the home) to get quotas",
@@ -415,7 +414,8 @@ fn unescape_mount_field(field: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(digits) => {
                 out.push(digits.iter().fold(0u8, |value, digit| value.wrapping_mul(8).wrapping_add(digit - b'0')));
@@ -435,6 +435,42 @@ fn same_file(a: &Path, b: &Path) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
+}
+
+/// Installs btrfs-progs (for `mkfs.btrfs`) with apt when it is missing; what
+/// `airlock setup` calls. A no-op when it is there.
+pub fn install_disk_tools() -> Result<()> {
+    if find_program("mkfs.btrfs").is_some() {
+        return Ok(());
+    }
+    if !rustix::process::geteuid().is_root() || find_program("apt-get").is_none() {
+        return Err(Error::Disk(
+            "mkfs.btrfs is missing; install btrfs-progs (as root on Debian, `airlock setup` does)".into(),
+        ));
+    }
+    let install = |update_first: bool| -> Result<std::process::Output> {
+        if update_first {
+            let _ = Command::new("apt-get").args(["update", "-q"]).stdin(Stdio::null()).output();
+        }
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "btrfs-progs"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::Disk(format!("running apt-get: {e}")))
+    };
+    let mut output = install(false)?;
+    if !output.status.success() {
+        // A fresh machine may have no package lists yet.
+        output = install(true)?;
+    }
+    if !output.status.success() {
+        return Err(Error::Disk(format!(
+            "apt-get install btrfs-progs failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 fn find_program(program: &str) -> Option<PathBuf> {
@@ -598,6 +634,7 @@ mod btrfs {
         use super::*;
 
         #[test]
+        #[allow(clippy::unnecessary_cast, reason = "the request type is not u64 on every target")]
         fn request_numbers_match_the_kernel_header() {
             assert_eq!(QUOTA_CTL as u64, 0xc010_9428);
             assert_eq!(QGROUP_CREATE as u64, 0x4010_942a);

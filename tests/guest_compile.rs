@@ -114,16 +114,16 @@ fn compiles_in_flight_are_capped_counting_abandoned_ones() {
         ..EngineConfig::default()
     })
     .unwrap();
-    let python = std::fs::read(guest("python.wasm")).unwrap();
+    let js = std::fs::read(guest("js.wasm")).unwrap();
     let hello = std::fs::read(guest("hello.wasm")).unwrap();
-    assert!(engine.load_bytes("python.wasm", &python).unwrap_err().to_string().contains("did not compile within"));
+    assert!(engine.load_bytes("js.wasm", &js).unwrap_err().to_string().contains("did not compile within"));
     assert_eq!(engine.compiles_in_flight(), 1);
-    // Python compiles for seconds, holding the only slot: hello is refused, not queued.
+    // The JavaScript interpreter compiles for seconds, holding the only slot: hello is refused, not queued.
     let err = engine.load_bytes("hello.wasm", &hello).unwrap_err().to_string();
-    assert!(err.contains("cannot be compiled now: 1 other guests have been compiling"), "{err}");
+    assert!(err.contains("cannot be compiled now: all 1 compile slots stayed busy"), "{err}");
     assert_eq!(engine.compiles_in_flight(), 1, "the refused load started no compile");
     waits_for_no_compiles(&engine);
-    // With the slot free again, hello gets to compile (and, at 1ms, times out like python did).
+    // With the slot free again, hello gets to compile (and, at 1ms, times out like js did).
     let err = engine.load_bytes("hello.wasm", &hello).unwrap_err().to_string();
     assert!(err.contains("did not compile within"), "{err}");
     waits_for_no_compiles(&engine);

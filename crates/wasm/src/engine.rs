@@ -442,8 +442,8 @@ impl IsolateEngine {
         let timeout = timeout.unwrap_or(Duration::MAX);
         let Some(slot) = self.inner.compiles.acquire(deadline) else {
             return Err(guest_error(format!(
-                "cannot be compiled now: {} other guests have been compiling for longer than the compile timeout \
-                 of {}; try again later",
+                "cannot be compiled now: all {} compile slots stayed busy for the compile timeout of {}; try \
+                 again later",
                 self.inner.compiles.max,
                 format_duration(timeout)
             )));

@@ -242,6 +242,24 @@ async fn the_workspace_is_mounted_nosuid_and_nodev_on_the_host_and_in_the_contai
         assert!(in_container.split(',').any(|o| o == flag), "/workspace options {in_container} lack {flag}");
     }
 
+    // The writable layer gets the same quota exactly when the engine's storage can hold one
+    // (overlay2 on XFS, btrfs, zfs); this machine's overlay2 on ext4 cannot.
+    let docker = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output().expect("running docker");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let driver = docker(&["info", "--format", "{{.Driver}} {{json .DriverStatus}}"]);
+    let can_limit = driver.starts_with("btrfs ")
+        || driver.starts_with("zfs ")
+        || (driver.starts_with("overlay2 ") && driver.contains(r#"["Backing Filesystem","xfs"]"#));
+    let container_id = sandbox.info().container_id.unwrap();
+    let layer = docker(&["inspect", "--format", "{{json .HostConfig.StorageOpt}}", &container_id]);
+    if can_limit {
+        assert!(layer.contains(&format!(r#""size":"{QUOTA}""#)), "{driver}: the layer has {layer}");
+    } else {
+        assert!(layer == "null" || layer == "{}", "{driver}: the engine cannot limit the layer, yet {layer}");
+    }
+
     runtime.destroy("mounts").await.unwrap();
     drop(sandbox);
     drop(runtime);

@@ -56,11 +56,12 @@ pub const MAX_WORKSPACE_GUEST_BYTES: u64 = 64 * MIB;
 /// an error while the compile finishes in the background, holding its slot.
 /// The Python interpreter (20 MiB of wasm) compiles in under a minute on a
 /// busy 2-core machine. Loads of the operator's files
-/// ([`IsolateEngine::load_file`]) wait for as long as their compile takes.
+/// ([`IsolateEngine::load_file`]) take as long as their compile takes.
 pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Default cap on guests compiling at once, counting compiles whose caller
-/// gave up waiting: each uses CPU and memory, and without the cap guests that
-/// time out could pile up behind one another.
+/// Default cap on guests from [`IsolateEngine::load_bytes`] compiling at
+/// once, counting compiles whose caller gave up waiting: each uses CPU and
+/// memory, and without the cap guests that time out could pile up behind one
+/// another. The operator's files ([`IsolateEngine::load_file`]) take no slot.
 pub const DEFAULT_MAX_CONCURRENT_COMPILES: usize = 2;
 /// Default cap on the distinct guests the engine keeps loaded in memory
 /// (compiled code, mapped); the least recently used is dropped past it (a
@@ -285,8 +286,8 @@ impl IsolateEngine {
     /// large guests.
     ///
     /// For files the operator installs (interpreters, a guest named on the
-    /// command line): up to [`MAX_GUEST_BYTES`], no compile timeout (a compile
-    /// still takes one of the compile slots). Never give it a path inside a
+    /// command line): up to [`MAX_GUEST_BYTES`], compiled on the caller's
+    /// thread with no timeout and outside the compile slots. Never give it a path inside a
     /// workspace: read the guest through the workspace's confined layer and
     /// hand the bytes to [`Self::load_bytes`], which is bounded for hostile input.
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Guest, Error> {
@@ -432,14 +433,18 @@ impl IsolateEngine {
         Ok(guest)
     }
 
-    /// Compiles `binary` on a thread of its own once a compile slot is free,
-    /// waiting for both at most `timeout` (`None`: as long as it takes). A
-    /// compile that outlives the wait runs on, holding its slot, and its
-    /// result is dropped.
+    /// Compiles `binary`. With a `timeout` (a hostile guest), on a thread of
+    /// its own once a compile slot is free, waiting for both at most
+    /// `timeout`; a compile that outlives the wait runs on, holding its slot,
+    /// and its result is dropped. Without one (the operator's file), here and
+    /// now, taking no slot, so hostile compiles never hold up the operator's.
     fn compile(&self, name: &str, binary: Vec<u8>, timeout: Option<Duration>) -> Result<(Compiled, Vec<u8>), Error> {
         let guest_error = |reason: String| Error::Guest { path: PathBuf::from(name), reason };
-        let deadline = timeout.map(|timeout| Instant::now() + timeout);
-        let timeout = timeout.unwrap_or(Duration::MAX);
+        let compile_error = |e: wasmtime::Error| guest_error(format!("does not compile: {e:#}"));
+        let Some(timeout) = timeout else {
+            return compile_binary(&self.inner.engine, &binary).map_err(compile_error);
+        };
+        let deadline = Instant::now() + timeout;
         let Some(slot) = self.inner.compiles.acquire(deadline) else {
             return Err(guest_error(format!(
                 "cannot be compiled now: all {} compile slots stayed busy for the compile timeout of {}; try \
@@ -454,25 +459,12 @@ impl IsolateEngine {
             .name("airlock-compile".into())
             .spawn(move || {
                 let _slot = slot;
-                // Bytes 4..8 are the version: 1 for core modules, a "layer" of 1 in bytes 6..8 for components.
-                let compiled = if binary.get(6..8) == Some(&[1, 0]) {
-                    Component::new(&engine, &binary)
-                        .and_then(|c| c.serialize().map(|serialized| (Compiled::Component(c), serialized)))
-                } else {
-                    Module::new(&engine, &binary)
-                        .and_then(|m| m.serialize().map(|serialized| (Compiled::Module(m), serialized)))
-                };
                 // The caller may have stopped waiting; then the result is dropped here.
-                let _ = sender.send(compiled);
+                let _ = sender.send(compile_binary(&engine, &binary));
             })
             .map_err(|e| engine_error("cannot start a compile thread", e))?;
-        let received = match deadline {
-            Some(deadline) => receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())),
-            None => receiver.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
-        };
-        match received {
-            Ok(Ok(compiled)) => Ok(compiled),
-            Ok(Err(e)) => Err(guest_error(format!("does not compile: {e:#}"))),
+        match receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(compiled) => compiled.map_err(compile_error),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 Err(guest_error(format!("did not compile within the compile timeout of {}", format_duration(timeout))))
             }
@@ -561,11 +553,26 @@ struct LoadBounds {
 impl LoadBounds {
     /// For files the operator installs ([`IsolateEngine::load_file`]): the
     /// interpreters must load however long a cold compile takes on a busy
-    /// host, so there is no timeout; compiles still take a slot each.
+    /// host, and never wait behind a sandbox's compiles, so there is no
+    /// timeout and no slot.
     const OPERATOR: Self = Self { max_bytes: MAX_GUEST_BYTES, compile_timeout: None };
 }
 
-/// What a compile thread hands back.
+/// Compiles and serializes a component or core module.
+fn compile_binary(engine: &Engine, binary: &[u8]) -> wasmtime::Result<(Compiled, Vec<u8>)> {
+    // Bytes 4..8 are the version: 1 for core modules, a "layer" of 1 in bytes 6..8 for components.
+    if binary.get(6..8) == Some(&[1, 0]) {
+        let component = Component::new(engine, binary)?;
+        let serialized = component.serialize()?;
+        Ok((Compiled::Component(component), serialized))
+    } else {
+        let module = Module::new(engine, binary)?;
+        let serialized = module.serialize()?;
+        Ok((Compiled::Module(module), serialized))
+    }
+}
+
+/// A compiled guest.
 enum Compiled {
     Component(Component),
     Module(Module),
@@ -591,17 +598,12 @@ impl CompileSlots {
         *lock(&self.in_flight)
     }
 
-    /// A slot, waiting for one to be freed until `deadline` (`None`: for as long as it takes).
-    fn acquire(self: &Arc<Self>, deadline: Option<Instant>) -> Option<CompileSlot> {
+    /// A slot, waiting for one to be freed until `deadline`.
+    fn acquire(self: &Arc<Self>, deadline: Instant) -> Option<CompileSlot> {
         let mut in_flight = lock(&self.in_flight);
         while *in_flight >= self.max {
-            in_flight = match deadline {
-                Some(deadline) => {
-                    let left = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())?;
-                    self.freed.wait_timeout(in_flight, left).map_or_else(|p| p.into_inner().0, |(guard, _)| guard)
-                }
-                None => self.freed.wait(in_flight).unwrap_or_else(|p| p.into_inner()),
-            };
+            let left = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())?;
+            in_flight = self.freed.wait_timeout(in_flight, left).map_or_else(|p| p.into_inner().0, |(guard, _)| guard);
         }
         *in_flight += 1;
         Some(CompileSlot(self.clone()))

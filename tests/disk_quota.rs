@@ -225,6 +225,36 @@ async fn a_subvolume_made_inside_the_workspace_stays_within_the_quota() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_files_count_against_the_quota_too() {
+    // btrfs has no inode limit: a flood of files is bounded because their
+    // metadata (and small files' data, kept inline in it) counts as bytes.
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let small = SandboxConfig { disk: 16 * MIB, ..SandboxConfig::default() };
+    let sandbox = runtime.sandbox_with("files", small).await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+
+    // 40 000 files of 1 000 bytes: 40 MB, each small enough to live in metadata.
+    let flood = "import os\nn = 0\ntry:\n    for i in range(40000):\n        \
+        with open(f'/workspace/f{i}', 'wb') as f:\n            f.write(b'x' * 1000)\n        n += 1\n\
+        except OSError as e:\n    print(e.strerror)\nprint(n)\n";
+    let ran = sandbox.exec(ExecRequest::new("python3").args(["-c", flood])).await.unwrap();
+    let out = ran.outcome.stdout_text();
+    assert!(
+        out.starts_with("Disk quota exceeded"),
+        "the file flood was not stopped:\n{out}{}",
+        ran.outcome.stderr_text()
+    );
+    let made: u64 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!(made * 1000 < 16 * MIB, "{made} files of 1000 bytes fit in a 16 MiB quota");
+
+    runtime.destroy("files").await.unwrap();
+    drop(sandbox);
+    drop(runtime);
+    assert_released(home.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_workspace_is_mounted_nosuid_and_nodev_on_the_host_and_in_the_container() {
     let home = tempfile::tempdir().unwrap();
     let runtime = runtime_in(home.path()).await;

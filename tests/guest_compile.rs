@@ -128,3 +128,23 @@ fn compiles_in_flight_are_capped_counting_abandoned_ones() {
     assert!(err.contains("did not compile within"), "{err}");
     waits_for_no_compiles(&engine);
 }
+
+#[test]
+fn the_operators_files_are_not_held_to_the_compile_timeout_or_slots() {
+    let engine = IsolateEngine::new(EngineConfig {
+        cache_dir: None,
+        max_concurrent_runs: 2,
+        compile_timeout: Duration::from_millis(1),
+        max_concurrent_compiles: 1,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let js = std::fs::read(guest("js.wasm")).unwrap();
+    // A sandbox's guest holds the only slot, compiling for seconds...
+    assert!(engine.load_bytes("js.wasm", &js).unwrap_err().to_string().contains("did not compile within"));
+    assert_eq!(engine.compiles_in_flight(), 1);
+    // ...and the operator's file (as the interpreters are loaded) still compiles, however long it takes.
+    let hello = engine.load_file(guest("hello.wasm")).unwrap();
+    assert!(matches!(hello.origin(), airlock::GuestOrigin::Compiled { .. }));
+    waits_for_no_compiles(&engine);
+}

@@ -147,8 +147,9 @@ async fn writes_past_the_quota_fail_in_the_container_in_isolates_and_in_the_file
     let out = ran.outcome.stdout_text();
     assert!(ran.outcome.is_ok(), "{:?} {}", ran.outcome.result, ran.outcome.stderr_text());
     // Stopped by an OSError at the quota. (Which errno the guest sees is
-    // wasmtime-wasi's mapping: version 48 maps ENOSPC but not EDQUOT, which
-    // reaches Python as a generic stream error.)
+    // wasmtime-wasi's doing: version 48 has no mapping for EDQUOT, and its file
+    // output stream reports the failed write as a broken stream, so Python
+    // gets wasi-libc's EPIPE, errno 64, "Broken pipe".)
     assert!(out.starts_with("error "), "the isolate was not stopped:\n{out}");
     let written: u64 = out.lines().last().unwrap().trim_start_matches("written ").parse().unwrap();
     assert!(written <= QUOTA, "the isolate wrote {written} bytes past a {QUOTA}-byte quota");

@@ -1,6 +1,6 @@
 //! The CLI commands over the runtime: sandboxes by name in a home directory.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -263,20 +263,23 @@ pub async fn files(args: FilesArgs) -> Result<ExitCode> {
                 println!("{:<9} {:>12} {}", serde_plain(&entry.kind), entry.size, entry.name);
             }
         }
+        // Streamed both ways: a file of any size within the quota, never held in memory.
         FilesAction::Get { path } => {
-            let bytes = sandbox.read_file(&path).await?;
-            std::io::stdout().write_all(&bytes)?;
+            let (mut file, _) = sandbox.open_file(&path).await?;
+            let mut stdout = tokio::io::stdout();
+            tokio::io::copy(&mut file, &mut stdout).await?;
+            tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
         }
         FilesAction::Put { path, from } => {
-            let bytes = match from {
-                Some(file) => std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?,
-                None => {
-                    let mut bytes = Vec::new();
-                    std::io::stdin().read_to_end(&mut bytes)?;
-                    bytes
+            match from {
+                Some(file) => {
+                    let mut source = tokio::fs::File::open(&file)
+                        .await
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    sandbox.write_file_from(&path, &mut source).await?
                 }
+                None => sandbox.write_file_from(&path, &mut tokio::io::stdin()).await?,
             };
-            sandbox.write_file(&path, &bytes).await?;
         }
         FilesAction::Rm { path } => sandbox.remove_file(&path).await?,
     }

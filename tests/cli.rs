@@ -190,3 +190,39 @@ fn the_repl_keeps_one_context() {
     let output = airlock_with_input(&["repl", "--lang", "js"], "let items = [1, 2]\nitems.push(3)\nitems.map(i => i * 2)\n");
     assert_eq!(text(&output.stdout), "3\n[2,4,6]\n", "{output:?}");
 }
+
+/// `airlock files put` and `get` stream: a file larger than the whole-file
+/// limit goes up from stdin and comes back byte for byte, and a FIFO in the
+/// workspace (made by the container) is refused at once with one line, not a hang.
+#[test]
+fn files_stream_through_the_cli_and_a_fifo_is_refused_at_once() {
+    let home = tempfile::tempdir().unwrap();
+    let home_arg = home.path().to_str().unwrap();
+    let created = airlock(&["sandbox", "create", "--home", home_arg, "streamed"]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    // 80 MiB: over the 64 MiB limit of a whole-file write.
+    let size = 80 * 1024 * 1024;
+    let data: Vec<u8> = (0..size).map(|i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut put = spawn_with_input(&["files", "--home", home_arg, "streamed", "put", "big.bin"]);
+    put.stdin.take().unwrap().write_all(&data).unwrap();
+    let put = put.wait_with_output().unwrap();
+    assert!(put.status.success(), "{}", text(&put.stderr));
+    let got = airlock(&["files", "--home", home_arg, "streamed", "get", "big.bin"]);
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert!(got.stdout == data, "the file came back different ({} bytes)", got.stdout.len());
+
+    // The container makes the FIFO (the home's disk is mounted only while a runtime is open).
+    let made = airlock(&["exec", "--home", home_arg, "streamed", "--", "mkfifo", "fifo"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    for action in [&["get", "fifo"][..], &["put", "fifo"][..]] {
+        let started = Instant::now();
+        let mut args = vec!["files", "--home", home_arg, "streamed"];
+        args.extend_from_slice(action);
+        let refused = airlock_with_input(&args, "x");
+        assert!(!refused.status.success());
+        assert_one_line_error(&refused, "only regular files");
+        assert!(started.elapsed() < Duration::from_secs(5), "{action:?} took {:?}", started.elapsed());
+    }
+    let removed = airlock(&["sandbox", "rm", "--home", home_arg, "streamed"]);
+    assert!(removed.status.success(), "{}", text(&removed.stderr));
+}

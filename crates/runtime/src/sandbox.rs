@@ -19,7 +19,6 @@ use airlock_core::{
     CodeError, EscalationReason, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, Limits, Needs, SandboxId,
     SandboxName, Termination, TierKind, Workspace, WorkspaceDir, confined::Owner,
 };
-use airlock_wasm::MAX_GUEST_BYTES;
 use airlock_wasm::interpreter::ContextInfo;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -429,7 +428,8 @@ impl Sandbox {
             _ => {
                 // Read through the confined layer (no link followed, only a
                 // regular file, bounded), then compiled from the bytes.
-                let bytes = files::read_guest(&self.inner.dir, &request.program, MAX_GUEST_BYTES).await?;
+                let limit = self.runtime.inner.isolates.max_guest_bytes();
+                let bytes = files::read_guest(&self.inner.dir, &request.program, limit).await?;
                 let engine = self.runtime.inner.isolates.clone();
                 let name = request.program.rsplit('/').next().unwrap_or_default().to_string();
                 let guest = tokio::task::spawn_blocking(move || engine.load_bytes(&name, &bytes))

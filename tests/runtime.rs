@@ -361,7 +361,7 @@ async fn files_are_shared_by_both_tiers_and_confined() {
     // A link made inside the container that leads out is not followed.
     assert!(sandbox.exec(bash("ln -s /etc /workspace/etc-link")).await.unwrap().outcome.success());
     let refused = sandbox.read_file("etc-link/passwd").await.unwrap_err();
-    assert!(refused.to_string().contains("leads out of the workspace"), "{refused}");
+    assert!(refused.to_string().contains("symbolic link"), "{refused}");
     for escape in ["../airlock.db", "/etc/passwd"] {
         assert!(matches!(sandbox.read_file(escape).await, Err(Error::Path { .. })), "{escape}");
     }

@@ -157,6 +157,8 @@ async fn writes_past_the_quota_fail_in_the_container_in_isolates_and_in_the_file
     // From the files API: a clear error that names the quota.
     let error = sandbox.write_file("more.bin", &vec![7u8; 16 * MIB as usize]).await.unwrap_err().to_string();
     assert!(error.to_lowercase().contains("quota"), "the files API error does not name the quota: {error}");
+    let named = format!("disk quota of {}", airlock::limits::format_size(QUOTA));
+    assert!(error.contains(&named), "the files API error does not give the quota's size: {error}");
 
     // The neighbour in the same home is unaffected.
     neighbour.write_file("half.bin", &vec![1u8; 32 * MIB as usize]).await.unwrap();

@@ -41,6 +41,9 @@ pub enum Error {
     /// A confined file operation was refused or failed (see the variant).
     #[error(transparent)]
     Fs(airlock_core::FsError),
+    /// A write from the host needed more space than the sandbox's disk quota left.
+    #[error("writing {path:?} needs more space than the sandbox's disk quota of {quota} leaves")]
+    DiskQuota { path: String, quota: String },
     /// A file operation ran past its time limit.
     #[error("{operation} {path:?} took longer than {after:?} (the file operation time limit)")]
     FileTimeout { operation: &'static str, path: String, after: std::time::Duration },

@@ -566,6 +566,16 @@ impl Sandbox {
 
     // Files, from the host, for both tiers, through the confined layer.
 
+    /// A write that ran out of space ran into this sandbox's quota: say which.
+    fn naming_the_quota(&self, error: Error) -> Error {
+        match error {
+            Error::Fs(airlock_core::FsError::NoSpace { path }) => {
+                Error::DiskQuota { path, quota: airlock_core::limits::format_size(self.inner.config.disk) }
+            }
+            other => other,
+        }
+    }
+
     /// Reads a whole file (at most [`MAX_FILE_BYTES`](crate::MAX_FILE_BYTES)).
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         let _active = self.begin().await?;
@@ -581,14 +591,14 @@ impl Sandbox {
     /// Writes a whole file (making missing directories); the sandbox's user owns it.
     pub async fn write_file(&self, path: &str, bytes: &[u8]) -> Result<()> {
         let _active = self.begin().await?;
-        files::write(&self.inner.dir, path, bytes, sandbox_owner()).await
+        files::write(&self.inner.dir, path, bytes, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     /// Writes a file from a stream, of any size within the disk quota; it
     /// replaces `path` only once every byte is written. Returns the size.
     pub async fn write_file_from<R: tokio::io::AsyncRead + Unpin>(&self, path: &str, source: &mut R) -> Result<u64> {
         let _active = self.begin().await?;
-        files::write_from(&self.inner.dir, path, source, sandbox_owner()).await
+        files::write_from(&self.inner.dir, path, source, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     pub async fn list_files(&self, path: &str) -> Result<Vec<FileEntry>> {
@@ -604,7 +614,7 @@ impl Sandbox {
 
     pub async fn mkdir(&self, path: &str) -> Result<()> {
         let _active = self.begin().await?;
-        files::mkdir(&self.inner.dir, path, sandbox_owner()).await
+        files::mkdir(&self.inner.dir, path, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     pub async fn remove_file(&self, path: &str) -> Result<()> {
@@ -614,7 +624,7 @@ impl Sandbox {
 
     pub async fn rename_file(&self, from: &str, to: &str) -> Result<()> {
         let _active = self.begin().await?;
-        files::rename(&self.inner.dir, from, to, sandbox_owner()).await
+        files::rename(&self.inner.dir, from, to, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     // Background processes and terminals: the container's.

@@ -108,7 +108,7 @@ pub async fn commands_go_through_the_agent_on_one_stream(runtime: ContainerRunti
         .unwrap()
         .stdout_text();
     let expected = test.sandbox.exec_as("root", ExecRequest::new("sha256sum").stdin(StdinSource::Bytes(input))).await;
-    assert_eq!(digest, expected.unwrap().stdout_text(), "the agent and an engine exec disagree");
+    assert_eq!(digest, expected.unwrap().stdout_text(), "the sandbox user and root disagree");
     // A missing working directory is named.
     let nowhere = test.sandbox.exec(ExecRequest::new("true").cwd("/no/such/dir")).await.unwrap();
     assert!(!nowhere.success());
@@ -121,9 +121,9 @@ pub async fn commands_go_through_the_agent_on_one_stream(runtime: ContainerRunti
     assert_eq!(test.sandbox.wait_process(&sleeper).await.unwrap(), Some(128 + 15));
     assert_eq!(follower.next().await, Some(ProcessEvent::Exited(Some(143))));
 
-    // None of that was an engine exec; the root command above was.
+    // None of that was an engine exec, not even the root command.
     let after = engine_execs(&id);
-    assert_eq!(after, before + 1, "the sandbox user's commands went through engine execs");
+    assert_eq!(after, before, "commands went through engine execs");
 
     // Another handle on the same container (as after a restart) shares the link and works.
     let (engine, _) = engine_and_image().await;
@@ -315,6 +315,14 @@ pub async fn a_pty_session_takes_input_and_resizes(runtime: ContainerRuntime) {
     pty.write(b"exit 5\n").await.unwrap();
     let code = tokio::time::timeout(Duration::from_secs(30), pty.wait()).await.unwrap().unwrap();
     assert_eq!(code, Some(5));
+
+    // The session owns its command: dropping it ends the whole tree.
+    let mut pty = test.sandbox.open_pty(ExecRequest::new("bash").args(["--norc", "-i"]), PtySize::default()).await.unwrap();
+    pty.write(b"sleep 315 & setsid sleep 316 & echo went-background\n").await.unwrap();
+    read_until(&mut pty, "\nwent-background").await;
+    assert_eq!(count_processes(&test, "sleep 31[56]").await, 2);
+    drop(pty);
+    until_none(&test, "sleep 31[56]", Duration::from_secs(5)).await;
 }
 
 async fn read_until(pty: &mut airlock::container::PtySession, wanted: &str) -> String {
@@ -429,4 +437,151 @@ pub async fn cpu_time_comes_from_the_cgroup(runtime: ContainerRuntime) {
     assert!(busy.cpu_time > Duration::from_millis(300), "busy loop billed {:?}", busy.cpu_time);
     assert!(idle.cpu_time < Duration::from_millis(300), "sleep billed {:?}", idle.cpu_time);
     assert!(test.sandbox.cpu_usage().unwrap() >= busy.cpu_time);
+}
+
+/// How many processes whose command line is exactly one of `wanted`, seen as
+/// root inside the container (`ps` reads every process's `/proc`).
+async fn count_processes(test: &TestSandbox, pattern: &str) -> usize {
+    let script = format!("ps -eo args= | grep -cE '^({pattern})$' || true");
+    let seen = test.bash_as_root(&script).await;
+    seen.stdout_text().trim().parse().unwrap_or_else(|_| panic!("ps said {:?} {:?}", seen.stdout_text(), seen.stderr_text()))
+}
+
+/// Waits (up to `within`) until no process matches `pattern`; how long it took.
+async fn until_none(test: &TestSandbox, pattern: &str, within: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        if count_processes(test, pattern).await == 0 {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "still there after {within:?}: {}",
+            test.bash_as_root("ps -eo pid,ppid,pgid,sid,user,args").await.stdout_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A tree with a child, an orphan, a new session, a double fork out of a new
+/// session and a process that wiped its environment: sleeps 310 to 314.
+const ESCAPING_TREE: &str = "sleep 310 & (sleep 311 &); setsid sleep 312 & \
+    setsid bash -c 'bash -c \"sleep 313 &\" &' ; env -i setsid sleep 314 & \
+    sleep 0.5; echo started; wait";
+const ESCAPING_SLEEPS: &str = "sleep 31[0-4]";
+
+pub async fn a_dropped_exec_kills_its_whole_tree(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let (sender, chunks) = recorder();
+    let sandbox = test.sandbox.clone();
+    let exec = tokio::spawn(async move { sandbox.exec(bash(ESCAPING_TREE).limits(deadline(600)).output(sender)).await });
+    let started = std::time::Instant::now();
+    while !chunks.lock().unwrap().iter().any(|chunk| chunk.bytes.ends_with(b"started\n")) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the tree never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count_processes(&test, ESCAPING_SLEEPS).await, 5, "not every sleep ran");
+    // Some left their session and process group; one is parented by no one of theirs.
+    let sessions = test.bash_as_root("ps -eo sid=,args= | grep -E 'sleep 31[0-4]$' | awk '{print $1}' | sort -u | wc -l").await;
+    assert!(sessions.stdout_text().trim().parse::<u32>().unwrap() >= 3, "{}", sessions.stdout_text());
+
+    // The caller goes away (a disconnect): its future is dropped.
+    exec.abort();
+    assert!(exec.await.unwrap_err().is_cancelled());
+    let took = until_none(&test, ESCAPING_SLEEPS, Duration::from_secs(5)).await;
+    eprintln!("the dropped exec's tree was gone {took:?} after the drop");
+    // The shepherd went with it, and the sandbox works on.
+    assert_eq!(count_processes(&test, "airlock-shepherd .*s[l]eep 31.*").await, 0);
+    assert_eq!(test.bash("echo alive").await.stdout_text(), "alive\n");
+}
+
+pub async fn a_command_leaves_nothing_running_when_it_ends(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let outcome = test.bash(&ESCAPING_TREE.replace("; wait", "")).await;
+    assert!(outcome.success(), "{:?} {}", outcome.termination, outcome.stderr_text());
+    until_none(&test, ESCAPING_SLEEPS, Duration::from_secs(5)).await;
+}
+
+pub async fn the_agent_cannot_be_signalled_traced_or_read(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let find = "ps -eo pid=,args= | awk '$2 == \"/.airlock/agent\" { print $1 }'";
+    let agent = test.bash(find).await.stdout_text().trim().to_string();
+    assert!(!agent.is_empty() && agent != "1", "agent pid {agent:?}");
+    let owner = test.bash(&format!("ps -o user= -p {agent}; id -un")).await.stdout_text();
+    assert_eq!(owner, "root\nsandbox\n", "the agent runs apart from the sandbox user");
+
+    // As the sandbox's user: every way at the agent, at init and at this
+    // command's own shepherd ($PPID) fails.
+    let ptrace = |pid: &str| {
+        format!(
+            "python3 -c \"import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
+             print('attached' if libc.ptrace(16, {pid}, 0, 0) == 0 else 'ptrace: ' + os.strerror(ctypes.get_errno()))\""
+        )
+    };
+    let attack = format!(
+        "a={agent}; s=$PPID; \
+         ps -o args= -p $s | grep -q '^airlock-shepherd' || echo not-a-shepherd; \
+         for p in $a 1 $s; do kill -9 $p 2>/dev/null && echo killed-$p; kill -STOP $p 2>/dev/null && echo stopped-$p; done; \
+         cat /proc/$a/environ >/dev/null 2>&1 && echo read-environ; \
+         python3 -c \"open('/proc/$a/mem', 'rb')\" 2>/dev/null && echo opened-mem; \
+         ls /proc/$a/fd >/dev/null 2>&1 && echo listed-fds; \
+         (echo x > /proc/$a/fd/0) 2>/dev/null && echo wrote-its-stdin; \
+         {}; echo done",
+        ptrace("$a")
+    );
+    let user = test.bash(&attack).await;
+    assert_eq!(user.stdout_text(), "ptrace: Operation not permitted\ndone\n", "{}", user.stderr_text());
+    // Everything the user may signal at once: only its own processes go.
+    let everything = test.bash("sleep 317 & sleep 0.2; kill -9 -1; wait; echo signalled-all").await;
+    assert_eq!(everything.stdout_text(), "signalled-all\n", "{:?}", everything.termination);
+
+    // Even root in the sandbox (no CAP_SYS_PTRACE) cannot trace the agent,
+    // read it or open its descriptors: it is not dumpable. (Root may list the
+    // descriptors' numbers, and may signal it: see SECURITY.md.)
+    let as_root = format!(
+        "a={agent}; cat /proc/$a/environ >/dev/null 2>&1 && echo read-environ; \
+         python3 -c \"open('/proc/$a/mem', 'rb')\" 2>/dev/null && echo opened-mem; \
+         (echo x > /proc/$a/fd/0) 2>/dev/null && echo wrote-its-stdin; \
+         (cat < /proc/$a/fd/1) 2>/dev/null && echo read-its-stdout; {}; echo done",
+        ptrace("$a")
+    );
+    let root = test.bash_as_root(&as_root).await;
+    assert_eq!(root.stdout_text(), "ptrace: Operation not permitted\ndone\n", "{}", root.stderr_text());
+
+    // The same agent still answers.
+    assert_eq!(test.bash(find).await.stdout_text().trim(), agent);
+    assert_eq!(test.bash("echo alive").await.stdout_text(), "alive\n");
+}
+
+pub async fn a_deadline_holds_under_an_output_flood(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    // Small writes as fast as they go, in the background too, with room
+    // under the output cap: the replies never stop coming before the deadline.
+    let flood = "import os\nos.fork()\nwhile True:\n    os.write(1, b'x' * 64)\n    os.write(2, b'y' * 64)\n";
+    let limits = Limits { output_bytes: 256 << 20, ..deadline(2) };
+    let (sender, chunks) = recorder();
+    let outcome = test.sandbox.exec(python(flood).limits(limits).output(sender)).await.unwrap();
+    assert_eq!(outcome.limit_exceeded().map(|hit| hit.limit), Some(Limit::Deadline), "{:?}", outcome.termination);
+    assert!(outcome.wall_time < Duration::from_secs(8), "the kill came {:?} after the start", outcome.wall_time);
+    assert!(chunks.lock().unwrap().len() > 100, "there was no flood");
+    until_none(&test, "python3 -c .*", Duration::from_secs(5)).await;
+}
+
+pub async fn the_process_log_keeps_the_newest_output_within_its_bound(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    let total = 3 * airlock::container::PROCESS_LOG_BYTES;
+    let script = format!("head -c {} /dev/zero | tr '\\0' x; echo; echo the-end", total - 1);
+    let id = test.sandbox.start_process(bash(&script)).await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(60), test.sandbox.wait_process(&id)).await.unwrap();
+    assert_eq!(code.unwrap(), Some(0));
+    let mut follower = test.sandbox.follow_process(&id).unwrap();
+    let mut kept = Vec::new();
+    while let Some(event) = follower.next().await {
+        if let ProcessEvent::Output(chunk) = event {
+            kept.extend_from_slice(&chunk.bytes);
+        }
+    }
+    assert!(kept.len() <= airlock::container::PROCESS_LOG_BYTES, "kept {} bytes", kept.len());
+    assert!(kept.ends_with(b"x\nthe-end\n"), "the newest output is kept");
+    assert_eq!(kept.len() as u64 + follower.dropped_bytes, total as u64 + "the-end\n".len() as u64, "dropped bytes are counted");
 }

@@ -43,6 +43,8 @@ impl TestSandbox {
     pub async fn with_resources(runtime: ContainerRuntime, resources: ContainerResources) -> Self {
         let (engine, image) = engine_and_image().await;
         let dir = tempfile::tempdir().unwrap();
+        // runsc opens the workspace as the engine's remapped root (when it remaps).
+        engine.let_remapped_root_pass(dir.path()).unwrap();
         let workspace = dir.path().join("workspace");
         std::fs::create_dir(&workspace).unwrap();
         let spec =
@@ -119,6 +121,11 @@ macro_rules! container_suite {
                 bad_requests_get_clear_errors,
                 cpu_time_comes_from_the_cgroup,
                 commands_go_through_the_agent_on_one_stream,
+                a_dropped_exec_kills_its_whole_tree,
+                a_command_leaves_nothing_running_when_it_ends,
+                the_agent_cannot_be_signalled_traced_or_read,
+                a_deadline_holds_under_an_output_flood,
+                the_process_log_keeps_the_newest_output_within_its_bound,
             ]
         );
     };

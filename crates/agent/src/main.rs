@@ -1,15 +1,29 @@
 //! The agent: reads requests on stdin, runs commands, writes replies on stdout.
 //! See the library's docs for why it exists and `protocol` for the frames.
 //!
+//! It runs as root in the container, apart from the sandbox's user, and is
+//! not dumpable: the sandbox's processes can neither signal it, trace it,
+//! read its memory or environment, nor reach its stdin (which only the host's
+//! attached stream writes). Each command runs under a shepherd (`shepherd.rs`)
+//! that drops to the requested user for the command only and holds the
+//! command's whole tree (`tree.rs`), however it forks.
+//!
 //! Threads: the main one reads requests and never blocks on a command; each
-//! command gets a waiter, two output readers and, when it takes input, a stdin
+//! command gets a waiter, output readers and, when it takes input, a stdin
 //! writer. Killing runs on the main thread and forks nothing, so it works
 //! while a fork bomb holds every free pid.
 
+mod shepherd;
+mod tree;
+
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -17,16 +31,22 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use airlock_agent::protocol::{
-    EXEC_MARKER_VAR, OUTPUT_CHUNK_BYTES, Reply, Request, Spawn, decode_request, encode_reply, read_frame,
+    OUTPUT_CHUNK_BYTES, PROTOCOL_VERSION, Reply, Request, Spawn, TtySize, decode_request, encode_reply, read_frame,
 };
 
-/// After a command exits, how long its output pipes may stay open (held by
-/// something it left in the background) before the exit is reported anyway.
+use crate::shepherd::{SHEPHERD_ARG, SHEPHERD_NAME, Streams};
+
+/// After a command's shepherd exits (its whole tree is gone), how long its
+/// output may stay open (a descriptor passed out of the tree) before the exit
+/// is reported anyway.
 const PIPE_DRAIN_GRACE: Duration = Duration::from_millis(200);
-/// Rounds of stop-then-kill before a tree kill gives up.
-const KILL_ROUNDS: u32 = 200;
-/// Pause between kill rounds, so that a process mid-fork shows up.
-const KILL_ROUND_PAUSE: Duration = Duration::from_millis(2);
+/// How long a spawn waits for its shepherd to start the command before the
+/// agent goes on to the next request (a shepherd starts in milliseconds).
+const SHEPHERD_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between looks at a starting shepherd.
+const SHEPHERD_START_POLL: Duration = Duration::from_micros(500);
+/// The program the agent runs itself again from, as a shepherd.
+const OWN_BINARY: &str = "/proc/self/exe";
 
 /// Replies go out whole, one frame at a time, from any thread.
 #[derive(Clone)]
@@ -44,12 +64,30 @@ impl Replies {
     }
 }
 
-/// Commands that take input, by run: where their stdin bytes go.
-type Inputs = Arc<Mutex<HashMap<u32, mpsc::Sender<Option<Vec<u8>>>>>>;
+/// Where one command's stdin bytes go (`None`: close it).
+type Input = mpsc::Sender<Option<Vec<u8>>>;
+
+/// What the agent keeps per running command.
+#[derive(Default, Clone)]
+struct State {
+    /// Where each run's stdin bytes go.
+    inputs: Arc<Mutex<HashMap<u32, Input>>>,
+    /// Each run's shepherd, the root of its tree. An entry is removed before
+    /// the shepherd is reaped (and its pid can be reused), under this lock,
+    /// which kills hold while they work.
+    trees: Arc<Mutex<HashMap<u32, i32>>>,
+    /// The terminal master of each run that has one, for resizes.
+    terminals: Arc<Mutex<HashMap<u32, Arc<OwnedFd>>>>,
+}
 
 fn main() {
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|first| first == SHEPHERD_ARG) {
+        shepherd::run(args);
+    }
+    harden();
     let replies = Replies { out: Arc::new(Mutex::new(io::stdout())) };
-    let inputs: Inputs = Arc::default();
+    let state = State::default();
     let mut stdin = io::stdin().lock();
     loop {
         let body = match read_frame(&mut stdin) {
@@ -68,90 +106,188 @@ fn main() {
             }
         };
         match decode_request(&body) {
-            Ok((run, request)) => handle(run, request, &replies, &inputs),
+            Ok((run, request)) => handle(run, request, &replies, &state),
             Err(error) => eprintln!("airlock-agent: {error}"),
         }
     }
 }
 
-fn handle(run: u32, request: Request, replies: &Replies, inputs: &Inputs) {
+/// Not dumpable, so that nothing in the sandbox (not even root without
+/// CAP_SYS_PTRACE) traces it or opens its `/proc` memory, environment or
+/// descriptors; and no supplementary groups for the shepherds to inherit.
+fn harden() {
+    if let Err(error) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        eprintln!("airlock-agent: PR_SET_DUMPABLE: {error}");
+    }
+    if rustix::process::geteuid().is_root()
+        && let Err(error) = rustix::thread::set_thread_groups(&[])
+    {
+        eprintln!("airlock-agent: clearing supplementary groups: {error}");
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("airlock-agent: not root: commands run as the agent's own user, which they can then signal");
+    }
+}
+
+fn handle(run: u32, request: Request, replies: &Replies, state: &State) {
     match request {
-        Request::Ping => replies.send(run, &Reply::Pong),
+        Request::Ping => replies.send(run, &Reply::Pong { version: PROTOCOL_VERSION }),
         Request::Spawn(spawn) => {
-            if let Err(error) = spawn_command(run, spawn, replies, inputs) {
+            if let Err(error) = spawn_command(run, spawn, replies, state) {
                 replies.send(run, &error);
             }
         }
         Request::Stdin(bytes) => {
-            if let Ok(inputs) = inputs.lock()
+            if let Ok(inputs) = state.inputs.lock()
                 && let Some(input) = inputs.get(&run)
             {
                 let _ = input.send(Some(bytes));
             }
         }
         Request::StdinEnd => {
-            if let Ok(mut inputs) = inputs.lock()
+            if let Ok(mut inputs) = state.inputs.lock()
                 && let Some(input) = inputs.remove(&run)
             {
                 let _ = input.send(None);
             }
         }
-        Request::Signal { marker, signal } => {
+        Request::Resize(size) => {
+            if let Ok(terminals) = state.terminals.lock()
+                && let Some(master) = terminals.get(&run)
+            {
+                let _ = rustix::termios::tcsetwinsize(&**master, winsize(size));
+            }
+        }
+        Request::Signal { target, signal } => {
             let remaining = match rustix::process::Signal::from_named_raw(signal) {
                 Some(signal) => {
-                    signal_marked(&marker, signal);
+                    if let Ok(trees) = state.trees.lock()
+                        && let Some(&root) = trees.get(&target)
+                    {
+                        tree::signal_tree(root, signal);
+                    }
                     0
                 }
                 None => u32::MAX,
             };
             replies.send(run, &Reply::Signalled { remaining });
         }
-        Request::KillTree { marker } => {
-            let remaining = kill_marked(&marker);
+        Request::KillTree { target } => {
+            let remaining = match state.trees.lock() {
+                Ok(trees) => trees.get(&target).map_or(0, |&root| tree::kill_tree(root)),
+                Err(_) => u32::MAX,
+            };
             replies.send(run, &Reply::Signalled { remaining });
         }
     }
 }
 
-fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, inputs: &Inputs) -> Result<(), Reply> {
-    let Some((program, args)) = spawn.argv.split_first() else {
+fn winsize(size: TtySize) -> rustix::termios::Winsize {
+    rustix::termios::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 }
+}
+
+/// A new terminal: its master (for the agent) and its subsidiary end (for the command).
+fn open_terminal(size: TtySize) -> io::Result<(OwnedFd, File)> {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::new())?;
+    let path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(name.as_bytes()));
+    let subsidiary = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(i32::try_from(rustix::fs::OFlags::NOCTTY.bits()).unwrap_or(0))
+        .open(path)?;
+    rustix::termios::tcsetwinsize(&master, winsize(size))?;
+    Ok((master, subsidiary))
+}
+
+fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, state: &State) -> Result<(), Reply> {
+    if spawn.argv.is_empty() {
         return Err(Reply::SpawnFailed { code: 126, message: "no program".into() });
-    };
-    let mut command = Command::new(program);
+    }
+    let identity = shepherd::resolve(&spawn.user).map_err(|message| Reply::SpawnFailed { code: 126, message })?;
+    let own_uid = rustix::process::geteuid();
+    if !own_uid.is_root() && identity.uid != own_uid.as_raw() {
+        return Err(Reply::SpawnFailed {
+            code: 126,
+            message: format!("the agent is not root here and cannot run commands as {}", spawn.user),
+        });
+    }
+    let streams = if spawn.tty.is_some() { Streams::Terminal } else { Streams::Pipes };
+    let mut command = Command::new(OWN_BINARY);
     command
-        .args(args)
+        .arg0(SHEPHERD_NAME)
+        .args(shepherd::arguments(identity, streams, &spawn.cwd, &spawn.argv))
         .envs(spawn.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env(EXEC_MARKER_VAR, &spawn.marker)
-        .current_dir(&spawn.cwd)
         // Its own process group: when a kill stops part of the tree, the
         // kernel's SIGHUP to an orphaned, stopped group must not reach the agent.
-        .process_group(0)
-        .stdin(if spawn.stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().map_err(|error| {
-        if !std::path::Path::new(&spawn.cwd).is_dir() {
-            return Reply::SpawnFailed { code: 126, message: format!("working directory {}: {error}", spawn.cwd) };
+        .process_group(0);
+    let mut terminal = None;
+    match spawn.tty {
+        None => {
+            command
+                .stdin(if spawn.stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
         }
-        let code = if error.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
-        Reply::SpawnFailed { code, message: format!("{program}: {error}") }
+        Some(size) => {
+            let failed =
+                |error: io::Error| Reply::SpawnFailed { code: 126, message: format!("opening a terminal: {error}") };
+            let (master, subsidiary) = open_terminal(size).map_err(failed)?;
+            let (out, err) = (subsidiary.try_clone().map_err(failed)?, subsidiary.try_clone().map_err(failed)?);
+            command.stdin(Stdio::from(subsidiary)).stdout(Stdio::from(out)).stderr(Stdio::from(err));
+            terminal = Some(Arc::new(master));
+        }
+    }
+    let mut child = command.spawn().map_err(|error| Reply::SpawnFailed {
+        code: 126,
+        message: format!("starting the command's shepherd: {error}"),
     })?;
+    // The subsidiary ends now live only in the shepherd and its tree.
+    drop(command);
+    let root = i32::try_from(child.id()).unwrap_or(-1);
+    if let Ok(mut trees) = state.trees.lock() {
+        trees.insert(run, root);
+    }
+    // Requests are handled in order: a signal or kill right behind this spawn
+    // must find the command in the tree, so the spawn ends only once it is.
+    wait_until_started(root);
     replies.send(run, &Reply::Started { pid: child.id() });
-    let pipes = (child.stdout.take(), child.stderr.take(), child.stdin.take());
+    let ends = match &terminal {
+        Some(master) => {
+            if let Ok(mut terminals) = state.terminals.lock() {
+                terminals.insert(run, master.clone());
+            }
+            match (master.try_clone(), master.try_clone()) {
+                (Ok(read), Ok(write)) => Ends {
+                    stdout: Some(Box::new(File::from(read))),
+                    stderr: None,
+                    stdin: Some(Box::new(File::from(write))),
+                },
+                // No descriptor to spare: the command runs, unread, until killed.
+                _ => Ends { stdout: None, stderr: None, stdin: None },
+            }
+        }
+        None => Ends {
+            stdout: child.stdout.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>),
+            stderr: child.stderr.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>),
+            stdin: child.stdin.take().map(|pipe| Box::new(pipe) as Box<dyn Write + Send>),
+        },
+    };
     // The child goes to its waiter only once every thread is up: if one
     // cannot start (no free pid), it is still here to be killed.
     let (hand_over, take_over) = mpsc::channel::<Child>();
-    match start_threads(run, pipes, take_over, replies, inputs) {
+    match start_threads(run, ends, take_over, replies, state) {
         Ok(()) => {
             let _ = hand_over.send(child);
         }
         Err(error) => {
-            if let Ok(mut inputs) = inputs.lock() {
-                inputs.remove(&run);
-            }
+            forget(run, state);
+            tree::kill_tree(root);
             let _ = child.kill();
             let _ = child.wait();
-            kill_marked(&spawn.marker);
             replies.send(run, &Reply::Stderr(format!("airlock-agent: starting a thread: {error}\n").into_bytes()));
             replies.send(run, &Reply::Exited { code: 128 + 9 });
         }
@@ -159,43 +295,90 @@ fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, inputs: &Inputs) -> 
     Ok(())
 }
 
-type Pipes = (Option<ChildStdout>, Option<ChildStderr>, Option<ChildStdin>);
+/// Waits until the shepherd `root` has started its command (it has a child)
+/// or has exited, for at most [`SHEPHERD_START_TIMEOUT`].
+fn wait_until_started(root: i32) {
+    let Some(pid) = rustix::process::Pid::from_raw(root) else { return };
+    let give_up = Instant::now() + SHEPHERD_START_TIMEOUT;
+    while Instant::now() < give_up {
+        if !tree::descendants(root).is_empty() {
+            return;
+        }
+        let options = rustix::process::WaitIdOptions::EXITED
+            | rustix::process::WaitIdOptions::NOHANG
+            | rustix::process::WaitIdOptions::NOWAIT;
+        if !matches!(rustix::process::waitid(rustix::process::WaitId::Pid(pid), options), Ok(None)) {
+            return;
+        }
+        thread::sleep(SHEPHERD_START_POLL);
+    }
+}
+
+/// The agent's ends of a command's streams.
+struct Ends {
+    stdout: Option<Box<dyn Read + Send>>,
+    stderr: Option<Box<dyn Read + Send>>,
+    stdin: Option<Box<dyn Write + Send>>,
+}
+
+fn forget(run: u32, state: &State) {
+    if let Ok(mut trees) = state.trees.lock() {
+        trees.remove(&run);
+    }
+    if let Ok(mut inputs) = state.inputs.lock() {
+        inputs.remove(&run);
+    }
+    if let Ok(mut terminals) = state.terminals.lock() {
+        terminals.remove(&run);
+    }
+}
 
 fn start_threads(
     run: u32,
-    (stdout, stderr, stdin): Pipes,
+    ends: Ends,
     take_over: mpsc::Receiver<Child>,
     replies: &Replies,
-    inputs: &Inputs,
+    state: &State,
 ) -> io::Result<()> {
     let finished = Arc::new(AtomicBool::new(false));
     let (drained_tx, drained_rx) = mpsc::channel::<()>();
     let mut readers = 0;
-    if let Some(stdout) = stdout {
-        let (replies, finished, drained) = (replies.clone(), finished.clone(), drained_tx.clone());
-        thread::Builder::new()
-            .spawn(move || forward_output(run, stdout, Reply::Stdout, &replies, &finished, &drained))?;
-        readers += 1;
-    }
-    if let Some(stderr) = stderr {
-        let (replies, finished, drained) = (replies.clone(), finished.clone(), drained_tx.clone());
-        thread::Builder::new()
-            .spawn(move || forward_output(run, stderr, Reply::Stderr, &replies, &finished, &drained))?;
-        readers += 1;
+    for (pipe, wrap) in [(ends.stdout, Reply::Stdout as fn(Vec<u8>) -> Reply), (ends.stderr, Reply::Stderr)] {
+        if let Some(pipe) = pipe {
+            let (replies, finished, drained) = (replies.clone(), finished.clone(), drained_tx.clone());
+            thread::Builder::new().spawn(move || forward_output(run, pipe, wrap, &replies, &finished, &drained))?;
+            readers += 1;
+        }
     }
     drop(drained_tx);
-    if let Some(stdin) = stdin {
+    if let Some(stdin) = ends.stdin {
         let (sender, receiver) = mpsc::channel();
         thread::Builder::new().spawn(move || feed_stdin(stdin, &receiver))?;
-        if let Ok(mut inputs) = inputs.lock() {
+        if let Ok(mut inputs) = state.inputs.lock() {
             inputs.insert(run, sender);
         }
     }
-    let (replies, inputs) = (replies.clone(), inputs.clone());
+    let (replies, state) = (replies.clone(), state.clone());
     thread::Builder::new().spawn(move || {
         let Ok(mut child) = take_over.recv() else {
             return;
         };
+        // Wait for the shepherd without reaping it, so that its pid cannot be
+        // reused while a kill may still be looking at its tree.
+        if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap_or(-1)) {
+            loop {
+                let waited = rustix::process::waitid(
+                    rustix::process::WaitId::Pid(pid),
+                    rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+                );
+                if !matches!(waited, Err(rustix::io::Errno::INTR)) {
+                    break;
+                }
+            }
+        }
+        if let Ok(mut trees) = state.trees.lock() {
+            trees.remove(&run);
+        }
         let status = child.wait();
         let give_up = Instant::now() + PIPE_DRAIN_GRACE;
         for _ in 0..readers {
@@ -208,9 +391,7 @@ fn start_threads(
             Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
             Err(_) => -1,
         };
-        if let Ok(mut inputs) = inputs.lock() {
-            inputs.remove(&run);
-        }
+        forget(run, &state);
         // Under the reply lock, so that no output of this run follows its exit.
         if let Ok(mut out) = replies.out.lock() {
             finished.store(true, Ordering::SeqCst);
@@ -222,7 +403,7 @@ fn start_threads(
 
 fn forward_output(
     run: u32,
-    mut pipe: impl Read,
+    mut pipe: Box<dyn Read + Send>,
     wrap: fn(Vec<u8>) -> Reply,
     replies: &Replies,
     finished: &AtomicBool,
@@ -231,6 +412,7 @@ fn forward_output(
     let mut buffer = vec![0u8; OUTPUT_CHUNK_BYTES];
     loop {
         match pipe.read(&mut buffer) {
+            // A terminal's master reads EIO once every subsidiary end is closed.
             Ok(0) | Err(_) => break,
             Ok(count) => {
                 if let Ok(mut out) = replies.out.lock()
@@ -245,58 +427,11 @@ fn forward_output(
     let _ = drained.send(());
 }
 
-fn feed_stdin(mut stdin: ChildStdin, receiver: &mpsc::Receiver<Option<Vec<u8>>>) {
+fn feed_stdin(mut stdin: Box<dyn Write + Send>, receiver: &mpsc::Receiver<Option<Vec<u8>>>) {
     while let Ok(Some(bytes)) = receiver.recv() {
         if stdin.write_all(&bytes).is_err() {
             break;
         }
     }
     // Dropping stdin closes the pipe: the command sees end of input.
-}
-
-/// Every process whose environment carries `marker`, but this one.
-fn marked_processes(marker: &str) -> Vec<rustix::process::Pid> {
-    let needle = format!("{EXEC_MARKER_VAR}={marker}");
-    let own = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()))
-        .filter(|&pid| pid != own)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|environ| environ.split(|&byte| byte == 0).any(|entry| entry == needle.as_bytes()))
-        })
-        .filter_map(|pid| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?))
-        .collect()
-}
-
-fn signal_marked(marker: &str, signal: rustix::process::Signal) {
-    for pid in marked_processes(marker) {
-        let _ = rustix::process::kill_process(pid, signal);
-    }
-}
-
-/// Stops then kills every marked process, round after round, until none is
-/// left; stopping first keeps a fork bomb from outrunning the kills. Returns
-/// how many were left when it gave up.
-fn kill_marked(marker: &str) -> u32 {
-    let mut left = 0;
-    for _ in 0..KILL_ROUNDS {
-        let pids = marked_processes(marker);
-        if pids.is_empty() {
-            return 0;
-        }
-        left = u32::try_from(pids.len()).unwrap_or(u32::MAX);
-        for &pid in &pids {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::STOP);
-        }
-        for &pid in &pids {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-        thread::sleep(KILL_ROUND_PAUSE);
-    }
-    left
 }

@@ -12,24 +12,26 @@ pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 pub const OUTPUT_CHUNK_BYTES: usize = 32 * 1024;
 /// Where the agent binary is mounted in every sandbox container.
 pub const AGENT_GUEST_PATH: &str = "/.airlock/agent";
-/// The environment variable that marks one command's processes; the agent
-/// finds the whole tree by it when killing.
-pub const EXEC_MARKER_VAR: &str = "AIRLOCK_EXEC";
+/// The protocol's version, sent in every `Pong`: a host refuses an agent that
+/// speaks another (a container made by another Airlock build).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What the host asks of the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Start a command. Replies: `Started` or `SpawnFailed`, then output, then `Exited`.
     Spawn(Spawn),
-    /// Bytes for the command's stdin (only when spawned with `stdin`).
+    /// Bytes for the command's stdin (only when spawned with `stdin` or a terminal).
     Stdin(Vec<u8>),
     /// Close the command's stdin.
     StdinEnd,
-    /// Send `signal` to every process carrying `marker` once. Reply: `Signalled`.
-    Signal { marker: String, signal: i32 },
-    /// Stop and kill every process carrying `marker`, round after round,
+    /// Change the size of the command's terminal (only when spawned with one).
+    Resize(TtySize),
+    /// Send `signal` once to every process of run `target`'s tree. Reply: `Signalled`.
+    Signal { target: u32, signal: i32 },
+    /// Stop and kill every process of run `target`'s tree, round after round,
     /// until none is left. Reply: `Signalled`.
-    KillTree { marker: String },
+    KillTree { target: u32 },
     /// Reply: `Pong`. Shows the agent is there and answering.
     Ping,
 }
@@ -41,10 +43,19 @@ pub struct Spawn {
     /// Added to the container's environment.
     pub env: Vec<(String, String)>,
     pub cwd: String,
-    /// The value of [`EXEC_MARKER_VAR`] for this command's tree.
-    pub marker: String,
+    /// Who it runs as: `uid[:gid]`, or a user (and group) name of the image.
+    pub user: String,
     /// Whether stdin is a pipe fed by `Stdin` frames (else `/dev/null`).
     pub stdin: bool,
+    /// On a new terminal of this size instead of pipes (its output comes as `Stdout`).
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 /// What the agent tells the host.
@@ -65,11 +76,14 @@ pub enum Reply {
     Exited {
         code: i32,
     },
-    /// How many marked processes were left when the agent gave up (0: all gone).
+    /// How many processes of the tree were left when the agent gave up (0: all gone).
     Signalled {
         remaining: u32,
     },
-    Pong,
+    /// The agent's [`PROTOCOL_VERSION`].
+    Pong {
+        version: u32,
+    },
 }
 
 mod kind {
@@ -79,6 +93,7 @@ mod kind {
     pub const SIGNAL: u8 = 4;
     pub const KILL_TREE: u8 = 5;
     pub const PING: u8 = 6;
+    pub const RESIZE: u8 = 7;
     pub const STARTED: u8 = 101;
     pub const SPAWN_FAILED: u8 = 102;
     pub const STDOUT: u8 = 103;
@@ -122,9 +137,18 @@ impl Writer {
         self
     }
 
+    fn u16(&mut self, value: u16) -> &mut Self {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+
     fn u32(&mut self, value: u32) -> &mut Self {
         self.bytes.extend_from_slice(&value.to_le_bytes());
         self
+    }
+
+    fn tty(&mut self, size: TtySize) -> &mut Self {
+        self.u16(size.cols).u16(size.rows)
     }
 
     fn i32(&mut self, value: i32) -> &mut Self {
@@ -165,6 +189,15 @@ impl<'a> Reader<'a> {
 
     fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        let bytes = self.take(2)?;
+        Ok(u16::from_le_bytes([bytes[0], bytes[1]]))
+    }
+
+    fn tty(&mut self) -> Result<TtySize, ProtocolError> {
+        Ok(TtySize { cols: self.u16()?, rows: self.u16()? })
     }
 
     fn u32(&mut self) -> Result<u32, ProtocolError> {
@@ -213,12 +246,18 @@ pub fn encode_request(run: u32, request: &Request) -> Vec<u8> {
             for (key, value) in &spawn.env {
                 writer.str(&format!("{key}={value}"));
             }
-            writer.str(&spawn.cwd).str(&spawn.marker).u8(u8::from(spawn.stdin)).finish()
+            writer.str(&spawn.cwd).str(&spawn.user).u8(u8::from(spawn.stdin));
+            match spawn.tty {
+                Some(size) => writer.u8(1).tty(size),
+                None => writer.u8(0),
+            };
+            writer.finish()
         }
         Request::Stdin(bytes) => Writer::new(kind::STDIN, run).bytes(bytes).finish(),
         Request::StdinEnd => Writer::new(kind::STDIN_END, run).finish(),
-        Request::Signal { marker, signal } => Writer::new(kind::SIGNAL, run).str(marker).i32(*signal).finish(),
-        Request::KillTree { marker } => Writer::new(kind::KILL_TREE, run).str(marker).finish(),
+        Request::Resize(size) => Writer::new(kind::RESIZE, run).tty(*size).finish(),
+        Request::Signal { target, signal } => Writer::new(kind::SIGNAL, run).u32(*target).i32(*signal).finish(),
+        Request::KillTree { target } => Writer::new(kind::KILL_TREE, run).u32(*target).finish(),
         Request::Ping => Writer::new(kind::PING, run).finish(),
     }
 }
@@ -232,7 +271,7 @@ pub fn encode_reply(run: u32, reply: &Reply) -> Vec<u8> {
         Reply::Stderr(bytes) => Writer::new(kind::STDERR, run).bytes(bytes).finish(),
         Reply::Exited { code } => Writer::new(kind::EXITED, run).i32(*code).finish(),
         Reply::Signalled { remaining } => Writer::new(kind::SIGNALLED, run).u32(*remaining).finish(),
-        Reply::Pong => Writer::new(kind::PONG, run).finish(),
+        Reply::Pong { version } => Writer::new(kind::PONG, run).u32(*version).finish(),
     }
 }
 
@@ -256,14 +295,16 @@ pub fn decode_request(body: &[u8]) -> Result<(u32, Request), ProtocolError> {
                 })
                 .collect::<Result<_, _>>()?;
             let cwd = reader.string()?;
-            let marker = reader.string()?;
+            let user = reader.string()?;
             let stdin = reader.u8()? != 0;
-            Request::Spawn(Spawn { argv, env, cwd, marker, stdin })
+            let tty = if reader.u8()? != 0 { Some(reader.tty()?) } else { None };
+            Request::Spawn(Spawn { argv, env, cwd, user, stdin, tty })
         }
         kind::STDIN => Request::Stdin(reader.bytes()?.to_vec()),
         kind::STDIN_END => Request::StdinEnd,
-        kind::SIGNAL => Request::Signal { marker: reader.string()?, signal: reader.i32()? },
-        kind::KILL_TREE => Request::KillTree { marker: reader.string()? },
+        kind::RESIZE => Request::Resize(reader.tty()?),
+        kind::SIGNAL => Request::Signal { target: reader.u32()?, signal: reader.i32()? },
+        kind::KILL_TREE => Request::KillTree { target: reader.u32()? },
         kind::PING => Request::Ping,
         other => return Err(bad(format!("unknown request kind {other}"))),
     };
@@ -283,7 +324,7 @@ pub fn decode_reply(body: &[u8]) -> Result<(u32, Reply), ProtocolError> {
         kind::STDERR => Reply::Stderr(reader.bytes()?.to_vec()),
         kind::EXITED => Reply::Exited { code: reader.i32()? },
         kind::SIGNALLED => Reply::Signalled { remaining: reader.u32()? },
-        kind::PONG => Reply::Pong,
+        kind::PONG => Reply::Pong { version: reader.u32()? },
         other => return Err(bad(format!("unknown reply kind {other}"))),
     };
     reader.end()?;
@@ -351,13 +392,23 @@ mod tests {
                 argv: vec!["bash".into(), "-c".into(), "echo hé".into()],
                 env: vec![("A".into(), "b=c".into())],
                 cwd: "/workspace".into(),
-                marker: "m1".into(),
+                user: "1000:1000".into(),
                 stdin: true,
+                tty: None,
+            }),
+            Request::Spawn(Spawn {
+                argv: vec!["bash".into()],
+                env: vec![],
+                cwd: "/".into(),
+                user: "root".into(),
+                stdin: false,
+                tty: Some(TtySize { cols: 132, rows: 40 }),
             }),
             Request::Stdin(vec![0, 1, 2, 255]),
             Request::StdinEnd,
-            Request::Signal { marker: "m".into(), signal: 15 },
-            Request::KillTree { marker: "m".into() },
+            Request::Resize(TtySize { cols: 80, rows: 24 }),
+            Request::Signal { target: 3, signal: 15 },
+            Request::KillTree { target: 3 },
             Request::Ping,
         ];
         for request in requests {
@@ -375,7 +426,7 @@ mod tests {
             Reply::Stderr(vec![]),
             Reply::Exited { code: -1 },
             Reply::Signalled { remaining: 3 },
-            Reply::Pong,
+            Reply::Pong { version: PROTOCOL_VERSION },
         ];
         for reply in replies {
             let frame = encode_reply(u32::MAX, &reply);
@@ -401,15 +452,16 @@ mod tests {
     #[test]
     fn malformed_frames_are_refused() {
         assert!(decode_reply(&[99, 0, 0, 0, 0]).is_err(), "unknown kind");
+        assert!(decode_reply(&[kind::PONG, 0, 0, 0, 0]).is_err(), "a pong without a version (an older agent)");
         assert!(decode_reply(&[kind::STARTED, 0, 0, 0, 0, 1]).is_err(), "short");
-        let mut trailing = encode_reply(1, &Reply::Pong);
+        let mut trailing = encode_reply(1, &Reply::Pong { version: PROTOCOL_VERSION });
         trailing.push(0);
         assert!(decode_reply(body(&trailing)).is_err(), "trailing bytes");
         let mut lying = Writer::new(kind::SPAWN, 1);
         lying.u32(1_000_000);
         assert!(decode_request(body(&lying.finish())).is_err(), "a count longer than the frame");
         let mut empty = Writer::new(kind::SPAWN, 1);
-        empty.u32(0).u32(0).str("/").str("m").u8(0);
+        empty.u32(0).u32(0).str("/").str("u").u8(0).u8(0);
         assert!(decode_request(body(&empty.finish())).is_err(), "no program");
         let mut huge = FrameBuffer::default();
         huge.push(&u32::MAX.to_le_bytes());

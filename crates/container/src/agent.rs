@@ -9,6 +9,10 @@
 //!
 //! Replies come from inside the sandbox and are untrusted: frames are capped,
 //! a malformed one ends the link, replies for unknown runs are dropped.
+//!
+//! A run that started a command owns its process tree: dropping the [`Run`]
+//! (its caller's future dropped, a disconnect) sends the agent a kill for the
+//! whole tree at once, on a queue that goes ahead of ordinary frames.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -19,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub use airlock_agent::protocol::AGENT_GUEST_PATH;
-use airlock_agent::protocol::{FrameBuffer, Reply, Request, decode_reply, encode_request};
+use airlock_agent::protocol::{FrameBuffer, PROTOCOL_VERSION, Reply, Request, Spawn, decode_reply, encode_request};
 use bollard::container::LogOutput;
 use bollard::query_parameters::AttachContainerOptionsBuilder;
 use futures_util::StreamExt;
@@ -37,6 +41,9 @@ static AGENT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/airlock-a
 const RUN_REPLY_BUFFER: usize = 256;
 /// How long a new link waits for the agent's first answer.
 pub const AGENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for the agent's stdin before a sender waits: bounds host
+/// memory per link (stdin chunks are at most 64 KiB) while the agent reads slowly.
+const REQUEST_QUEUE: usize = 64;
 
 /// The host file containers mount the agent from, written once per process.
 /// Named by the binary's hash, so containers made by another Airlock build
@@ -116,11 +123,16 @@ impl AgentLinks {
 
 /// One attached stream to a container's agent, shared by every command.
 pub(crate) struct AgentLink {
-    input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
+    /// Ordinary frames, written in order by the writer task.
+    requests: mpsc::Sender<Vec<u8>>,
+    /// Kills of dropped runs: never waits (a `Drop` cannot), written before
+    /// any queued ordinary frame. One per dropped run, so bounded by the runs.
+    kills: mpsc::UnboundedSender<Vec<u8>>,
     runs: Arc<Mutex<HashMap<u32, mpsc::Sender<Reply>>>>,
     next_run: AtomicU32,
     closed: watch::Receiver<bool>,
     reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for AgentLink {
@@ -132,14 +144,24 @@ impl std::fmt::Debug for AgentLink {
 impl Drop for AgentLink {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
 }
 
-/// The replies of one command, and its place on the link.
+/// The replies of one command, and its place on the link. While its command
+/// runs, the run owns the command's process tree: dropping it kills the tree.
 pub(crate) struct Run {
     pub id: u32,
-    pub replies: mpsc::Receiver<Reply>,
+    replies: mpsc::Receiver<Reply>,
     link: Arc<AgentLink>,
+    /// A command was spawned and has not been seen to end.
+    owns_tree: bool,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").field("id", &self.id).field("owns_tree", &self.owns_tree).finish_non_exhaustive()
+    }
 }
 
 impl Drop for Run {
@@ -147,12 +169,38 @@ impl Drop for Run {
         if let Ok(mut runs) = self.link.runs.lock() {
             runs.remove(&self.id);
         }
+        if self.owns_tree {
+            // Dropped while its command runs: the whole tree goes. The agent's
+            // answer comes to a run no longer listened to, and is dropped.
+            let _ = self.link.kills.send(encode_request(self.id, &Request::KillTree { target: self.id }));
+        }
     }
 }
 
 impl Run {
     pub async fn send(&self, request: &Request) -> Result<()> {
         self.link.send_to(self.id, request).await
+    }
+
+    /// Starts a command on this run; from now until its exit is seen, the run owns its tree.
+    pub async fn spawn(&mut self, spawn: Spawn) -> Result<()> {
+        self.owns_tree = true;
+        self.send(&Request::Spawn(spawn)).await
+    }
+
+    /// The next reply; `None` once the link has ended.
+    pub async fn recv(&mut self) -> Option<Reply> {
+        let reply = self.replies.recv().await;
+        match &reply {
+            Some(Reply::Exited { .. } | Reply::SpawnFailed { .. }) | None => self.owns_tree = false,
+            Some(_) => {}
+        }
+        reply
+    }
+
+    /// Kills the command's whole tree (the answer comes back on this run).
+    pub async fn kill_tree(&self) -> Result<()> {
+        self.send(&Request::KillTree { target: self.id }).await
     }
 }
 
@@ -170,18 +218,28 @@ impl AgentLink {
         let runs: Arc<Mutex<HashMap<u32, mpsc::Sender<Reply>>>> = Arc::default();
         let (closed_tx, closed) = watch::channel(false);
         let reader = tokio::spawn(read_replies(attached.output, runs.clone(), closed_tx, container_id.to_string()));
+        let (requests, queued) = mpsc::channel(REQUEST_QUEUE);
+        let (kills, queued_kills) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_requests(attached.input, queued, queued_kills));
         let link = Arc::new(Self {
-            input: tokio::sync::Mutex::new(attached.input),
+            requests,
+            kills,
             runs,
             next_run: AtomicU32::new(1),
             closed,
             reader,
+            writer,
         });
         let mut handshake = link.open_run();
         handshake.send(&Request::Ping).await?;
-        match tokio::time::timeout(AGENT_HANDSHAKE_TIMEOUT, handshake.replies.recv()).await {
-            Ok(Some(Reply::Pong)) => Ok(link),
-            Ok(_) => Err(Error::Agent(format!("the agent in {container_id} did not answer (it may have exited)"))),
+        match tokio::time::timeout(AGENT_HANDSHAKE_TIMEOUT, handshake.recv()).await {
+            Ok(Some(Reply::Pong { version: PROTOCOL_VERSION })) => Ok(link),
+            Ok(Some(Reply::Pong { version })) => Err(Error::Agent(format!(
+                "the agent in {container_id} speaks protocol {version}, not {PROTOCOL_VERSION} (a container of another Airlock build: recreate it)"
+            ))),
+            Ok(_) => Err(Error::Agent(format!(
+                "the agent in {container_id} did not answer (it may have exited, or be of another Airlock build: recreate the container)"
+            ))),
             Err(_) => Err(Error::Agent(format!(
                 "the agent in {container_id} did not answer within {}s",
                 AGENT_HANDSHAKE_TIMEOUT.as_secs()
@@ -210,18 +268,46 @@ impl AgentLink {
                 runs.insert(id, sender);
             }
         }
-        Run { id, replies, link: self.clone() }
+        Run { id, replies, link: self.clone(), owns_tree: false }
     }
 
     /// Sends `request` on behalf of run `run` (for tasks that outlive the borrow of a [`Run`]).
     pub async fn send_to(&self, run: u32, request: &Request) -> Result<()> {
-        let frame = encode_request(run, request);
-        let mut input = self.input.lock().await;
-        let written = async {
-            input.write_all(&frame).await?;
-            input.flush().await
+        self.requests
+            .send(encode_request(run, request))
+            .await
+            .map_err(|_| Error::Agent("the link to the agent has ended".into()))
+    }
+
+    /// Sends a `Signal` or `KillTree` request on a run of its own and waits
+    /// for the answer: how many processes were left (for a kill).
+    pub async fn signal_tree(self: &Arc<Self>, request: Request, timeout: Duration) -> Result<u32> {
+        let mut run = self.open_run();
+        run.send(&request).await?;
+        match tokio::time::timeout(timeout, run.recv()).await {
+            Ok(Some(Reply::Signalled { remaining })) => Ok(remaining),
+            Ok(_) => Err(Error::Agent("the agent did not answer the signal (the sandbox stopped?)".into())),
+            Err(_) => Err(Error::Agent(format!("no answer to the signal within {}s", timeout.as_secs()))),
+        }
+    }
+}
+
+/// Writes queued frames to the agent's stdin, whole and one at a time, kills first.
+async fn write_requests(
+    mut input: Pin<Box<dyn AsyncWrite + Send>>,
+    mut requests: mpsc::Receiver<Vec<u8>>,
+    mut kills: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            Some(frame) = kills.recv() => frame,
+            Some(frame) = requests.recv() => frame,
+            else => return,
         };
-        written.await.map_err(|e| Error::Agent(format!("sending to the agent: {e}")))
+        if input.write_all(&frame).await.is_err() || input.flush().await.is_err() {
+            return;
+        }
     }
 }
 

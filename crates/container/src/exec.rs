@@ -1,74 +1,43 @@
-//! One command in a running sandbox: streamed output with caps, stdin, a
-//! deadline at which the command's whole process tree is killed.
+//! Every command in a running sandbox goes through here: `exec` (output
+//! streamed and captured with caps, stdin, a deadline), background processes
+//! and PTY sessions. All run through the in-container agent as one kind of
+//! run (`agent.rs`), so there is one loop that drives a command and one way a
+//! tree is killed: the agent kills every descendant of the command's shepherd
+//! (`crates/agent/src/tree.rs`), which nothing in the tree can leave.
 //!
-//! Docker has no API to kill an exec, so every exec carries a marker in its
-//! environment (`AIRLOCK_EXEC=<id>`), which its children inherit. Killing runs
-//! a second exec, as the same user, of a bash script made only of builtins
-//! (it must not fork: the pids limit may be exhausted by the very fork bomb it
-//! stops). It stops every marked process, then kills them, round after round,
-//! until none is left. This works the same under runc and runsc, where the
-//! host cannot see the sandbox's processes. A process that both leaves the
-//! tree and wipes its environment escapes it; it still lives inside the
-//! sandbox's pids, memory and CPU limits and ends when the sandbox stops.
+//! Each command has an owner or a deadline: an exec has its deadline, and is
+//! killed whole if its caller's future is dropped; a PTY session is killed
+//! when its [`PtySession`] is dropped; a background process belongs to the
+//! sandbox's process table and ends when signalled or when the sandbox stops.
+//! When a command's main process exits, what it left running is killed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use airlock_agent::protocol::{Reply, Request, Spawn, TtySize};
 use airlock_core::{
     ExecOutcome, ExecRequest, Limit, LimitExceeded, OutputChunk, OutputSender, OutputStream, StdinSource, Termination,
     TierKind, WORKSPACE_GUEST_PATH,
 };
-use bollard::container::LogOutput;
-use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
-use bollard::query_parameters::WaitContainerOptions;
-use futures_util::StreamExt;
-use std::sync::Arc;
+use tokio::io::AsyncReadExt;
 
-use airlock_agent::protocol::{Reply, Request, Spawn};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::agent::AgentLink;
+use crate::agent::{AgentLink, Run};
 use crate::cgroup::ContainerCgroup;
-
 use crate::engine::ContainerRuntime;
 use crate::error::{Error, Result};
+use crate::process::{Process, ProcessEvent, ProcessFollower, ProcessInfo};
+use crate::pty::{PtySession, PtySize};
 use crate::sandbox::ContainerSandbox;
 
-pub use airlock_agent::protocol::EXEC_MARKER_VAR;
 /// Stdin goes to the agent in frames of at most this many bytes.
-const STDIN_CHUNK_BYTES: usize = 64 * 1024;
+pub(crate) const STDIN_CHUNK_BYTES: usize = 64 * 1024;
 /// How long output is drained after a kill before the run is given up on.
 const KILL_GRACE: Duration = Duration::from_secs(5);
-/// Attempts at starting the kill script: under a fork bomb, exec itself can
-/// fail for want of a free pid until a slot frees up.
-const KILL_ATTEMPTS: u32 = 50;
 /// How long an exec that ended as if killed waits to see whether the whole
 /// runsc sandbox went down with it.
 const RUNSC_STOP_GRACE: Duration = Duration::from_secs(2);
-/// Rounds of stop-then-kill before the kill script gives up.
-const KILL_ROUNDS: u32 = 200;
-
-const KILL_SCRIPT: &str = r#"
-target="AIRLOCK_EXEC=$AIRLOCK_KILL_TARGET"
-for ((round = 0; round < AIRLOCK_KILL_ROUNDS; round++)); do
-  pids=()
-  for dir in /proc/[0-9]*; do
-    pid=${dir#/proc/}
-    [[ $pid == "$$" ]] && continue
-    while IFS= read -r -d '' entry; do
-      if [[ $entry == "$target" ]]; then pids+=("$pid"); break; fi
-    done 2>/dev/null < "$dir/environ"
-  done
-  ((${#pids[@]} == 0)) && exit 0
-  if [[ $AIRLOCK_KILL_SIGNAL == KILL ]]; then
-    kill -STOP "${pids[@]}" 2>/dev/null
-    kill -KILL "${pids[@]}" 2>/dev/null
-  else
-    kill -"$AIRLOCK_KILL_SIGNAL" "${pids[@]}" 2>/dev/null
-    exit 0
-  fi
-done
-exit 3
-"#;
+/// How long a signal or kill waits for the agent's answer.
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A signal to send to a process tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -116,20 +85,14 @@ impl Signal {
     }
 }
 
-/// A new marker for one exec's process tree.
-pub(crate) fn new_marker() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
-
-/// A request's command line, environment (`KEY=value`, the marker last) and
-/// working directory, checked.
+/// A request's command line, environment and working directory, checked.
 pub(crate) struct CommandParts {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: String,
 }
 
-pub(crate) fn command_parts(request: &ExecRequest, marker: &str) -> Result<CommandParts> {
+pub(crate) fn command_parts(request: &ExecRequest) -> Result<CommandParts> {
     if request.program.is_empty() {
         return Err(Error::Invalid { what: "command", reason: "the program is empty".into() });
     }
@@ -137,17 +100,13 @@ pub(crate) fn command_parts(request: &ExecRequest, marker: &str) -> Result<Comma
     if !cwd.starts_with('/') {
         return Err(Error::Invalid { what: "working directory", reason: format!("{cwd:?} is not absolute") });
     }
-    let mut env: Vec<(String, String)> = Vec::with_capacity(request.env.len() + 1);
+    let mut env: Vec<(String, String)> = Vec::with_capacity(request.env.len());
     for (key, value) in &request.env {
         if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
             return Err(Error::Invalid { what: "environment variable", reason: format!("{key:?}") });
         }
-        if key == EXEC_MARKER_VAR {
-            return Err(Error::Invalid { what: "environment variable", reason: format!("{key} is Airlock's") });
-        }
         env.push((key.clone(), value.clone()));
     }
-    env.push((EXEC_MARKER_VAR.to_string(), marker.to_string()));
     let mut argv = vec![request.program.clone()];
     argv.extend(request.args.iter().cloned());
     if argv.iter().any(|arg| arg.contains('\0')) || cwd.contains('\0') {
@@ -159,27 +118,30 @@ pub(crate) fn command_parts(request: &ExecRequest, marker: &str) -> Result<Comma
     Ok(CommandParts { argv, env, cwd })
 }
 
-/// The engine's exec request for `request`, checked.
-pub(crate) fn exec_options(
-    request: &ExecRequest,
-    user: &str,
-    marker: &str,
-    attach_stdin: bool,
-    tty: bool,
-) -> Result<CreateExecOptions<String>> {
-    let CommandParts { argv: cmd, env, cwd } = command_parts(request, marker)?;
-    let env = env.into_iter().map(|(key, value)| format!("{key}={value}")).collect();
-    Ok(CreateExecOptions {
-        attach_stdin: Some(attach_stdin),
-        attach_stdout: Some(true),
-        attach_stderr: Some(true),
-        tty: Some(tty),
-        env: Some(env),
-        cmd: Some(cmd),
-        user: Some(user.to_string()),
-        working_dir: Some(cwd),
-        ..CreateExecOptions::default()
-    })
+/// The agent's spawn request for `request`, checked.
+fn spawn_request(request: &ExecRequest, user: &str, stdin: bool, tty: Option<PtySize>) -> Result<Spawn> {
+    let CommandParts { argv, env, cwd } = command_parts(request)?;
+    if user.is_empty() || user.contains('\0') {
+        return Err(Error::Invalid { what: "user", reason: format!("{user:?}") });
+    }
+    let tty = tty.map(|size| TtySize { cols: size.cols, rows: size.rows });
+    Ok(Spawn { argv, env, cwd, user: user.to_string(), stdin, tty })
+}
+
+/// Sends `signal` to run `target`'s whole tree through the agent; for
+/// `Kill`, stops and kills until none is left.
+pub(crate) async fn signal_run(link: &Arc<AgentLink>, target: u32, signal: Signal) -> Result<()> {
+    let request = match signal {
+        Signal::Kill => Request::KillTree { target },
+        other => Request::Signal { target, signal: other.number() },
+    };
+    match link.signal_tree(request, SIGNAL_TIMEOUT).await? {
+        0 => Ok(()),
+        remaining => Err(Error::Invalid {
+            what: "signal",
+            reason: format!("{remaining} processes were still there after the agent's last round"),
+        }),
+    }
 }
 
 /// Captured output of one stream, up to a cap.
@@ -255,71 +217,32 @@ impl ContainerSandbox {
     /// captured up to the request's cap per stream (a command that writes past
     /// it is killed with an output-limit error), the deadline kills the
     /// command's whole process tree, and an OOM kill inside the container is
-    /// reported as the memory limit.
+    /// reported as the memory limit. Dropping the returned future kills the
+    /// command's whole tree; so does its main process exiting, for anything it
+    /// left running (use [`start_process`](Self::start_process) for that).
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutcome> {
         let user = self.spec().user.clone();
         self.exec_as(&user, request).await
     }
 
-    /// As [`exec`](Self::exec), as another user of the image (such as `root`
-    /// for a package install; capabilities stay as the sandbox has them).
-    ///
-    /// As the sandbox's own user the command goes through the in-container
-    /// agent (a frame on a stream already open); as another user, or in a
-    /// container without the agent, through an engine exec.
+    /// As [`exec`](Self::exec), as another user of the image (`root`, a name,
+    /// or `uid[:gid]`), for example for a package install. Capabilities stay
+    /// as the sandbox has them; root commands are trusted with the agent,
+    /// which runs as root too (see SECURITY.md).
     pub async fn exec_as(&self, user: &str, request: ExecRequest) -> Result<ExecOutcome> {
         request.limits.validate()?;
-        if user == self.spec().user
-            && let Some(link) = self.agent_link().await?
-        {
-            return self.exec_through_agent(&link, request).await;
-        }
-        self.exec_through_engine(user, request).await
-    }
-
-    async fn exec_through_agent(&self, link: &Arc<AgentLink>, request: ExecRequest) -> Result<ExecOutcome> {
+        let link = self.require_agent().await?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + request.limits.deadline);
-        let marker = new_marker();
-        let CommandParts { argv, env, cwd } = command_parts(&request, &marker)?;
-        // The agent adds the marker itself.
-        let env = env.into_iter().filter(|(key, _)| key != EXEC_MARKER_VAR).collect();
+        let feeds_stdin = !matches!(request.stdin, StdinSource::Empty);
+        let spawn = spawn_request(&request, user, feeds_stdin, None)?;
         let cgroup = self.cgroup();
         let cpu_before = cgroup.cpu_usage();
         let oom_before = cgroup.oom_kills();
-        let feeds_stdin = !matches!(request.stdin, StdinSource::Empty);
 
         let mut run = link.open_run();
-        run.send(&Request::Spawn(Spawn { argv, env, cwd, marker: marker.clone(), stdin: feeds_stdin })).await?;
-        let run_id = run.id;
-        let stdin_task = match request.stdin.clone() {
-            StdinSource::Bytes(bytes) => {
-                let link = link.clone();
-                Some(tokio::spawn(async move {
-                    for chunk in bytes.chunks(STDIN_CHUNK_BYTES) {
-                        if link.send_to(run_id, &Request::Stdin(chunk.to_vec())).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = link.send_to(run_id, &Request::StdinEnd).await;
-                }))
-            }
-            StdinSource::Inherit => {
-                let link = link.clone();
-                Some(tokio::spawn(async move {
-                    let mut host_stdin = tokio::io::stdin();
-                    let mut buffer = vec![0u8; STDIN_CHUNK_BYTES];
-                    while let Ok(count @ 1..) = host_stdin.read(&mut buffer).await {
-                        if link.send_to(run_id, &Request::Stdin(buffer[..count].to_vec())).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = link.send_to(run_id, &Request::StdinEnd).await;
-                }))
-            }
-            _ => None,
-        };
-
+        run.spawn(spawn).await?;
+        let stdin_task = feed_stdin(&link, run.id, &request.stdin);
         let mut stdout = Capture::new(OutputStream::Stdout, request.limits.output_bytes);
         let mut stderr = Capture::new(OutputStream::Stderr, request.limits.output_bytes);
         let sender = request.output.as_ref();
@@ -329,8 +252,19 @@ impl ContainerSandbox {
         let mut link_ended = false;
         loop {
             tokio::select! {
+                // The timer first: replies that are always ready (an output
+                // flood) must never keep the deadline from being seen.
                 biased;
-                reply = run.replies.recv() => {
+                () = tokio::time::sleep_until(give_up_at) => {
+                    if cut.is_some() {
+                        // Killed, yet no exit past the grace period: give up on it.
+                        break;
+                    }
+                    cut = Some(Cut::Deadline);
+                    give_up_at = tokio::time::Instant::now() + KILL_GRACE;
+                    run.kill_tree().await?;
+                }
+                reply = run.recv() => {
                     let over_cap = match reply {
                         Some(Reply::Stdout(bytes)) => stdout.push(&bytes, sender),
                         Some(Reply::Stderr(bytes)) => stderr.push(&bytes, sender),
@@ -343,7 +277,7 @@ impl ContainerSandbox {
                             exit_code = Some(code);
                             break;
                         }
-                        Some(Reply::Started { .. } | Reply::Signalled { .. } | Reply::Pong) => false,
+                        Some(Reply::Started { .. } | Reply::Signalled { .. } | Reply::Pong { .. }) => false,
                         None => {
                             link_ended = true;
                             break;
@@ -352,17 +286,8 @@ impl ContainerSandbox {
                     if over_cap && cut.is_none() {
                         cut = Some(Cut::Output);
                         give_up_at = tokio::time::Instant::now() + KILL_GRACE;
-                        run.send(&Request::KillTree { marker: marker.clone() }).await?;
+                        run.kill_tree().await?;
                     }
-                }
-                () = tokio::time::sleep_until(give_up_at) => {
-                    if cut.is_some() {
-                        // Killed, yet no exit past the grace period: give up on it.
-                        break;
-                    }
-                    cut = Some(Cut::Deadline);
-                    give_up_at = tokio::time::Instant::now() + KILL_GRACE;
-                    run.send(&Request::KillTree { marker: marker.clone() }).await?;
                 }
             }
         }
@@ -389,105 +314,67 @@ impl ContainerSandbox {
         Ok(self.outcome(&request, started, Ended { cut, stopped, exit_code, usage }, stdout, stderr).await)
     }
 
-    async fn exec_through_engine(&self, user: &str, request: ExecRequest) -> Result<ExecOutcome> {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + request.limits.deadline);
-        let marker = new_marker();
-        let attach_stdin = !matches!(request.stdin, StdinSource::Empty);
-        let options = exec_options(&request, user, &marker, attach_stdin, false)?;
-        let docker = self.engine().docker();
-        let cgroup = self.cgroup();
-        let cpu_before = cgroup.cpu_usage();
-        let oom_before = cgroup.oom_kills();
+    /// Starts `request` in the background, as the sandbox's user, and returns
+    /// its id at once. No deadline applies: it belongs to this sandbox's
+    /// process table and runs until it exits, is signalled, or the sandbox
+    /// stops. Its output is kept in a log of at most
+    /// [`PROCESS_LOG_BYTES`](crate::PROCESS_LOG_BYTES), oldest dropped first.
+    pub async fn start_process(&self, request: ExecRequest) -> Result<String> {
+        let link = self.require_agent().await?;
+        let spawn = spawn_request(&request, &self.spec().user, false, None)?;
+        let command = spawn.argv.clone();
+        let mut run = link.open_run();
+        run.spawn(spawn).await?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let process = self.processes_table().register(id.clone(), command, run.id);
+        tokio::spawn(drive_background(process, run));
+        Ok(id)
+    }
 
-        let exec = docker.create_exec(self.container_id(), options).await.map_err(|e| self.exec_error(e))?;
-        let started_exec =
-            docker.start_exec(&exec.id, None::<StartExecOptions>).await.map_err(|e| self.exec_error(e))?;
-        let StartExecResults::Attached { mut output, mut input } = started_exec else {
-            return Err(Error::Invalid { what: "exec", reason: "the engine started it detached".into() });
-        };
-        let stdin_task = match request.stdin.clone() {
-            StdinSource::Bytes(bytes) => Some(tokio::spawn(async move {
-                let _ = input.write_all(&bytes).await;
-                let _ = input.shutdown().await;
-            })),
-            StdinSource::Inherit => Some(tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut input).await;
-                let _ = input.shutdown().await;
-            })),
-            _ => {
-                drop(input);
-                None
-            }
-        };
+    /// Every background process started through this handle, running or not.
+    pub fn list_processes(&self) -> Vec<ProcessInfo> {
+        self.processes_table().list()
+    }
 
-        let mut stdout = Capture::new(OutputStream::Stdout, request.limits.output_bytes);
-        let mut stderr = Capture::new(OutputStream::Stderr, request.limits.output_bytes);
-        let sender = request.output.as_ref();
-        // Resolves if the whole container stops meanwhile: under runsc an OOM
-        // kill takes the sandbox down, and the exec's stream may then never end.
-        // Under runc the stream ends with the container, so the watch (a request
-        // to the engine, sent on first poll) is left unpolled.
-        let watch_container = self.spec().runtime == ContainerRuntime::Runsc;
-        let mut container_stopped = docker.wait_container(self.container_id(), None::<WaitContainerOptions>);
-        let mut stopped = false;
-        let mut cut = None;
-        let mut give_up_at = deadline;
-        // The kill runs beside the drain: the engine handles one container's
-        // exec exits in order, and the killed command's exit waits for its
-        // output to be read, so a kill awaited here would wait on itself.
-        let mut kill: Option<tokio::task::JoinHandle<Result<()>>> = None;
-        loop {
-            tokio::select! {
-                biased;
-                frame = output.next() => {
-                    let over_cap = match frame {
-                        Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => stdout.push(&message, sender),
-                        Some(Ok(LogOutput::StdErr { message })) => stderr.push(&message, sender),
-                        Some(Ok(LogOutput::StdIn { .. })) => false,
-                        Some(Err(error)) => return Err(Error::Docker { operation: "exec output", source: error }),
-                        None => break,
-                    };
-                    if over_cap && cut.is_none() {
-                        cut = Some(Cut::Output);
-                        give_up_at = tokio::time::Instant::now() + KILL_GRACE;
-                        kill = Some(self.spawn_kill(user, &marker));
-                    }
-                }
-                _ = container_stopped.next(), if watch_container && !stopped => {
-                    stopped = true;
-                    break;
-                }
-                () = tokio::time::sleep_until(give_up_at) => {
-                    if cut.is_some() {
-                        // Killed, yet the stream stays open past the grace period: give up on it.
-                        break;
-                    }
-                    cut = Some(Cut::Deadline);
-                    give_up_at = tokio::time::Instant::now() + KILL_GRACE;
-                    kill = Some(self.spawn_kill(user, &marker));
-                }
-            }
+    /// Follows a process's output from the start of its log, then live, to its exit.
+    pub fn follow_process(&self, id: &str) -> Result<ProcessFollower> {
+        self.processes_table().get(id)?.follow()
+    }
+
+    /// Sends `signal` to the process and everything it started.
+    pub async fn signal_process(&self, id: &str, signal: Signal) -> Result<()> {
+        let process: Arc<Process> = self.processes_table().get(id)?;
+        let link = self.require_agent().await?;
+        signal_run(&link, process.run, signal).await
+    }
+
+    /// Waits for the process to end and returns its exit code.
+    pub async fn wait_process(&self, id: &str) -> Result<Option<i32>> {
+        self.processes_table().get(id)?.wait().await
+    }
+
+    /// Starts `request` on a new terminal of `size`, as the sandbox's user.
+    /// `TERM` is `xterm-256color` unless the request sets it. The session
+    /// owns the command: dropping it kills the command's whole tree.
+    pub async fn open_pty(&self, mut request: ExecRequest, size: PtySize) -> Result<PtySession> {
+        if !request.env.iter().any(|(key, _)| key == "TERM") {
+            request.env.push(("TERM".into(), "xterm-256color".into()));
         }
-        if let Some(task) = stdin_task {
-            task.abort();
-        }
-        if let Some(kill) = kill {
-            kill.await.map_err(|e| Error::Invalid { what: "kill", reason: e.to_string() })??;
-        }
-        let mut exit_code = if stopped { None } else { self.exit_code(&exec.id).await? };
-        // Under runsc a sandbox going down may end the exec's stream first, with
-        // the engine's 128 or a 137: give the container's stop a moment to show.
-        if watch_container
-            && !stopped
-            && matches!(exit_code, Some(128 | 137))
-            && tokio::time::timeout(RUNSC_STOP_GRACE, container_stopped.next()).await.is_ok()
-        {
-            stopped = true;
-            exit_code = None;
-        }
-        let usage = Usage::since(&cgroup, cpu_before, oom_before);
-        Ok(self.outcome(&request, started, Ended { cut, stopped, exit_code, usage }, stdout, stderr).await)
+        let link = self.require_agent().await?;
+        let spawn = spawn_request(&request, &self.spec().user, true, Some(size))?;
+        let mut run = link.open_run();
+        run.spawn(spawn).await?;
+        Ok(PtySession::new(link, run))
+    }
+
+    /// The link to the agent; an error for a container that does not run it.
+    async fn require_agent(&self) -> Result<Arc<AgentLink>> {
+        self.agent_link().await?.ok_or_else(|| {
+            Error::Agent(format!(
+                "container {} does not run Airlock's agent (made by an older build): recreate it",
+                self.container_id()
+            ))
+        })
     }
 
     /// The outcome of a run that ended as `ended` says.
@@ -555,56 +442,6 @@ impl ContainerSandbox {
         }
     }
 
-    fn spawn_kill(&self, user: &str, marker: &str) -> tokio::task::JoinHandle<Result<()>> {
-        let (sandbox, user, marker) = (self.clone(), user.to_string(), marker.to_string());
-        tokio::spawn(async move { sandbox.signal_tree(&user, &marker, Signal::Kill).await })
-    }
-
-    /// Sends `signal` to every process carrying `marker`; for `Kill`, stops
-    /// and kills them until none is left.
-    pub(crate) async fn signal_tree(&self, user: &str, marker: &str, signal: Signal) -> Result<()> {
-        let docker = self.engine().docker();
-        let options = CreateExecOptions {
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            cmd: Some(vec!["bash".to_string(), "-c".to_string(), KILL_SCRIPT.to_string()]),
-            env: Some(vec![
-                format!("AIRLOCK_KILL_TARGET={marker}"),
-                format!("AIRLOCK_KILL_SIGNAL={}", signal.name()),
-                format!("AIRLOCK_KILL_ROUNDS={KILL_ROUNDS}"),
-            ]),
-            user: Some(user.to_string()),
-            working_dir: Some("/".to_string()),
-            ..CreateExecOptions::default()
-        };
-        let mut last_failure = String::new();
-        for _ in 0..KILL_ATTEMPTS {
-            let attempt = async {
-                let exec = docker.create_exec(self.container_id(), options.clone()).await?;
-                if let StartExecResults::Attached { mut output, .. } =
-                    docker.start_exec(&exec.id, None::<StartExecOptions>).await?
-                {
-                    while output.next().await.is_some() {}
-                }
-                Ok::<_, bollard::errors::Error>(exec.id)
-            };
-            match attempt.await {
-                Ok(exec_id) => match self.exit_code(&exec_id).await? {
-                    Some(0) => return Ok(()),
-                    other => last_failure = format!("the kill script ended with {other:?}"),
-                },
-                Err(error) => {
-                    if self.is_gone().await {
-                        return Ok(());
-                    }
-                    last_failure = error.to_string();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Err(Error::Invalid { what: "kill", reason: format!("could not signal the process tree: {last_failure}") })
-    }
-
     /// Whether the engine recorded the container as killed for memory.
     async fn oom_killed(&self) -> bool {
         let inspected = self
@@ -614,15 +451,55 @@ impl ContainerSandbox {
             .await;
         inspected.ok().and_then(|c| c.state).and_then(|state| state.oom_killed).unwrap_or(false)
     }
+}
 
-    fn exec_error(&self, source: bollard::errors::Error) -> Error {
-        match &source {
-            bollard::errors::Error::DockerResponseServerError { status_code: 409, .. } => {
-                Error::NotRunning(self.container_id().to_string())
+/// Feeds the request's stdin to run `run` in frames, then closes it.
+fn feed_stdin(link: &Arc<AgentLink>, run: u32, stdin: &StdinSource) -> Option<tokio::task::JoinHandle<()>> {
+    let link = link.clone();
+    match stdin.clone() {
+        StdinSource::Bytes(bytes) => Some(tokio::spawn(async move {
+            for chunk in bytes.chunks(STDIN_CHUNK_BYTES) {
+                if link.send_to(run, &Request::Stdin(chunk.to_vec())).await.is_err() {
+                    return;
+                }
             }
-            _ => Error::Docker { operation: "exec", source },
+            let _ = link.send_to(run, &Request::StdinEnd).await;
+        })),
+        StdinSource::Inherit => Some(tokio::spawn(async move {
+            let mut host_stdin = tokio::io::stdin();
+            let mut buffer = vec![0u8; STDIN_CHUNK_BYTES];
+            while let Ok(count @ 1..) = host_stdin.read(&mut buffer).await {
+                if link.send_to(run, &Request::Stdin(buffer[..count].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            let _ = link.send_to(run, &Request::StdinEnd).await;
+        })),
+        _ => None,
+    }
+}
+
+/// Drives a background process's run: its replies go into its log until it
+/// exits or the link ends (the container stopped under it).
+pub(crate) async fn drive_background(process: Arc<Process>, mut run: Run) {
+    while let Some(reply) = run.recv().await {
+        match reply {
+            Reply::Stdout(bytes) => process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stdout, bytes })),
+            Reply::Stderr(bytes) => process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stderr, bytes })),
+            Reply::SpawnFailed { code, message } => {
+                let bytes = format!("{message}\n").into_bytes();
+                process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stderr, bytes }));
+                process.record(ProcessEvent::Exited(Some(code)));
+                return;
+            }
+            Reply::Exited { code } => {
+                process.record(ProcessEvent::Exited(Some(code)));
+                return;
+            }
+            Reply::Started { .. } | Reply::Signalled { .. } | Reply::Pong { .. } => {}
         }
     }
+    process.record(ProcessEvent::Exited(None));
 }
 
 #[cfg(test)]
@@ -646,15 +523,17 @@ mod tests {
     }
 
     #[test]
-    fn the_marker_is_airlocks_and_bad_requests_are_refused() {
-        let options = exec_options(&ExecRequest::new("ls").args(["-l"]), "1000:1000", "m1", false, false).unwrap();
-        assert_eq!(options.cmd.unwrap(), vec!["ls", "-l"]);
-        assert!(options.env.unwrap().contains(&"AIRLOCK_EXEC=m1".to_string()));
-        assert_eq!(options.working_dir.as_deref(), Some("/workspace"));
-        let spoofed = ExecRequest::new("ls").env(EXEC_MARKER_VAR, "x");
-        assert!(exec_options(&spoofed, "u", "m", false, false).is_err());
-        assert!(exec_options(&ExecRequest::new(""), "u", "m", false, false).is_err());
-        assert!(exec_options(&ExecRequest::new("ls").cwd("relative"), "u", "m", false, false).is_err());
-        assert!(exec_options(&ExecRequest::new("ls").env("A=B", "c"), "u", "m", false, false).is_err());
+    fn spawns_carry_the_request_and_bad_requests_are_refused() {
+        let spawn = spawn_request(&ExecRequest::new("ls").args(["-l"]).env("A", "b"), "1000:1000", false, None).unwrap();
+        assert_eq!(spawn.argv, vec!["ls", "-l"]);
+        assert_eq!(spawn.env, vec![("A".to_string(), "b".to_string())], "nothing added: no marker to erase");
+        assert_eq!(spawn.cwd, "/workspace");
+        assert_eq!(spawn.user, "1000:1000");
+        let tty = spawn_request(&ExecRequest::new("bash"), "u", true, Some(PtySize { cols: 9, rows: 3 })).unwrap();
+        assert_eq!(tty.tty, Some(TtySize { cols: 9, rows: 3 }));
+        assert!(spawn_request(&ExecRequest::new(""), "u", false, None).is_err());
+        assert!(spawn_request(&ExecRequest::new("ls").cwd("relative"), "u", false, None).is_err());
+        assert!(spawn_request(&ExecRequest::new("ls").env("A=B", "c"), "u", false, None).is_err());
+        assert!(spawn_request(&ExecRequest::new("ls"), "", false, None).is_err());
     }
 }

@@ -35,7 +35,7 @@ pub use engine::{
     EngineOptions, RUNSC_RUNTIME_ARGS,
 };
 pub use error::{Error, Result};
-pub use exec::{EXEC_MARKER_VAR, Signal};
+pub use exec::Signal;
 pub use forward::PortStream;
 pub use image::{
     BASE_IMAGE_REPOSITORY, ImageRecipe, Progress, RECIPE_LABEL, SANDBOX_UID, SANDBOX_USER, ensure_base_image,
@@ -47,6 +47,6 @@ pub use sandbox::{ContainerSandbox, ContainerState, LabelledContainer, STOP_GRAC
 pub use spec::{
     ContainerResources, DEFAULT_CONTAINER_CPU_MILLIS, DEFAULT_CONTAINER_MEMORY_BYTES, DEFAULT_CONTAINER_PIDS,
     HOME_LABEL, KEPT_CAPABILITIES, MAX_CONTAINER_CPU_MILLIS, MAX_CONTAINER_MEMORY_BYTES, MAX_CONTAINER_PIDS,
-    RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec,
+    RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec, USER_LABEL,
 };
 pub use tier::{ContainerTemplate, ContainerTier};

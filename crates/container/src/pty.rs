@@ -1,20 +1,18 @@
-//! PTY sessions: an exec on a terminal, with stdin, output and resize.
-//! The HTTP layer puts this on a WebSocket; here it is a library handle.
+//! PTY sessions: a command on a terminal the agent opens inside the sandbox,
+//! with input, output and resize. The HTTP layer puts this on a WebSocket;
+//! here it is a library handle, started by
+//! [`ContainerSandbox::open_pty`](crate::ContainerSandbox::open_pty).
+//!
+//! The session owns its command: dropping it kills the command's whole tree.
 
-use std::pin::Pin;
+use std::sync::Arc;
 
-use airlock_core::ExecRequest;
-use bollard::container::LogOutput;
-use bollard::exec::{ResizeExecOptions, StartExecOptions, StartExecResults};
+use airlock_agent::protocol::{Reply, Request, TtySize};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::error::{Error, Result};
-use crate::exec::{Signal, exec_options, new_marker};
-use crate::sandbox::ContainerSandbox;
-
-type BoxedOutput = Pin<Box<dyn futures_util::Stream<Item = std::result::Result<LogOutput, bollard::errors::Error>> + Send>>;
+use crate::agent::{AgentLink, Run};
+use crate::error::Result;
+use crate::exec::{STDIN_CHUNK_BYTES, Signal, signal_run};
 
 /// Terminal size in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,82 +28,65 @@ impl Default for PtySize {
 }
 
 /// A command on a terminal inside the sandbox.
+#[derive(Debug)]
 pub struct PtySession {
-    sandbox: ContainerSandbox,
-    exec_id: String,
-    marker: String,
-    user: String,
-    input: Pin<Box<dyn AsyncWrite + Send>>,
-    output: BoxedOutput,
-}
-
-impl std::fmt::Debug for PtySession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PtySession").field("exec_id", &self.exec_id).finish_non_exhaustive()
-    }
-}
-
-impl ContainerSandbox {
-    /// Starts `request` on a new terminal of `size`. `TERM` is
-    /// `xterm-256color` unless the request sets it.
-    pub async fn open_pty(&self, mut request: ExecRequest, size: PtySize) -> Result<PtySession> {
-        if !request.env.iter().any(|(key, _)| key == "TERM") {
-            request.env.push(("TERM".into(), "xterm-256color".into()));
-        }
-        let user = self.spec().user.clone();
-        let marker = new_marker();
-        let options = exec_options(&request, &user, &marker, true, true)?;
-        let docker = self.engine().docker();
-        let exec = docker.create_exec(self.container_id(), options).await.map_err(Error::docker("exec"))?;
-        let start = StartExecOptions { tty: true, ..StartExecOptions::default() };
-        let StartExecResults::Attached { output, input } =
-            docker.start_exec(&exec.id, Some(start)).await.map_err(Error::docker("exec"))?
-        else {
-            return Err(Error::Invalid { what: "exec", reason: "the engine started it detached".into() });
-        };
-        let session =
-            PtySession { sandbox: self.clone(), exec_id: exec.id, marker, user, input, output };
-        session.resize(size).await?;
-        Ok(session)
-    }
+    link: Arc<AgentLink>,
+    run: Run,
+    /// The command's exit code, once seen.
+    exit: Option<i32>,
+    /// No more output will come.
+    ended: bool,
 }
 
 impl PtySession {
+    pub(crate) fn new(link: Arc<AgentLink>, run: Run) -> Self {
+        Self { link, run, exit: None, ended: false }
+    }
+
     /// Types `bytes` into the terminal.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.input.write_all(bytes).await.map_err(Error::io("writing to the terminal"))?;
-        self.input.flush().await.map_err(Error::io("writing to the terminal"))
+        for chunk in bytes.chunks(STDIN_CHUNK_BYTES) {
+            self.run.send(&Request::Stdin(chunk.to_vec())).await?;
+        }
+        Ok(())
     }
 
     /// The next piece of terminal output; `None` once the command has ended.
     pub async fn read(&mut self) -> Option<Result<Bytes>> {
-        loop {
-            return match self.output.next().await? {
-                Ok(LogOutput::Console { message } | LogOutput::StdOut { message } | LogOutput::StdErr { message }) => {
-                    Some(Ok(message))
+        while !self.ended {
+            match self.run.recv().await {
+                Some(Reply::Stdout(bytes) | Reply::Stderr(bytes)) => return Some(Ok(Bytes::from(bytes))),
+                Some(Reply::Exited { code }) => {
+                    self.exit = Some(code);
+                    self.ended = true;
                 }
-                Ok(LogOutput::StdIn { .. }) => continue,
-                Err(source) => Some(Err(Error::Docker { operation: "terminal output", source })),
-            };
+                Some(Reply::SpawnFailed { code, message }) => {
+                    self.exit = Some(code);
+                    self.ended = true;
+                    return Some(Ok(Bytes::from(format!("{message}\r\n"))));
+                }
+                Some(Reply::Started { .. } | Reply::Signalled { .. } | Reply::Pong { .. }) => {}
+                // The link ended: the container stopped under the session.
+                None => self.ended = true,
+            }
         }
+        None
     }
 
     /// Changes the terminal's size; the command gets SIGWINCH.
     pub async fn resize(&self, size: PtySize) -> Result<()> {
-        let options = ResizeExecOptions { width: size.cols, height: size.rows };
-        self.sandbox.engine().docker().resize_exec(&self.exec_id, options).await.map_err(Error::docker("resize"))
+        self.run.send(&Request::Resize(TtySize { cols: size.cols, rows: size.rows })).await
     }
 
-    /// Sends `signal` to the command and everything it started. Keep reading
-    /// output meanwhile when the command writes a lot: the engine completes a
-    /// command's exit only once its output has been read.
+    /// Sends `signal` to the command and everything it started.
     pub async fn signal(&self, signal: Signal) -> Result<()> {
-        self.sandbox.signal_tree(&self.user, &self.marker, signal).await
+        signal_run(&self.link, self.run.id, signal).await
     }
 
-    /// Reads to the end and returns the command's exit code.
+    /// Reads to the end and returns the command's exit code (`None` when the
+    /// container stopped under it).
     pub async fn wait(mut self) -> Result<Option<i32>> {
         while self.read().await.is_some() {}
-        self.sandbox.exit_code(&self.exec_id).await
+        Ok(self.exit)
     }
 }

@@ -19,7 +19,7 @@ use crate::engine::{ContainerRuntime, DockerEngine};
 use crate::error::{Error, Result};
 use crate::image::image_exists;
 use crate::process::ProcessTable;
-use crate::spec::{ContainerResources, HOME_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec};
+use crate::spec::{ContainerResources, HOME_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec, USER_LABEL};
 
 /// How long `stop` lets processes end on SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -149,11 +149,14 @@ impl ContainerSandbox {
         let extra_labels: HashMap<String, String> =
             labels.into_iter().filter(|(key, _)| key == HOME_LABEL).collect();
         let spec = SandboxSpec {
+        // The sandbox's user is labelled (the container runs as root, for the
+        // agent); containers from before the label ran as it.
+        let user = labels.get(USER_LABEL).cloned().or(config.user).unwrap_or_default();
             sandbox_id,
             image: config.image.unwrap_or_default(),
             runtime,
             resources,
-            user: config.user.unwrap_or_default(),
+            user,
             workspace,
             labels: extra_labels,
             disk_bytes: host.storage_opt.as_ref().and_then(|opts| opts.get("size")).and_then(|size| size.parse().ok()),

@@ -22,15 +22,21 @@ pub const SANDBOX_LABEL: &str = "airlock.sandbox";
 /// runtime's reconciliation never touches another's containers on a shared engine.
 pub const HOME_LABEL: &str = "airlock.home";
 
+/// Label holding the `uid:gid` a sandbox's commands run as (the container
+/// itself runs as root: its main process is the agent, see `crates/agent`).
+pub const USER_LABEL: &str = "airlock.user";
+
 /// Capabilities kept; everything else is dropped. Commands run as the
-/// unprivileged sandbox user, for whom these are inert; they matter only to
-/// commands run as root inside the sandbox, such as a package install.
+/// unprivileged sandbox user, for whom these are inert; they matter to the
+/// agent (root, see `crates/agent`) and to commands run as root inside the
+/// sandbox, such as a package install.
 pub const KEPT_CAPABILITIES: &[(&str, &str)] = &[
     ("CHOWN", "package managers set the owner of the files they unpack"),
     ("DAC_OVERRIDE", "root in the sandbox must write files the sandbox user owns, such as those in /workspace"),
     ("FOWNER", "dpkg and tar set modes and times on files they did not create"),
     ("SETUID", "apt drops to its _apt user to download; root may switch to the sandbox user"),
     ("SETGID", "the group half of the switch above"),
+    ("KILL", "the agent, root, kills the trees of commands that run as the sandbox user, a uid it does not share"),
 ];
 
 /// Default memory of a sandbox container (RAM; swap is not allowed).
@@ -191,6 +197,7 @@ impl SandboxSpec {
     pub(crate) fn container_config(&self, agent: &Path) -> ContainerCreateBody {
         let mut labels = self.labels.clone();
         labels.insert(SANDBOX_LABEL.into(), self.sandbox_id.clone());
+        labels.insert(USER_LABEL.into(), self.user.clone());
         let memory = i64::try_from(self.resources.memory_bytes).unwrap_or(i64::MAX);
         ContainerCreateBody {
             image: Some(self.image.clone()),
@@ -203,7 +210,9 @@ impl SandboxSpec {
             attach_stdout: Some(false),
             attach_stderr: Some(false),
             entrypoint: Some(vec![]),
-            user: Some(self.user.clone()),
+            // The agent runs as root, apart from the sandbox's user, and drops
+            // to `self.user` for each command (see `crates/agent`).
+            user: Some("0:0".into()),
             working_dir: Some(WORKSPACE_GUEST_PATH.into()),
             hostname: Some("sandbox".into()),
             env: Some(vec![format!("HOME=/home/{}", crate::image::SANDBOX_USER), "LANG=C.UTF-8".into()]),
@@ -265,8 +274,10 @@ mod tests {
         assert_eq!(host.pids_limit, Some(i64::from(DEFAULT_CONTAINER_PIDS)));
         assert_eq!(host.memory, host.memory_swap, "swap would lift the memory cap");
         assert_eq!(host.nano_cpus, Some(1_000_000_000));
-        assert_eq!(config.user.as_deref(), Some("1000:1000"));
-        assert_eq!(config.labels.unwrap().get(SANDBOX_LABEL).map(String::as_str), Some("sbx-1"));
+        assert_eq!(config.user.as_deref(), Some("0:0"), "the agent runs as root, apart from the sandbox user");
+        let labels = config.labels.unwrap();
+        assert_eq!(labels.get(SANDBOX_LABEL).map(String::as_str), Some("sbx-1"));
+        assert_eq!(labels.get(USER_LABEL).map(String::as_str), Some("1000:1000"), "commands run as the sandbox user");
         let binds = host.binds.unwrap();
         assert!(binds[0].ends_with(":/workspace:rw"));
         assert_eq!(binds[1], "/var/lib/airlock/agent/airlock-agent-test:/.airlock/agent:ro", "the agent is read-only");

@@ -3,9 +3,14 @@
 //! [`DockerEngine::connect_or_setup`] makes the engine available on a fresh
 //! Debian machine as root: it installs `docker.io` and `runsc` when they are
 //! missing, registers `runsc` as a runtime, starts `dockerd` with no default
-//! bridge and no iptables rules (sandboxes never get a network interface), and
+//! bridge and no iptables rules (sandboxes never get a network interface) and
+//! with user-namespace remapping (container uids are not host uids), and
 //! waits until it answers. When everything is there it only pings. Everything
 //! after set-up talks to the engine through bollard.
+//!
+//! Whether containers' uids are remapped is the daemon's decision
+//! (`--userns-remap`); [`DockerEngine::user_mapping`] reports what it does and
+//! [`DockerEngine::host_owner`] turns a container uid/gid into the host's.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -20,13 +25,32 @@ use crate::error::{Error, Result};
 
 /// Where a root-run engine listens on Debian.
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Environment variable naming another engine socket for [`EngineOptions::default`]
+/// (to run the suites or benches against a second daemon).
+pub const DOCKER_SOCKET_ENV: &str = "AIRLOCK_DOCKER_SOCKET";
+/// The `userns-remap` value Airlock starts `dockerd` with: Docker makes the
+/// `dockremap` user and gives it a subordinate range in `/etc/subuid` and
+/// `/etc/subgid`; every container's uid 0 is the range's first host uid.
+pub const USERNS_REMAP: &str = "default";
+/// The size of a remapped range when `/etc/subuid` does not say (the size
+/// Docker gives `dockremap`): every uid a container can use maps into it.
+pub const DEFAULT_REMAP_RANGE: u32 = 65_536;
 /// How long set-up waits for a freshly started `dockerd` to answer.
 pub const ENGINE_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Timeout of each request to the engine (bollard's per-request timeout).
 pub const ENGINE_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// The flags `dockerd` gets when Airlock starts it: no default bridge, no
-/// iptables rules. Sandboxes run with `--network none`, so nothing is lost.
-pub const DOCKERD_FLAGS: &[&str] = &["--bridge=none", "--iptables=false", "--ip6tables=false"];
+/// iptables rules (sandboxes run with `--network none`, so nothing is lost),
+/// and containers' uids remapped away from the host's ([`USERNS_REMAP`]),
+/// so that root or uid 1000 in a sandbox is nobody on the host.
+pub const DOCKERD_FLAGS: &[&str] =
+    &["--bridge=none", "--iptables=false", "--ip6tables=false", "--userns-remap=default"];
+/// What to do about an engine that runs without remapping (it is never
+/// restarted by Airlock: that would stop every container it runs).
+pub const NO_REMAP_ADVICE: &str = "the docker engine does not remap user namespaces: uid 0 and uid 1000 in a \
+     sandbox are uid 0 and uid 1000 on the host. When no containers run, restart dockerd with \
+     --userns-remap=default (or \"userns-remap\": \"default\" in /etc/docker/daemon.json), then run \
+     `airlock setup` again: a remapping engine keeps its own images, so the base image is built once more";
 /// Arguments runsc is registered with: gVisor's own network stack off, since
 /// sandboxes have no network; the sentry then has only loopback.
 pub const RUNSC_RUNTIME_ARGS: &[&str] = &["--network=none"];
@@ -71,7 +95,8 @@ impl std::str::FromStr for ContainerRuntime {
 /// How to find or set up the engine. Every field has a default (see `Default`).
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// The engine's Unix socket.
+    /// The engine's Unix socket: `$AIRLOCK_DOCKER_SOCKET` when set, else
+    /// [`DEFAULT_DOCKER_SOCKET`].
     pub socket: PathBuf,
     /// Install `docker.io`/`runsc` with apt and start `dockerd` when the engine
     /// does not answer. Off: only connect.
@@ -87,12 +112,46 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
-            socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
+            socket: default_socket(),
             set_up: true,
             with_runsc: true,
             daemon_log: PathBuf::from("/var/log/airlock-dockerd.log"),
             daemon_config: PathBuf::from("/etc/docker/daemon.json"),
         }
+    }
+}
+
+/// `$AIRLOCK_DOCKER_SOCKET` when set and not empty, else [`DEFAULT_DOCKER_SOCKET`].
+fn default_socket() -> PathBuf {
+    std::env::var_os(DOCKER_SOCKET_ENV)
+        .filter(|value| !value.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_DOCKER_SOCKET), PathBuf::from)
+}
+
+/// How the engine maps container uids and gids to host ones when it remaps
+/// user namespaces (`dockerd --userns-remap`): container id `n` is host id
+/// `first + n`, for `n` below the range's size. One range for every container
+/// of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UserMapping {
+    /// The host uid of container uid 0.
+    pub first_uid: u32,
+    /// How many uids are mapped.
+    pub uid_count: u32,
+    /// The host gid of container gid 0.
+    pub first_gid: u32,
+    /// How many gids are mapped.
+    pub gid_count: u32,
+}
+
+impl UserMapping {
+    /// The host uid and gid of a container's `uid` and `gid`; `None` when
+    /// either is outside the mapped range (the kernel shows such ids as the
+    /// overflow id, nobody, and nothing can be given to them).
+    pub fn host_ids(&self, uid: u32, gid: u32) -> Option<(u32, u32)> {
+        let host_uid = (uid < self.uid_count).then(|| self.first_uid.checked_add(uid)).flatten()?;
+        let host_gid = (gid < self.gid_count).then(|| self.first_gid.checked_add(gid)).flatten()?;
+        Some((host_uid, host_gid))
     }
 }
 
@@ -103,6 +162,8 @@ pub struct DockerEngine {
     runtimes: BTreeSet<String>,
     /// The storage driver can cap a container's writable layer (`--storage-opt size=`).
     writable_layer_quota: bool,
+    /// The daemon's uid/gid remapping; `None` when container ids are host ids.
+    user_mapping: Option<UserMapping>,
 }
 
 impl DockerEngine {
@@ -113,24 +174,36 @@ impl DockerEngine {
         let info = docker.info().await.map_err(Error::docker("info"))?;
         let runtimes = info.runtimes.clone().unwrap_or_default().into_keys().collect();
         let writable_layer_quota = storage_size_supported(&info);
-        Ok(Self { docker, runtimes, writable_layer_quota })
+        let user_mapping = user_mapping_of(&info)?;
+        Ok(Self { docker, runtimes, writable_layer_quota, user_mapping })
     }
 
     /// Connects, setting the engine up first where `options` allow it. A no-op
     /// beyond a ping when the engine answers and every wanted runtime is registered.
     pub async fn connect_or_setup(options: &EngineOptions) -> Result<Self> {
         if let Ok(engine) = Self::connect(&options.socket).await {
+            if options.set_up && engine.user_mapping.is_none() {
+                // Never restarted here: that would stop every container it runs.
+                tracing::warn!("{NO_REMAP_ADVICE}");
+            }
             if !options.with_runsc || engine.has_runtime(ContainerRuntime::Runsc) || !options.set_up {
                 return Ok(engine);
             }
             // Running, but without runsc: install and register it, then ask dockerd to reload.
+            if options.socket != Path::new(DEFAULT_DOCKER_SOCKET) {
+                return Err(Error::Setup(format!(
+                    "the engine at {} has no runsc; register it in that daemon's configuration and reload it",
+                    options.socket.display()
+                )));
+            }
             check_can_set_up()?;
             install_missing(&["runsc"])?;
             register_runsc(&options.daemon_config)?;
             reload_dockerd()?;
             return wait_for_runtime(&options.socket, ContainerRuntime::Runsc).await;
         }
-        if !options.set_up {
+        // Only the default engine is started here: a daemon on another socket is its owner's.
+        if !options.set_up || options.socket != Path::new(DEFAULT_DOCKER_SOCKET) {
             return Err(Error::EngineUnavailable(format!(
                 "nothing answers on {}; start dockerd with {}",
                 options.socket.display(),
@@ -146,7 +219,7 @@ impl DockerEngine {
         if options.with_runsc {
             register_runsc(&options.daemon_config)?;
         }
-        start_dockerd(&options.daemon_log)?;
+        start_dockerd(&options.daemon_log, &options.daemon_config)?;
         let started = Instant::now();
         loop {
             match Self::connect(&options.socket).await {
@@ -181,10 +254,146 @@ impl DockerEngine {
         self.writable_layer_quota
     }
 
+    /// The daemon's uid/gid remapping (`dockerd --userns-remap`), or `None`
+    /// when container uids and gids are the host's.
+    pub fn user_mapping(&self) -> Option<UserMapping> {
+        self.user_mapping
+    }
+
+    /// The host uid and gid that a container's `uid:gid` is on the host: the
+    /// same ids without remapping; an error for ids outside a remapped range.
+    /// Files the host gives a sandbox's user belong to these.
+    pub fn host_owner(&self, uid: u32, gid: u32) -> Result<airlock_core::Owner> {
+        let Some(mapping) = self.user_mapping else {
+            return Ok(airlock_core::Owner { uid, gid });
+        };
+        let (uid_on_host, gid_on_host) = mapping.host_ids(uid, gid).ok_or_else(|| Error::Invalid {
+            what: "sandbox user",
+            reason: format!(
+                "{uid}:{gid} is outside the engine's remapped range ({} uids, {} gids)",
+                mapping.uid_count, mapping.gid_count
+            ),
+        })?;
+        Ok(airlock_core::Owner { uid: uid_on_host, gid: gid_on_host })
+    }
+
+    /// Lets the engine's remapped root pass through `dir` (search only, never
+    /// list or read) by giving `dir` the remapped root's group with `g+x`;
+    /// nothing without remapping or when it can pass already. runsc needs it:
+    /// its gofer opens bind-mount sources as the remapped root, so every
+    /// directory above a workspace must let that uid through, while Airlock
+    /// keeps its home closed to other host users (mode 0700). A directory whose
+    /// group already has permissions is not changed (its group would lose them):
+    /// that is an error naming it.
+    pub fn let_remapped_root_pass(&self, dir: &Path) -> Result<()> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let Some(mapping) = self.user_mapping else {
+            return Ok(());
+        };
+        let metadata = fs::metadata(dir).map_err(Error::io(format!("reading {}", dir.display())))?;
+        if remapped_root_can_pass(&metadata, mapping) {
+            return Ok(());
+        }
+        if metadata.mode() & 0o070 != 0 && metadata.gid() != mapping.first_gid {
+            return Err(Error::Workspace {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "the engine's remapped root (host uid {}) cannot pass it, and its group {} has permissions \
+                     that giving it group {} would take away; let the remapped root through yourself",
+                    mapping.first_uid,
+                    metadata.gid(),
+                    mapping.first_gid
+                ),
+            });
+        }
+        std::os::unix::fs::chown(dir, None, Some(mapping.first_gid))
+            .map_err(Error::io(format!("giving {} the remapped root's group", dir.display())))?;
+        let mode = (metadata.mode() & 0o7777) | 0o010;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .map_err(Error::io(format!("letting the remapped root pass {}", dir.display())))
+    }
+
+    /// Checks that the engine's remapped root can reach `path` (every
+    /// directory from `/` down to it lets it pass); always true without
+    /// remapping. The error names the first directory that stops it.
+    pub fn check_remapped_root_can_reach(&self, path: &Path) -> Result<()> {
+        let Some(mapping) = self.user_mapping else {
+            return Ok(());
+        };
+        for dir in path.ancestors().collect::<Vec<_>>().into_iter().rev() {
+            let metadata = fs::metadata(dir).map_err(Error::io(format!("reading {}", dir.display())))?;
+            if !remapped_root_can_pass(&metadata, mapping) {
+                return Err(Error::Workspace {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "the engine remaps uids and {} is closed to its remapped root (host uid {}, gid {}), \
+                         which runsc opens the workspace as: give that directory group {} and g+x \
+                         (DockerEngine::let_remapped_root_pass), or use a workspace it can reach",
+                        dir.display(),
+                        mapping.first_uid,
+                        mapping.first_gid,
+                        mapping.first_gid
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses a runtime the engine does not have, with an error naming it.
     pub fn require_runtime(&self, runtime: ContainerRuntime) -> Result<()> {
         if self.has_runtime(runtime) { Ok(()) } else { Err(Error::RuntimeUnavailable(runtime.name().into())) }
     }
+}
+
+/// The remapping a daemon applies, from `docker info`: its security options
+/// name `userns` when it remaps, and its root directory then ends in
+/// `<first uid>.<first gid>` (Docker keeps a remapping daemon's images and
+/// containers apart there). The ranges' sizes come from `/etc/subuid` and
+/// `/etc/subgid`, the entries that start at those ids.
+fn user_mapping_of(info: &bollard::models::SystemInfo) -> Result<Option<UserMapping>> {
+    let remaps = info.security_options.iter().flatten().any(|option| option.split(',').any(|part| part == "name=userns"));
+    if !remaps {
+        return Ok(None);
+    }
+    let root = info.docker_root_dir.as_deref().unwrap_or_default();
+    let unreadable = || Error::EngineUnavailable(format!("the engine remaps user namespaces, but its root {root:?} does not end in <uid>.<gid>"));
+    let (first_uid, first_gid) = Path::new(root)
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.split_once('.'))
+        .and_then(|(uid, gid)| Some((uid.parse::<u32>().ok()?, gid.parse::<u32>().ok()?)))
+        .ok_or_else(unreadable)?;
+    let uid_count = subordinate_range_size(Path::new("/etc/subuid"), first_uid);
+    let gid_count = subordinate_range_size(Path::new("/etc/subgid"), first_gid);
+    Ok(Some(UserMapping { first_uid, uid_count, first_gid, gid_count }))
+}
+
+/// Whether the remapped root (container uid and gid 0) may search `metadata`'s
+/// directory: as its owner, its group, or anyone (ACLs are not read).
+fn remapped_root_can_pass(metadata: &fs::Metadata, mapping: UserMapping) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mode = metadata.mode();
+    if metadata.uid() == mapping.first_uid {
+        mode & 0o100 != 0
+    } else if metadata.gid() == mapping.first_gid {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
+    }
+}
+
+/// The size of the range starting at `first` in a `/etc/subuid`-style file
+/// (`name:first:count` lines), or [`DEFAULT_REMAP_RANGE`] when none starts there.
+fn subordinate_range_size(file: &Path, first: u32) -> u32 {
+    let text = fs::read_to_string(file).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.trim().split(':').skip(1);
+            Some((fields.next()?.parse::<u32>().ok()?, fields.next()?.parse::<u32>().ok()?))
+        })
+        .find_map(|(start, count)| (start == first).then_some(count))
+        .unwrap_or(DEFAULT_REMAP_RANGE)
 }
 
 /// Reads the storage driver (and for overlay2, its backing filesystem) from `docker info`.
@@ -297,8 +506,10 @@ fn register_runsc(config_path: &Path) -> Result<()> {
     fs::write(config_path, text).map_err(Error::io(format!("writing {}", config_path.display())))
 }
 
-/// Starts `dockerd` in its own session so that it outlives this process.
-fn start_dockerd(log: &Path) -> Result<()> {
+/// Starts `dockerd` in its own session so that it outlives this process. A
+/// `userns-remap` already in the daemon's configuration stands (dockerd
+/// refuses a setting given both as a flag and in the file).
+fn start_dockerd(log: &Path, config_path: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let dockerd = which("dockerd").ok_or_else(|| Error::Setup("dockerd is not installed".into()))?;
     if let Some(parent) = log.parent() {
@@ -310,8 +521,12 @@ fn start_dockerd(log: &Path) -> Result<()> {
         .open(log)
         .map_err(Error::io(format!("opening {}", log.display())))?;
     let err_file = log_file.try_clone().map_err(Error::io("duplicating the log handle"))?;
+    let configured: Option<Map<String, Value>> =
+        fs::read_to_string(config_path).ok().and_then(|text| serde_json::from_str(&text).ok());
+    let remap_configured = configured.is_some_and(|config| config.contains_key("userns-remap"));
+    let flags = DOCKERD_FLAGS.iter().filter(|flag| !(remap_configured && flag.starts_with("--userns-remap")));
     Command::new(dockerd)
-        .args(DOCKERD_FLAGS)
+        .args(flags)
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(err_file)
@@ -406,6 +621,36 @@ mod tests {
         let error = register_runsc(&path).unwrap_err().to_string();
         assert!(error.contains("is not a JSON object"), "{error}");
         assert_eq!(fs::read_to_string(&path).unwrap(), "not json");
+    }
+
+    #[test]
+    fn a_remapping_daemon_is_read_from_its_info() {
+        let mut info = bollard::models::SystemInfo {
+            security_options: Some(vec!["name=seccomp,profile=default".into()]),
+            docker_root_dir: Some("/var/lib/docker".into()),
+            ..Default::default()
+        };
+        assert_eq!(user_mapping_of(&info).unwrap(), None, "no userns option: ids are the host's");
+        info.security_options = Some(vec!["name=seccomp,profile=default".into(), "name=userns".into()]);
+        info.docker_root_dir = Some("/var/lib/docker/231072.231072".into());
+        let mapping = user_mapping_of(&info).unwrap().unwrap();
+        assert_eq!((mapping.first_uid, mapping.first_gid), (231_072, 231_072));
+        assert_eq!(mapping.host_ids(0, 0), Some((231_072, 231_072)));
+        assert_eq!(mapping.host_ids(1000, 1000), Some((232_072, 232_072)));
+        assert_eq!(mapping.host_ids(mapping.uid_count, 0), None, "past the range is nobody");
+        info.docker_root_dir = Some("/var/lib/docker".into());
+        assert!(user_mapping_of(&info).is_err(), "remapping without <uid>.<gid> in the root is not guessed");
+    }
+
+    #[test]
+    fn subordinate_ranges_are_found_by_their_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subuid");
+        fs::write(&path, "alice:100000:65536\ndockremap:165536:4096\n").unwrap();
+        assert_eq!(subordinate_range_size(&path, 165_536), 4096);
+        assert_eq!(subordinate_range_size(&path, 100_000), 65_536);
+        assert_eq!(subordinate_range_size(&path, 7), DEFAULT_REMAP_RANGE);
+        assert_eq!(subordinate_range_size(&dir.path().join("missing"), 7), DEFAULT_REMAP_RANGE);
     }
 
     #[test]

@@ -31,8 +31,9 @@ mod tier;
 
 pub use agent::{AGENT_GUEST_PATH, AGENT_HANDSHAKE_TIMEOUT};
 pub use engine::{
-    ContainerRuntime, DEFAULT_DOCKER_SOCKET, DOCKERD_FLAGS, DockerEngine, ENGINE_REQUEST_TIMEOUT, ENGINE_START_TIMEOUT,
-    EngineOptions, RUNSC_RUNTIME_ARGS,
+    ContainerRuntime, DEFAULT_DOCKER_SOCKET, DEFAULT_REMAP_RANGE, DOCKER_SOCKET_ENV, DOCKERD_FLAGS, DockerEngine,
+    ENGINE_REQUEST_TIMEOUT, ENGINE_START_TIMEOUT, EngineOptions, NO_REMAP_ADVICE, RUNSC_RUNTIME_ARGS, USERNS_REMAP,
+    UserMapping,
 };
 pub use error::{Error, Result};
 pub use exec::Signal;

@@ -86,7 +86,11 @@ impl ContainerSandbox {
         if !image_exists(engine, &spec.image).await? {
             return Err(Error::NoSuchImage(spec.image.clone()));
         }
-        hand_workspace_to_user(&spec)?;
+        if spec.runtime == ContainerRuntime::Runsc {
+            // runsc's gofer opens the workspace as the remapped root.
+            engine.check_remapped_root_can_reach(&spec.workspace)?;
+        }
+        hand_workspace_to_user(engine, &spec)?;
         let agent = agent_host_path()?;
         let options = CreateContainerOptionsBuilder::new().name(&container_name(&spec.sandbox_id)).build();
         let created = engine
@@ -145,13 +149,13 @@ impl ContainerSandbox {
                 .unwrap_or(defaults.pids),
             cpu_millis: host.nano_cpus.and_then(|n| u32::try_from(n / 1_000_000).ok()).unwrap_or(defaults.cpu_millis),
         };
+        // The sandbox's user is labelled (the container runs as root, for the
+        // agent); containers from before the label ran as it.
+        let user = labels.get(USER_LABEL).cloned().or(config.user).unwrap_or_default();
         // Only Airlock's own container labels; the image's labels show up here too.
         let extra_labels: HashMap<String, String> =
             labels.into_iter().filter(|(key, _)| key == HOME_LABEL).collect();
         let spec = SandboxSpec {
-        // The sandbox's user is labelled (the container runs as root, for the
-        // agent); containers from before the label ran as it.
-        let user = labels.get(USER_LABEL).cloned().or(config.user).unwrap_or_default();
             sandbox_id,
             image: config.image.unwrap_or_default(),
             runtime,
@@ -333,7 +337,15 @@ impl ContainerSandbox {
     /// runs as root): for files made since the container was created by the
     /// host or the isolate tier, which write as the host's user.
     pub fn hand_workspace_to_user(&self) -> Result<()> {
-        hand_workspace_to_user(self.spec())
+        hand_workspace_to_user(self.engine(), self.spec())
+    }
+
+    /// Who the sandbox's user is on the host: the spec's `uid:gid` through the
+    /// engine's remapping (the same ids without it). Files the host makes in
+    /// the workspace for the sandbox belong to this owner. `None` for a user
+    /// that is not numeric.
+    pub fn workspace_owner(&self) -> Result<Option<airlock_core::Owner>> {
+        workspace_owner(self.engine(), self.spec())
     }
 
     pub(crate) async fn is_gone(&self) -> bool {
@@ -343,35 +355,37 @@ impl ContainerSandbox {
 
 /// Gives the workspace and what is in it to the sandbox's user, so that
 /// commands can write there: the host side (and the isolate tier) create files
-/// as the host's user. Only when Airlock runs as root, which can; symlinks are
-/// changed themselves, never followed.
-fn hand_workspace_to_user(spec: &SandboxSpec) -> Result<()> {
+/// as the host's user. Only when Airlock runs as root, which can. The owner is
+/// the sandbox user's host ids: through the engine's uid remapping when it
+/// remaps, so that the files belong to nobody else on the host. The walk goes
+/// through the confined layer's descriptors: links are changed themselves,
+/// never followed, and code racing it cannot steer it out of the workspace.
+fn hand_workspace_to_user(engine: &DockerEngine, spec: &SandboxSpec) -> Result<()> {
     if !rustix::process::geteuid().is_root() {
         return Ok(());
     }
+    let Some(owner) = workspace_owner(engine, spec)? else {
+        return Ok(());
+    };
+    let workspace = format!("the workspace {}", spec.workspace.display());
+    let dir = airlock_core::WorkspaceDir::open(&spec.workspace)
+        .map_err(|e| Error::io(format!("opening {workspace}"))(std::io::Error::other(e)))?;
+    dir.chown_tree(owner)
+        .map_err(|e| Error::io(format!("giving {workspace} to the sandbox user"))(std::io::Error::other(e)))?;
+    Ok(())
+}
+
+/// The host owner of the spec's numeric `uid[:gid]` (gid defaults to uid).
+fn workspace_owner(engine: &DockerEngine, spec: &SandboxSpec) -> Result<Option<airlock_core::Owner>> {
     let mut ids = spec.user.split(':').map(str::parse::<u32>);
     let (Some(Ok(uid)), gid) = (ids.next(), ids.next()) else {
-        return Ok(());
+        return Ok(None);
     };
     let gid = match gid {
         Some(Ok(gid)) => gid,
         _ => uid,
     };
-    let mut pending = vec![spec.workspace.clone()];
-    while let Some(path) = pending.pop() {
-        let metadata = std::fs::symlink_metadata(&path).map_err(Error::io(format!("reading {}", path.display())))?;
-        if std::os::unix::fs::MetadataExt::uid(&metadata) != uid
-            || std::os::unix::fs::MetadataExt::gid(&metadata) != gid
-        {
-            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-                .map_err(Error::io(format!("giving {} to the sandbox user", path.display())))?;
-        }
-        if metadata.is_dir() {
-            let entries = std::fs::read_dir(&path).map_err(Error::io(format!("listing {}", path.display())))?;
-            pending.extend(entries.flatten().map(|entry| entry.path()));
-        }
-    }
-    Ok(())
+    engine.host_owner(uid, gid).map(Some)
 }
 
 /// Removes a container by id (thawing it first if frozen), whatever made it:

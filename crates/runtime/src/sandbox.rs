@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime};
 
 use airlock_container::{
     ContainerSandbox, ContainerState, HOME_LABEL, PortStream, ProcessEvent, ProcessFollower, ProcessInfo,
-    ProcessStatus, PtySession, PtySize, SANDBOX_UID, SandboxSpec, Signal, container_name,
+    ProcessStatus, PtySession, PtySize, SandboxSpec, Signal, container_name,
 };
 use airlock_core::{
     CodeError, EscalationReason, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, Limits, Needs, SandboxId,
@@ -69,8 +69,9 @@ pub(crate) struct SandboxInner {
     container: tokio::sync::Mutex<Option<ContainerSandbox>>,
     /// Set when the container was stopped by sleep; the next use starts it.
     container_stopped: AtomicBool,
-    /// Set when an isolate may have written to the workspace (as the host's
-    /// user) since the workspace was last handed to the container's user.
+    /// Set when an isolate (or the host, before the container's owner was
+    /// known) may have written to the workspace as the host's user since the
+    /// workspace was last handed to the container's user.
     isolate_wrote: AtomicBool,
     /// This sandbox's contexts and their languages.
     contexts: Mutex<HashMap<String, Language>>,
@@ -591,14 +592,14 @@ impl Sandbox {
     /// Writes a whole file (making missing directories); the sandbox's user owns it.
     pub async fn write_file(&self, path: &str, bytes: &[u8]) -> Result<()> {
         let _active = self.begin().await?;
-        files::write(&self.inner.dir, path, bytes, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
+        files::write(&self.inner.dir, path, bytes, self.sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     /// Writes a file from a stream, of any size within the disk quota; it
     /// replaces `path` only once every byte is written. Returns the size.
     pub async fn write_file_from<R: tokio::io::AsyncRead + Unpin>(&self, path: &str, source: &mut R) -> Result<u64> {
         let _active = self.begin().await?;
-        files::write_from(&self.inner.dir, path, source, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
+        files::write_from(&self.inner.dir, path, source, self.sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     pub async fn list_files(&self, path: &str) -> Result<Vec<FileEntry>> {
@@ -614,7 +615,7 @@ impl Sandbox {
 
     pub async fn mkdir(&self, path: &str) -> Result<()> {
         let _active = self.begin().await?;
-        files::mkdir(&self.inner.dir, path, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
+        files::mkdir(&self.inner.dir, path, self.sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     pub async fn remove_file(&self, path: &str) -> Result<()> {
@@ -624,7 +625,7 @@ impl Sandbox {
 
     pub async fn rename_file(&self, from: &str, to: &str) -> Result<()> {
         let _active = self.begin().await?;
-        files::rename(&self.inner.dir, from, to, sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
+        files::rename(&self.inner.dir, from, to, self.sandbox_owner()).await.map_err(|e| self.naming_the_quota(e))
     }
 
     // Background processes and terminals: the container's.
@@ -720,6 +721,43 @@ impl Sandbox {
         Ok(SandboxPortStream { stream, _open: OpenStream::port(&self.inner) })
     }
 
+    /// Who files the host makes in the workspace belong to: the container
+    /// user's host ids (through the engine's uid remapping when it remaps, so
+    /// nobody else on the host), when Airlock runs as root and can give them
+    /// away. While the sandbox has no container handle (or it is being made)
+    /// the files stay the host's user's, and the next container command
+    /// hands the workspace over first, as after an isolate's run.
+    fn sandbox_owner(&self) -> Option<Owner> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        let owner = self.inner.container.try_lock().ok().and_then(|slot| slot.as_ref().map(|c| c.workspace_owner()));
+        match owner {
+            Some(Ok(Some(owner))) => Some(owner),
+            _ => {
+                self.inner.isolate_wrote.store(true, Ordering::SeqCst);
+                None
+            }
+        }
+    }
+
+    /// Under runsc with uid remapping, the engine's remapped root must pass
+    /// through the runtime's private directories above the workspace (runsc
+    /// opens bind-mount sources as it): their group becomes its group, with
+    /// search only (0710). Again before every start, since opening the runtime
+    /// closes them to 0700.
+    fn let_remapped_root_pass(&self, engine: &airlock_container::DockerEngine) -> Result<()> {
+        if self.inner.config.container_runtime != airlock_container::ContainerRuntime::Runsc {
+            return Ok(());
+        }
+        let home = self.runtime.home();
+        let workspace = self.inner.workspace.host_path();
+        for dir in workspace.ancestors().skip(1).take_while(|dir| dir.starts_with(home)) {
+            engine.let_remapped_root_pass(dir)?;
+        }
+        Ok(())
+    }
+
     async fn existing_container(&self) -> Option<ContainerSandbox> {
         self.inner.container.lock().await.clone()
     }
@@ -734,7 +772,7 @@ impl Sandbox {
         // The walk goes through descriptors (links changed themselves, never
         // followed), so code racing it cannot steer it out of the workspace.
         if self.inner.isolate_wrote.swap(false, Ordering::SeqCst)
-            && let Some(owner) = sandbox_owner()
+            && let Some(owner) = container.workspace_owner()?
         {
             files::hand_over(&self.inner.dir, owner).await?;
         }
@@ -745,6 +783,7 @@ impl Sandbox {
         let mut slot = self.inner.container.lock().await;
         if let Some(container) = slot.as_ref() {
             if self.inner.container_stopped.swap(false, Ordering::SeqCst) {
+                self.let_remapped_root_pass(container.engine())?;
                 container.start().await?;
                 self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::ContainerStarted });
             }
@@ -752,6 +791,7 @@ impl Sandbox {
         }
         let containers = self.runtime.containers().await?;
         let engine = &containers.engine;
+        self.let_remapped_root_pass(engine)?;
         let known = match self.inner.container_id() {
             Some(id) => adopt_running(engine, &id).await?,
             None => None,
@@ -916,8 +956,4 @@ fn eval_outcome_of(outcome: ExecOutcome) -> EvalOutcome {
     }
 }
 
-/// Who files the host makes in a workspace belong to: the container's user,
-/// when Airlock runs as root and can give them away; otherwise the host's user.
-fn sandbox_owner() -> Option<Owner> {
-    rustix::process::geteuid().is_root().then_some(Owner { uid: SANDBOX_UID, gid: SANDBOX_UID })
-}
+

@@ -3,6 +3,8 @@
 //!
 //! - `cold-create-to-first-command`: create, start, run `true` — what a
 //!   sandbox's first container command costs;
+//! - `warm-start-to-first-command`: start a stopped sandbox container (as a
+//!   sleeping sandbox wakes), run `true`;
 //! - `exec-round-trip`: `true` in a running sandbox, as its user (through the
 //!   in-container agent, on the stream already open);
 //! - `engine-exec-round-trip`: the same as root, which goes through an engine
@@ -12,8 +14,13 @@
 //!
 //! Containers made in a timed section are removed outside it.
 //!
+//! Groups are named `container/<runtime>`, with `/userns` added when the
+//! engine remaps container uids (`dockerd --userns-remap`), so that runs
+//! against a remapping engine and one without are kept apart.
+//!
 //! Run (as root, after `airlock setup`): `cargo bench --bench container_startup`
-//! (numbers and machine in docs/BENCHMARKS.md).
+//! (numbers and machine in docs/BENCHMARKS.md). Another engine:
+//! `AIRLOCK_DOCKER_SOCKET=/path/docker.sock DOCKER_HOST=unix:///path/docker.sock cargo bench ...`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a bench may
 
@@ -42,9 +49,13 @@ fn bench(c: &mut Criterion) {
         (engine, image)
     });
     let root = tempfile::tempdir().unwrap();
+    // runsc opens workspaces as the engine's remapped root, when it remaps.
+    engine.let_remapped_root_pass(root.path()).unwrap();
+    let remap = if engine.user_mapping().is_some() { "/userns" } else { "" };
+    eprintln!("engine user mapping: {:?}", engine.user_mapping());
 
     for container_runtime in [ContainerRuntime::Runc, ContainerRuntime::Runsc] {
-        let mut group = c.benchmark_group(format!("container/{container_runtime}"));
+        let mut group = c.benchmark_group(format!("container/{container_runtime}{remap}"));
         // Each iteration makes a container: flat sampling keeps the count of them bounded.
         group
             .sample_size(10)
@@ -79,6 +90,22 @@ fn bench(c: &mut Criterion) {
         let spec =
             SandboxSpec::new(airlock::SandboxId::new().to_string(), &image, &workspace).runtime(container_runtime);
         let sandbox = runtime.block_on(ContainerSandbox::create_started(&engine, spec)).unwrap();
+        group.bench_function("warm-start-to-first-command", |b| {
+            b.iter_custom(|iterations| {
+                runtime.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iterations {
+                        sandbox.stop().await.unwrap();
+                        let started = Instant::now();
+                        sandbox.start().await.unwrap();
+                        let outcome = sandbox.exec(true_request()).await.unwrap();
+                        total += started.elapsed();
+                        assert!(outcome.success());
+                    }
+                    total
+                })
+            })
+        });
         group.bench_function("exec-round-trip", |b| {
             b.iter(|| runtime.block_on(async { assert!(sandbox.exec(true_request()).await.unwrap().success()) }))
         });

@@ -188,6 +188,14 @@ async fn setup(args: SetupArgs) -> Result<ExitCode> {
     let options = EngineOptions { with_runsc: !args.no_runsc, ..EngineOptions::default() };
     let engine = DockerEngine::connect_or_setup(&options).await?;
     eprintln!("airlock: docker engine ready at {}", options.socket.display());
+    match engine.user_mapping() {
+        Some(mapping) => eprintln!(
+            "airlock: container uids are remapped: uid 0 in a sandbox is host uid {}, uid 1000 is {}",
+            mapping.first_uid,
+            mapping.first_uid.saturating_add(1000)
+        ),
+        None => eprintln!("airlock: warning: {}", airlock::container::NO_REMAP_ADVICE),
+    }
     if !args.no_image {
         let progress: airlock::container::Progress = Arc::new(|line: &str| eprintln!("airlock: {line}"));
         let image = ensure_base_image(&engine, &ImageRecipe::default(), progress).await?;

@@ -17,11 +17,7 @@ use airlock::container::{ContainerRuntime, SANDBOX_UID, UserMapping};
 async fn mapping() -> UserMapping {
     let (engine, _) = engine_and_image().await;
     engine.user_mapping().unwrap_or_else(|| {
-        panic!(
-            "the docker engine does not remap user namespaces: container uids are host uids. \
-             `airlock setup` starts dockerd with --userns-remap=default ({})",
-            airlock::container::NO_REMAP_ADVICE
-        )
+        panic!("{} (`airlock setup` starts dockerd with --userns-remap=default)", airlock::container::NO_REMAP_ADVICE)
     })
 }
 

@@ -352,12 +352,17 @@ impl DockerEngine {
 /// containers apart there). The ranges' sizes come from `/etc/subuid` and
 /// `/etc/subgid`, the entries that start at those ids.
 fn user_mapping_of(info: &bollard::models::SystemInfo) -> Result<Option<UserMapping>> {
-    let remaps = info.security_options.iter().flatten().any(|option| option.split(',').any(|part| part == "name=userns"));
+    let remaps =
+        info.security_options.iter().flatten().any(|option| option.split(',').any(|part| part == "name=userns"));
     if !remaps {
         return Ok(None);
     }
     let root = info.docker_root_dir.as_deref().unwrap_or_default();
-    let unreadable = || Error::EngineUnavailable(format!("the engine remaps user namespaces, but its root {root:?} does not end in <uid>.<gid>"));
+    let unreadable = || {
+        Error::EngineUnavailable(format!(
+            "the engine remaps user namespaces, but its root {root:?} does not end in <uid>.<gid>"
+        ))
+    };
     let (first_uid, first_gid) = Path::new(root)
         .file_name()
         .and_then(|name| name.to_str())

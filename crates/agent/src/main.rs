@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -35,6 +35,7 @@ use airlock_agent::protocol::{
 };
 
 use crate::shepherd::{SHEPHERD_ARG, SHEPHERD_NAME, Streams};
+use crate::tree::{MARKER_GIDS, Tree};
 
 /// After a command's shepherd exits (its whole tree is gone), how long its
 /// output may stay open (a descriptor passed out of the tree) before the exit
@@ -75,7 +76,7 @@ struct State {
     /// Each run's shepherd, the root of its tree. An entry is removed before
     /// the shepherd is reaped (and its pid can be reused), under this lock,
     /// which kills hold while they work.
-    trees: Arc<Mutex<HashMap<u32, i32>>>,
+    trees: Arc<Mutex<HashMap<u32, Tree>>>,
     /// The terminal master of each run that has one, for resizes.
     terminals: Arc<Mutex<HashMap<u32, Arc<OwnedFd>>>>,
 }
@@ -162,9 +163,9 @@ fn handle(run: u32, request: Request, replies: &Replies, state: &State) {
             let remaining = match rustix::process::Signal::from_named_raw(signal) {
                 Some(signal) => {
                     if let Ok(trees) = state.trees.lock()
-                        && let Some(&root) = trees.get(&target)
+                        && let Some(&tree) = trees.get(&target)
                     {
-                        tree::signal_tree(root, signal);
+                        tree::signal_tree(tree, signal);
                     }
                     0
                 }
@@ -174,7 +175,7 @@ fn handle(run: u32, request: Request, replies: &Replies, state: &State) {
         }
         Request::KillTree { target } => {
             let remaining = match state.trees.lock() {
-                Ok(trees) => trees.get(&target).map_or(0, |&root| tree::kill_tree(root)),
+                Ok(trees) => trees.get(&target).map_or(0, |&tree| tree::kill_tree(tree)),
                 Err(_) => u32::MAX,
             };
             replies.send(run, &Reply::Signalled { remaining });
@@ -216,10 +217,12 @@ fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, state: &State) -> Re
         });
     }
     let streams = if spawn.tty.is_some() { Streams::Terminal } else { Streams::Pipes };
+    let marker = new_marker(state)
+        .ok_or_else(|| Reply::SpawnFailed { code: 126, message: "every marker group is in use".into() })?;
     let mut command = Command::new(OWN_BINARY);
     command
         .arg0(SHEPHERD_NAME)
-        .args(shepherd::arguments(identity, streams, &spawn.cwd, &spawn.argv))
+        .args(shepherd::arguments(identity, marker, streams, &spawn.cwd, &spawn.argv))
         .envs(spawn.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         // Its own process group: when a kill stops part of the tree, the
         // kernel's SIGHUP to an orphaned, stopped group must not reach the agent.
@@ -248,12 +251,13 @@ fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, state: &State) -> Re
     // The subsidiary ends now live only in the shepherd and its tree.
     drop(command);
     let root = i32::try_from(child.id()).unwrap_or(-1);
+    let tree = Tree { root, marker };
     if let Ok(mut trees) = state.trees.lock() {
-        trees.insert(run, root);
+        trees.insert(run, tree);
     }
     // Requests are handled in order: a signal or kill right behind this spawn
     // must find the command in the tree, so the spawn ends only once it is.
-    wait_until_started(root);
+    wait_until_started(tree);
     replies.send(run, &Reply::Started { pid: child.id() });
     let ends = match &terminal {
         Some(master) => {
@@ -285,7 +289,7 @@ fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, state: &State) -> Re
         }
         Err(error) => {
             forget(run, state);
-            tree::kill_tree(root);
+            tree::kill_tree(tree);
             let _ = child.kill();
             let _ = child.wait();
             replies.send(run, &Reply::Stderr(format!("airlock-agent: starting a thread: {error}\n").into_bytes()));
@@ -297,11 +301,11 @@ fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, state: &State) -> Re
 
 /// Waits until the shepherd `root` has started its command (it has a child)
 /// or has exited, for at most [`SHEPHERD_START_TIMEOUT`].
-fn wait_until_started(root: i32) {
-    let Some(pid) = rustix::process::Pid::from_raw(root) else { return };
+fn wait_until_started(tree: Tree) {
+    let Some(pid) = rustix::process::Pid::from_raw(tree.root) else { return };
     let give_up = Instant::now() + SHEPHERD_START_TIMEOUT;
     while Instant::now() < give_up {
-        if !tree::descendants(root).is_empty() {
+        if !tree::members(tree).is_empty() {
             return;
         }
         let options = rustix::process::WaitIdOptions::EXITED
@@ -312,6 +316,23 @@ fn wait_until_started(root: i32) {
         }
         thread::sleep(SHEPHERD_START_POLL);
     }
+}
+
+/// A marker group for a new run: one no running command has, no group of
+/// the image is, and no process (left from an earlier run) carries.
+fn new_marker(state: &State) -> Option<u32> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let in_use: Vec<u32> = state.trees.lock().ok()?.values().map(|tree| tree.marker).collect();
+    let image_groups: Vec<u32> = std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(':').nth(2)?.parse().ok())
+        .collect();
+    let span = MARKER_GIDS.end() - MARKER_GIDS.start() + 1;
+    (0..span).find_map(|_| {
+        let gid = MARKER_GIDS.start() + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        (!in_use.contains(&gid) && !image_groups.contains(&gid) && !tree::group_in_use(gid)).then_some(gid)
+    })
 }
 
 /// The agent's ends of a command's streams.

@@ -3,12 +3,13 @@
 //! The agent starts it by running its own binary again (`/proc/self/exe`
 //! with [`SHEPHERD_ARG`]), so that it begins as a fresh single-threaded
 //! process. It stays root, is not dumpable, and marks itself a child
-//! subreaper: everything orphaned in the command's tree is reparented to it
-//! rather than leaving the tree. It starts the command as the user it was
-//! given (supplementary groups cleared, then `setgid`, then `setuid`), reaps
-//! every process of the tree, and when the command itself ends, kills what it
-//! left behind: a command's processes end with it. It exits with the
-//! command's code, or 128 + the signal that ended it.
+//! subreaper where the kernel allows (runc; gVisor refuses): orphans of the
+//! command's tree are reparented to it. It starts the command with the run's
+//! marker group as its only supplementary group, then as the user it was
+//! given (`setgroups`, `setgid`, `setuid`, in the child before exec; see
+//! `tree.rs`), reaps its children, and when the command itself ends, kills
+//! what it left behind: a command's processes end with it. It exits with
+//! the command's code, or 128 + the signal that ended it.
 
 use std::ffi::OsString;
 use std::io;
@@ -17,7 +18,7 @@ use std::process::Command;
 
 use rustix::process::WaitOptions;
 
-use crate::tree;
+use crate::tree::{self, Tree};
 
 /// The first argument that makes the agent's binary a shepherd.
 pub const SHEPHERD_ARG: &str = "--airlock-shepherd";
@@ -51,11 +52,12 @@ impl Streams {
 }
 
 /// The shepherd's arguments after [`SHEPHERD_ARG`], for the agent to pass.
-pub fn arguments(identity: Identity, streams: Streams, cwd: &str, argv: &[String]) -> Vec<OsString> {
+pub fn arguments(identity: Identity, marker: u32, streams: Streams, cwd: &str, argv: &[String]) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         SHEPHERD_ARG.into(),
         identity.uid.to_string().into(),
         identity.gid.to_string().into(),
+        marker.to_string().into(),
         streams.arg().into(),
         cwd.into(),
         "--".into(),
@@ -67,28 +69,29 @@ pub fn arguments(identity: Identity, streams: Streams, cwd: &str, argv: &[String
 /// Runs as the shepherd with the arguments after [`SHEPHERD_ARG`]; never returns.
 pub fn run(args: impl Iterator<Item = OsString>) -> ! {
     let mut args: Vec<OsString> = args.collect();
-    let argv = args.split_off(args.len().min(5));
+    let argv = args.split_off(args.len().min(6));
     let mut fields = args.into_iter();
     let mut next = || fields.next().unwrap_or_default();
-    let (uid, gid, streams, cwd, separator) = (next(), next(), next(), next(), next());
+    let (uid, gid, marker, streams, cwd, separator) = (next(), next(), next(), next(), next(), next());
     let parsed = (|| {
         let number = |value: &OsString| value.to_str().and_then(|text| text.parse::<u32>().ok());
         let identity = Identity { uid: number(&uid)?, gid: number(&gid)? };
+        let marker = number(&marker)?;
         let streams = match streams.to_str()? {
             "pipes" => Streams::Pipes,
             "tty" => Streams::Terminal,
             _ => return None,
         };
-        (separator == "--" && !argv.is_empty()).then_some((identity, streams))
+        (separator == "--" && !argv.is_empty()).then_some((identity, marker, streams))
     })();
-    let Some((identity, streams)) = parsed else {
+    let Some((identity, marker, streams)) = parsed else {
         eprintln!("airlock-shepherd: malformed arguments");
         std::process::exit(126);
     };
-    std::process::exit(shepherd(identity, streams, &cwd, &argv))
+    std::process::exit(shepherd(identity, marker, streams, &cwd, &argv))
 }
 
-fn shepherd(identity: Identity, streams: Streams, cwd: &OsString, argv: &[OsString]) -> i32 {
+fn shepherd(identity: Identity, marker: u32, streams: Streams, cwd: &OsString, argv: &[OsString]) -> i32 {
     if let Err(error) = harden() {
         eprintln!("airlock-shepherd: {error}");
         return 126;
@@ -98,37 +101,44 @@ fn shepherd(identity: Identity, streams: Streams, cwd: &OsString, argv: &[OsStri
         eprintln!("working directory {}: not a directory", cwd.to_string_lossy());
         return 126;
     }
+    let Ok(cwd_c) = std::ffi::CString::new(cwd.as_encoded_bytes()) else { return 126 };
     let mut command = Command::new(program);
     command.args(args).current_dir(cwd);
-    if rustix::process::geteuid().is_root() {
-        // Supplementary groups go first, while root may still drop them;
-        // std then sets the gid, then the uid.
-        if let Err(error) = rustix::thread::set_thread_groups(&[]) {
-            eprintln!("airlock-shepherd: clearing supplementary groups: {error}");
-            return 126;
-        }
-        if identity.uid != 0 || identity.gid != 0 {
-            command.gid(identity.gid).uid(identity.uid);
-        }
-    }
-    match streams {
+    if let Streams::Pipes = streams {
         // Its own process group, so that nothing it sends its group reaches the shepherd.
-        Streams::Pipes => {
-            command.process_group(0);
-        }
-        Streams::Terminal => {
-            #[allow(unsafe_code)]
-            // SAFETY: the closure runs in the forked child before exec and
-            // makes only two system calls (setsid, ioctl), both async-signal-safe;
-            // it allocates nothing and touches no lock.
-            unsafe {
-                command.pre_exec(|| {
-                    rustix::process::setsid()?;
-                    rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
-                    Ok(())
-                });
+        command.process_group(0);
+    }
+    let root = rustix::process::geteuid().is_root();
+    let terminal = streams == Streams::Terminal;
+    let (uid, gid) = (rustix::process::Uid::from_raw(identity.uid), rustix::process::Gid::from_raw(identity.gid));
+    let marker_gid = rustix::process::Gid::from_raw(marker);
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec. It makes
+    // system calls only (setgroups, setgid, setuid, chdir, setsid, ioctl),
+    // which are async-signal-safe; it allocates nothing (the directory name is
+    // made beforehand) and takes no lock. The identity calls are per thread,
+    // and the forked child has one thread.
+    unsafe {
+        command.pre_exec(move || {
+            if root {
+                // The run's marker group, the only supplementary one; then the
+                // group and user, the user last (it gives up the right to the rest).
+                rustix::thread::set_thread_groups(&[marker_gid])?;
+                if identity.gid != 0 {
+                    rustix::thread::set_thread_gid(gid)?;
+                }
+                if identity.uid != 0 {
+                    rustix::thread::set_thread_uid(uid)?;
+                }
+                // Entered again as the user: the first chdir was root's.
+                rustix::process::chdir(cwd_c.as_c_str())?;
             }
-        }
+            if terminal {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+            }
+            Ok(())
+        });
     }
     let main = match command.spawn() {
         Ok(child) => child.id(),
@@ -150,7 +160,7 @@ fn shepherd(identity: Identity, streams: Streams, cwd: &OsString, argv: &[OsStri
                         (None, None) => 128,
                     });
                     // The command is over: what it left behind goes with it.
-                    tree::kill_tree(own);
+                    tree::kill_tree(Tree { root: own, marker });
                 }
             }
             Ok(None) => {}
@@ -164,9 +174,14 @@ fn shepherd(identity: Identity, streams: Streams, cwd: &OsString, argv: &[OsStri
 
 /// Not dumpable (no ptrace, no reading its memory or environment, even by
 /// root without CAP_SYS_PTRACE), a subreaper, and named for `ps`.
-fn harden() -> io::Result<()> {
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
-    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+fn harden() -> Result<(), String> {
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|error| format!("PR_SET_DUMPABLE: {error}"))?;
+    // The flag is "non-zero": 1, which gVisor also takes (it refuses other values).
+    // The flag is "non-zero". gVisor refuses it (EINVAL): there the marker
+    // group alone holds the tree (see `tree.rs`), so a refusal is not an
+    // error (and nothing is said: this process's stderr is the command's).
+    let _ = rustix::process::set_child_subreaper(Some(rustix::process::Pid::INIT));
     let name = std::ffi::CString::new(SHEPHERD_NAME.as_bytes()).unwrap_or_default();
     let _ = rustix::thread::set_name(&name);
     Ok(())
@@ -227,8 +242,8 @@ mod tests {
 
     #[test]
     fn the_arguments_carry_everything() {
-        let args = arguments(Identity { uid: 7, gid: 8 }, Streams::Terminal, "/w", &["a b".into(), "c".into()]);
+        let args = arguments(Identity { uid: 7, gid: 8 }, 50_001, Streams::Terminal, "/w", &["a b".into(), "c".into()]);
         let text: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(text, [SHEPHERD_ARG, "7", "8", "tty", "/w", "--", "a b", "c"]);
+        assert_eq!(text, [SHEPHERD_ARG, "7", "8", "50001", "tty", "/w", "--", "a b", "c"]);
     }
 }

@@ -221,15 +221,7 @@ impl AgentLink {
         let (requests, queued) = mpsc::channel(REQUEST_QUEUE);
         let (kills, queued_kills) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_requests(attached.input, queued, queued_kills));
-        let link = Arc::new(Self {
-            requests,
-            kills,
-            runs,
-            next_run: AtomicU32::new(1),
-            closed,
-            reader,
-            writer,
-        });
+        let link = Arc::new(Self { requests, kills, runs, next_run: AtomicU32::new(1), closed, reader, writer });
         let mut handshake = link.open_run();
         handshake.send(&Request::Ping).await?;
         match tokio::time::timeout(AGENT_HANDSHAKE_TIMEOUT, handshake.recv()).await {

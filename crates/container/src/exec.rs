@@ -484,8 +484,12 @@ fn feed_stdin(link: &Arc<AgentLink>, run: u32, stdin: &StdinSource) -> Option<to
 pub(crate) async fn drive_background(process: Arc<Process>, mut run: Run) {
     while let Some(reply) = run.recv().await {
         match reply {
-            Reply::Stdout(bytes) => process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stdout, bytes })),
-            Reply::Stderr(bytes) => process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stderr, bytes })),
+            Reply::Stdout(bytes) => {
+                process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stdout, bytes }))
+            }
+            Reply::Stderr(bytes) => {
+                process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stderr, bytes }))
+            }
             Reply::SpawnFailed { code, message } => {
                 let bytes = format!("{message}\n").into_bytes();
                 process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stderr, bytes }));
@@ -524,7 +528,8 @@ mod tests {
 
     #[test]
     fn spawns_carry_the_request_and_bad_requests_are_refused() {
-        let spawn = spawn_request(&ExecRequest::new("ls").args(["-l"]).env("A", "b"), "1000:1000", false, None).unwrap();
+        let spawn =
+            spawn_request(&ExecRequest::new("ls").args(["-l"]).env("A", "b"), "1000:1000", false, None).unwrap();
         assert_eq!(spawn.argv, vec!["ls", "-l"]);
         assert_eq!(spawn.env, vec![("A".to_string(), "b".to_string())], "nothing added: no marker to erase");
         assert_eq!(spawn.cwd, "/workspace");

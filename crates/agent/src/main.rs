@@ -328,11 +328,39 @@ fn new_marker(state: &State) -> Option<u32> {
         .lines()
         .filter_map(|line| line.split(':').nth(2)?.parse().ok())
         .collect();
-    let span = MARKER_GIDS.end() - MARKER_GIDS.start() + 1;
+    let (first, last) = marker_range(highest_mapped_gid());
+    let span = last - first + 1;
     (0..span).find_map(|_| {
-        let gid = MARKER_GIDS.start() + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let gid = first + NEXT.fetch_add(1, Ordering::Relaxed) % span;
         (!in_use.contains(&gid) && !image_groups.contains(&gid) && !tree::group_in_use(gid)).then_some(gid)
     })
+}
+
+/// The highest group id this container can use: its user namespace maps
+/// only so many (a remapped container, commonly 65,536).
+fn highest_mapped_gid() -> u32 {
+    let Ok(map) = std::fs::read_to_string("/proc/self/gid_map") else { return u32::MAX - 1 };
+    map.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().map(str::parse::<u64>);
+            let (Some(Ok(inside)), Some(Ok(_)), Some(Ok(count))) = (fields.next(), fields.next(), fields.next()) else {
+                return None;
+            };
+            u32::try_from((inside + count).saturating_sub(1)).ok()
+        })
+        .max()
+        .unwrap_or(u32::MAX - 1)
+}
+
+/// The marker groups to use when `highest` is the highest usable gid:
+/// [`MARKER_GIDS`] where it fits, else the upper half of what is mapped.
+fn marker_range(highest: u32) -> (u32, u32) {
+    if highest >= *MARKER_GIDS.end() {
+        (*MARKER_GIDS.start(), *MARKER_GIDS.end())
+    } else {
+        let last = highest.saturating_sub(1).max(2);
+        ((highest / 2).max(1).min(last), last)
+    }
 }
 
 /// The agent's ends of a command's streams.
@@ -455,4 +483,18 @@ fn feed_stdin(mut stdin: Box<dyn Write + Send>, receiver: &mpsc::Receiver<Option
         }
     }
     // Dropping stdin closes the pipe: the command sees end of input.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_fit_in_what_the_namespace_maps() {
+        assert_eq!(marker_range(u32::MAX - 1), (50_000, 59_999));
+        assert_eq!(marker_range(65_535), (50_000, 59_999));
+        assert_eq!(marker_range(4_095), (2_047, 4_094), "a remapped range of 4096 ids");
+        let (first, last) = marker_range(0);
+        assert!(first <= last);
+    }
 }

@@ -35,9 +35,10 @@ const KILL_ROUND_PAUSE: Duration = Duration::from_millis(2);
 /// than the pids limit allows, so it only stops a loop on a racing `/proc`.
 const MAX_TREE_DEPTH: usize = 65_536;
 /// The supplementary groups runs are marked with, one per running command:
-/// inside the 65,536 ids a remapped container has, and above the ids images
-/// give their users and groups. Bounds the commands that run at once (the
-/// pids limit bounds them far lower).
+/// inside the 65,536 ids a remapped container commonly has, and above the ids
+/// images give their users and groups (where the namespace maps fewer ids,
+/// the agent takes the upper half of those). Bounds the commands that run at
+/// once (the pids limit bounds them far lower).
 pub const MARKER_GIDS: RangeInclusive<u32> = 50_000..=59_999;
 
 /// One command's tree: its shepherd, and the group its processes carry.

@@ -510,6 +510,11 @@ pub async fn a_command_leaves_nothing_running_when_it_ends(runtime: ContainerRun
     let outcome = test.bash(&ESCAPING_TREE.replace("; wait", "")).await;
     assert!(outcome.success(), "{:?} {}", outcome.termination, outcome.stderr_text());
     until_none(&test, ESCAPING_SLEEPS, Duration::from_secs(5)).await;
+    // Even when the shepherd itself is gone (root may kill it: same uid), the
+    // run's marker group still finds what is left.
+    let orphaned = test.bash_as_root("setsid sleep 318 & sleep 0.3; kill -9 $PPID; sleep 30").await;
+    assert_eq!(orphaned.exit_code(), Some(137), "{:?}", orphaned.termination);
+    until_none(&test, "sleep 318|sleep 30", Duration::from_secs(5)).await;
 }
 
 pub async fn the_agent_cannot_be_signalled_traced_or_read(runtime: ContainerRuntime) {

@@ -425,8 +425,11 @@ fn start_threads(
                 }
             }
         }
-        if let Ok(mut trees) = state.trees.lock() {
-            trees.remove(&run);
+        // A shepherd kills what its command left before it exits; should it
+        // have died first (the OOM killer), the marker still finds the rest.
+        let tree = state.trees.lock().ok().and_then(|mut trees| trees.remove(&run));
+        if let Some(tree) = tree {
+            tree::kill_tree(tree);
         }
         let status = child.wait();
         let give_up = Instant::now() + PIPE_DRAIN_GRACE;

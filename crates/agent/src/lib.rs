@@ -6,8 +6,12 @@
 //! costs a fork in the container instead of an engine exec (tens of
 //! milliseconds each).
 //!
-//! The agent runs as the sandbox's user, inside the sandbox: it has exactly
-//! the privileges of the code it runs, and the host treats every byte it
-//! sends back as untrusted (frame sizes are capped, unknown runs ignored).
+//! The agent runs as root inside the sandbox (nobody on the host once the
+//! engine remaps uids), apart from the sandbox's user, and is not dumpable:
+//! the code it runs can neither signal, trace nor read it, nor reach its
+//! stdin. Each command runs under a shepherd that drops to the requested user
+//! and holds the command's whole process tree (see `main.rs`). The host still
+//! treats every byte the agent sends back as untrusted (frame sizes are
+//! capped, unknown runs ignored).
 
 pub mod protocol;

@@ -322,11 +322,15 @@ async fn cpu_is_billed_for_work_not_for_waiting() {
     assert!(thought.outcome.is_ok(), "{:?}", thought.outcome.result);
     let isolate = billed("thinker");
     assert_eq!(isolate.isolate.executions, 1);
+    // The loop runs for a second of wall time; on a loaded two-core machine
+    // (the other tests of this file run beside it) it gets part of a CPU, never
+    // more than one, and the bill is what it got.
     assert!(
-        (0.8..=1.2).contains(&isolate.cpu_seconds),
+        (0.5..=1.2).contains(&isolate.cpu_seconds),
         "a 1 s loop in an isolate billed {} vCPU-s",
         isolate.cpu_seconds
     );
+    assert!(isolate.cpu_seconds <= thought.outcome.wall_time.as_secs_f64() * 1.05);
     // A sleeping sandbox costs nothing: no execution, no CPU, while it sleeps.
     thinker.sleep().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;

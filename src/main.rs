@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod sandbox_cli;
+mod serve_cli;
 
 /// The CLI runs one thing at a time: a small pool is quicker to set up.
 const CLI_CONCURRENT_RUNS: u32 = 4;
@@ -64,6 +65,8 @@ enum Command {
     Files(sandbox_cli::FilesArgs),
     /// Active CPU used, and what it costs, per sandbox or for all.
     Usage(sandbox_cli::UsageArgs),
+    /// Serve the runtime as an HTTP API under /v1 (docs/API.md, "HTTP API").
+    Serve(serve_cli::ServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -151,6 +154,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    let command = match cli.command {
+        // The server builds its own multi-threaded async runtime.
+        Command::Serve(args) => return finish(serve_cli::serve(args)),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -159,7 +167,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Run(args) if args.lang.is_some() => run_code(args).await,
             Command::Run(args) => run(args).await,
             Command::Repl(args) => repl(args).await,
@@ -169,8 +177,14 @@ fn main() -> ExitCode {
             Command::Code(args) => sandbox_cli::code(args).await,
             Command::Files(args) => sandbox_cli::files(args).await,
             Command::Usage(args) => sandbox_cli::usage(args).await,
+            Command::Serve(_) => bail!("serve runs on its own async runtime"),
         }
     });
+    finish(result)
+}
+
+/// The exit status of a command's result; an error is one line on stderr.
+fn finish(result: Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -1,0 +1,393 @@
+//! Commands and code: `exec`, `code`, contexts, and the one-shot `run`.
+//!
+//! Output in a JSON answer is UTF-8 text when the bytes are valid UTF-8, else
+//! base64; each stream says which in `stdout_encoding` / `stderr_encoding`.
+//! In an event stream (`Accept: text/event-stream`) every `stdout`/`stderr`
+//! event's data is base64 (binary-safe, one line), and the stream ends with
+//! exactly one `exit` or `error` event.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::{
+    EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, OutputChunk, OutputStream, StdinSource, Termination,
+    TierKind, Workspace, limits::MAX_DEADLINE,
+};
+use airlock_runtime::{Placement, RunOutcome, Sandbox};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ApiError, AppState, Code, SSE_KEEP_ALIVE, StrictJson};
+
+/// `POST /v1/sandboxes/{name}/exec`: the runtime's `ExecRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExecBody {
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Absolute, inside the sandbox; default `/workspace`.
+    cwd: Option<String>,
+    /// Standard input as UTF-8 text; `stdin_base64` for bytes. At most one.
+    stdin: Option<String>,
+    stdin_base64: Option<String>,
+    /// Deadline in seconds (fractions allowed); default the sandbox's.
+    timeout: Option<f64>,
+}
+
+/// How a stream's bytes are written in a JSON answer.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    #[serde(rename = "utf-8")]
+    Utf8,
+    #[serde(rename = "base64")]
+    Base64,
+}
+
+fn encode(bytes: Vec<u8>) -> (String, Encoding) {
+    match String::from_utf8(bytes) {
+        Ok(text) => (text, Encoding::Utf8),
+        Err(error) => (BASE64.encode(error.as_bytes()), Encoding::Base64),
+    }
+}
+
+/// The answer to an exec, as JSON or as the `exit` event's data (which
+/// carries no output: that went out as events).
+#[derive(Debug, Serialize)]
+pub(crate) struct ExecAnswer {
+    /// The command's own exit status; `null` when it did not exit by itself.
+    exit_code: Option<i32>,
+    /// How it ended: `{"kind":"exited","code":N}`, `{"kind":"limit-exceeded","limit":..,"value":..}`
+    /// (a deadline is `"limit":"deadline"`), or `{"kind":"crashed","message":..}`.
+    termination: Termination,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout_encoding: Option<Encoding>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr_encoding: Option<Encoding>,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    wall_time_ms: u64,
+    cpu_time_ms: u64,
+    placement: Placement,
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ExecAnswer {
+    fn new(run: RunOutcome, with_output: bool) -> Self {
+        let RunOutcome { outcome, placement } = run;
+        let ExecOutcome {
+            termination, stdout, stderr, stdout_truncated, stderr_truncated, wall_time, cpu_time, ..
+        } = outcome;
+        let exit_code = match termination {
+            Termination::Exited { code } => Some(code),
+            _ => None,
+        };
+        let (stdout, stdout_encoding) = if with_output { split(encode(stdout)) } else { (None, None) };
+        let (stderr, stderr_encoding) = if with_output { split(encode(stderr)) } else { (None, None) };
+        Self {
+            exit_code,
+            termination,
+            stdout,
+            stdout_encoding,
+            stderr,
+            stderr_encoding,
+            stdout_truncated,
+            stderr_truncated,
+            wall_time_ms: millis(wall_time),
+            cpu_time_ms: millis(cpu_time),
+            placement,
+        }
+    }
+}
+
+fn split((text, encoding): (String, Encoding)) -> (Option<String>, Option<Encoding>) {
+    (Some(text), Some(encoding))
+}
+
+fn deadline(timeout: Option<f64>) -> Result<Option<Duration>, ApiError> {
+    let Some(seconds) = timeout else { return Ok(None) };
+    let deadline = Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= MAX_DEADLINE)
+        .ok_or_else(|| {
+            ApiError::invalid(format!("timeout must be over 0 and at most {} seconds", MAX_DEADLINE.as_secs()))
+        })?;
+    Ok(Some(deadline))
+}
+
+impl ExecBody {
+    fn into_request(self, sandbox: &Sandbox) -> Result<ExecRequest, ApiError> {
+        let stdin = match (self.stdin, self.stdin_base64) {
+            (Some(_), Some(_)) => return Err(ApiError::invalid("give stdin or stdin_base64, not both")),
+            (Some(text), None) => StdinSource::Bytes(text.into_bytes()),
+            (None, Some(encoded)) => StdinSource::Bytes(
+                BASE64.decode(encoded).map_err(|e| ApiError::invalid(format!("stdin_base64: {e}")))?,
+            ),
+            (None, None) => StdinSource::Empty,
+        };
+        let mut limits = sandbox.config().limits;
+        if let Some(deadline) = deadline(self.timeout)? {
+            limits.deadline = deadline;
+        }
+        let mut request = ExecRequest::new(self.command).args(self.args).stdin(stdin).limits(limits);
+        request.env = self.env.into_iter().collect();
+        request.cwd = self.cwd;
+        Ok(request)
+    }
+}
+
+/// Whether the client asked for an event stream.
+fn wants_events(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.split(';').next().is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream")))
+}
+
+pub(crate) async fn exec(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    StrictJson(body): StrictJson<ExecBody>,
+) -> Result<Response, ApiError> {
+    let sandbox = state.sandbox(&name)?;
+    let request = body.into_request(&sandbox)?;
+    if !wants_events(&headers) {
+        let run = sandbox.exec(request).await?;
+        return Ok(Json(ExecAnswer::new(run, true)).into_response());
+    }
+    let (sender, chunks) = mpsc::unbounded_channel();
+    // Called from the thread running the command, so it must not wait: the
+    // channel is unbounded, and what goes through it is bounded by the run's
+    // output cap (the sender is called up to the cap only).
+    let request = request.output(Arc::new(move |chunk: OutputChunk| {
+        let _ = sender.send(chunk);
+    }));
+    let run: RunFuture = Box::pin(async move { sandbox.exec(request).await.map_err(ApiError::from) });
+    Ok(event_stream(run, chunks, state.shutdown().clone()).into_response())
+}
+
+type RunFuture = Pin<Box<dyn std::future::Future<Output = Result<RunOutcome, ApiError>> + Send>>;
+
+/// Where an event stream is.
+enum Phase {
+    Running { run: RunFuture, chunks: mpsc::UnboundedReceiver<OutputChunk>, shutdown: CancellationToken },
+    /// The run is over: the output still queued goes out, then the last event.
+    Draining { chunks: mpsc::UnboundedReceiver<OutputChunk>, last: Event },
+    Done,
+}
+
+fn chunk_event(chunk: OutputChunk) -> Event {
+    let name = match chunk.stream {
+        OutputStream::Stdout => "stdout",
+        OutputStream::Stderr => "stderr",
+    };
+    Event::default().event(name).data(BASE64.encode(chunk.bytes))
+}
+
+fn last_event(result: Result<RunOutcome, ApiError>) -> Event {
+    let (name, data) = match result {
+        Ok(run) => ("exit", serde_json::to_string(&ExecAnswer::new(run, false))),
+        Err(error) => ("error", serde_json::to_string(&error.problem())),
+    };
+    Event::default().event(name).data(data.unwrap_or_default())
+}
+
+/// Output events as the command writes them, then exactly one `exit` (its
+/// real status) or `error` event. The command runs inside the stream: when
+/// the client goes away the server drops the stream, and with it the run,
+/// whose process tree the container tier kills.
+fn event_stream(
+    run: RunFuture,
+    chunks: mpsc::UnboundedReceiver<OutputChunk>,
+    shutdown: CancellationToken,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = futures_util::stream::unfold(Phase::Running { run, chunks, shutdown }, |phase| async move {
+        match phase {
+            Phase::Running { mut run, mut chunks, shutdown } => {
+                tokio::select! {
+                    biased;
+                    Some(chunk) = chunks.recv() => {
+                        Some((Ok(chunk_event(chunk)), Phase::Running { run, chunks, shutdown }))
+                    }
+                    result = &mut run => {
+                        drop(run);
+                        Some(next_drained(chunks, last_event(result)))
+                    }
+                    () = shutdown.cancelled() => {
+                        drop(run);
+                        let error = ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Code::ShuttingDown,
+                            "the server is shutting down; the command was killed",
+                        );
+                        Some((Ok(Event::default().event("error").data(
+                            serde_json::to_string(&error.problem()).unwrap_or_default(),
+                        )), Phase::Done))
+                    }
+                }
+            }
+            Phase::Draining { chunks, last } => Some(next_drained(chunks, last)),
+            Phase::Done => None,
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+}
+
+fn next_drained(mut chunks: mpsc::UnboundedReceiver<OutputChunk>, last: Event) -> (Result<Event, Infallible>, Phase) {
+    match chunks.try_recv() {
+        Ok(chunk) => (Ok(chunk_event(chunk)), Phase::Draining { chunks, last }),
+        Err(_) => (Ok(last), Phase::Done),
+    }
+}
+
+/// `POST /v1/sandboxes/{name}/code`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CodeBody {
+    /// `python` or `javascript` (`js`); optional with a context (it has its own).
+    language: Option<Language>,
+    code: String,
+    /// A context made by `POST /contexts`: state is kept between calls.
+    context: Option<String>,
+}
+
+/// The answer to code.
+#[derive(Debug, Serialize)]
+pub(crate) struct CodeAnswer {
+    /// How the evaluation ended: `{"kind":"ok","value":..}`, `syntax-error`,
+    /// `runtime-error`, `needs-escalation`, `limit-exceeded`, `crashed`.
+    result: EvalResult,
+    stdout: String,
+    stdout_encoding: Encoding,
+    stderr: String,
+    stderr_encoding: Encoding,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    wall_time_ms: u64,
+    cpu_time_ms: u64,
+    placement: Placement,
+}
+
+impl CodeAnswer {
+    fn new(outcome: EvalOutcome, placement: Placement) -> Self {
+        let EvalOutcome { result, stdout, stderr, stdout_truncated, stderr_truncated, wall_time, cpu_time } = outcome;
+        let (stdout, stdout_encoding) = encode(stdout);
+        let (stderr, stderr_encoding) = encode(stderr);
+        Self {
+            result,
+            stdout,
+            stdout_encoding,
+            stderr,
+            stderr_encoding,
+            stdout_truncated,
+            stderr_truncated,
+            wall_time_ms: millis(wall_time),
+            cpu_time_ms: millis(cpu_time),
+            placement,
+        }
+    }
+}
+
+pub(crate) async fn code(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    StrictJson(body): StrictJson<CodeBody>,
+) -> Result<Json<CodeAnswer>, ApiError> {
+    let sandbox = state.sandbox(&name)?;
+    let answer = match (body.context, body.language) {
+        (Some(context), _) => sandbox.code_in(&context, &body.code).await?,
+        (None, Some(language)) => sandbox.code(language, &body.code).await?,
+        (None, None) => return Err(ApiError::invalid("give a language, or a context")),
+    };
+    Ok(Json(CodeAnswer::new(answer.outcome, answer.placement)))
+}
+
+/// `POST /v1/run`: code in a fresh interpreter, with a fresh empty workspace
+/// that is removed afterwards; no sandbox is made or kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RunBody {
+    language: Language,
+    code: String,
+    /// Deadline in seconds (fractions allowed); default 30.
+    timeout: Option<f64>,
+}
+
+pub(crate) async fn run(
+    State(state): State<AppState>,
+    StrictJson(body): StrictJson<RunBody>,
+) -> Result<Json<CodeAnswer>, ApiError> {
+    let mut limits = airlock_core::Limits::default();
+    if let Some(deadline) = deadline(body.timeout)? {
+        limits.deadline = deadline;
+    }
+    let scratch = tempfile::Builder::new().prefix("airlock-run-").tempdir().map_err(|e| ApiError::internal(&e))?;
+    let workspace = Workspace::open(scratch.path())?;
+    let outcome = state.interpreters().run(body.language, workspace, &body.code, limits).await;
+    // Removed on a blocking thread: the guest may have left many files.
+    tokio::task::spawn_blocking(move || drop(scratch));
+    let placement = Placement { tier: TierKind::Isolate, reason: "a one-shot run is an isolate's".into(), escalated: None };
+    Ok(Json(CodeAnswer::new(outcome.map_err(airlock_runtime::Error::from)?, placement)))
+}
+
+/// `POST /v1/sandboxes/{name}/contexts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ContextBody {
+    language: Language,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ContextCreated {
+    id: String,
+    language: Language,
+}
+
+pub(crate) async fn create_context(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    StrictJson(body): StrictJson<ContextBody>,
+) -> Result<(StatusCode, Json<ContextCreated>), ApiError> {
+    let sandbox = state.sandbox(&name)?;
+    let id = sandbox.create_context(body.language).await?;
+    Ok((StatusCode::CREATED, Json(ContextCreated { id, language: body.language })))
+}
+
+pub(crate) async fn list_contexts(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<airlock_wasm::interpreter::ContextInfo>>, ApiError> {
+    Ok(Json(state.sandbox(&name)?.contexts()))
+}
+
+pub(crate) async fn delete_context(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.sandbox(&name)?.delete_context(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,194 @@
+//! Airlock's HTTP API: the runtime behind axum routes under `/v1`.
+//!
+//! Handlers are thin: a strict request struct (unknown fields refused), one
+//! runtime call, a response. Every error is `application/problem+json` with a
+//! stable code ([`problem::Code`]); the runtime's typed errors are mapped in
+//! one place ([`problem`]) and never leak host paths.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use airlock_runtime::{Runtime, RuntimeOptions};
+//! let runtime = Runtime::open(RuntimeOptions::new("/var/lib/airlock")).await?;
+//! let state = airlock_server::AppState::new(runtime);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7870").await?;
+//! airlock_server::serve(listener, state, airlock_server::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::future::{Future, IntoFuture};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_runtime::{RUNTIME_WARM_CONTEXTS, Runtime, Sandbox};
+use airlock_wasm::interpreter::{Interpreters, default_interpreter_dir};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+
+mod exec;
+mod files;
+pub mod problem;
+mod sandboxes;
+
+pub use problem::{ApiError, Code, PROBLEM_JSON, Problem};
+
+/// The address `airlock serve` listens on by default: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7870";
+/// Largest JSON request body (exec and code requests, with their stdin and
+/// source inline). Protects the server's memory; file uploads are streamed and
+/// bounded by the sandbox's disk quota instead.
+pub const MAX_JSON_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// How often an idle event stream sends a comment, so proxies keep it open and
+/// a client that went away is noticed (the write fails) while its command is silent.
+pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// After a shutdown signal, how long running requests may go on before they
+/// are cancelled (their commands killed with them).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What every handler shares. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+#[derive(Debug)]
+struct StateInner {
+    runtime: Runtime,
+    /// The interpreters of `POST /v1/run`: one-shot runs that belong to no sandbox.
+    interpreters: Interpreters,
+    /// Cancelled when the server begins to shut down: open event streams end
+    /// with an `error` event and drop what they run.
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// State over `runtime`, with the interpreters in their default place.
+    pub fn new(runtime: Runtime) -> Self {
+        Self::with_interpreters(runtime, default_interpreter_dir())
+    }
+
+    /// State over `runtime`, with the interpreter components in `dir`.
+    pub fn with_interpreters(runtime: Runtime, dir: impl Into<PathBuf>) -> Self {
+        let interpreters =
+            Interpreters::new(runtime.isolate_engine().clone(), dir.into()).keep_warm(RUNTIME_WARM_CONTEXTS);
+        Self { inner: Arc::new(StateInner { runtime, interpreters, shutdown: CancellationToken::new() }) }
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner.runtime
+    }
+
+    fn interpreters(&self) -> &Interpreters {
+        &self.inner.interpreters
+    }
+
+    fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// The sandbox by name; never creates one.
+    fn sandbox(&self, name: &str) -> Result<Sandbox, ApiError> {
+        self.inner.runtime.get(name)?.ok_or_else(|| ApiError::no_sandbox(name))
+    }
+}
+
+/// A JSON body, strictly: a rejection becomes a problem answer (400 for
+/// malformed JSON or unknown fields, 413 past [`MAX_JSON_BODY_BYTES`], 415
+/// without a JSON content type).
+#[derive(Debug)]
+pub struct StrictJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for StrictJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<T>::from_request(request, state).await?;
+        Ok(Self(value))
+    }
+}
+
+/// The API's routes, all under `/v1`.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
+        .route("/sandboxes/{name}", get(sandboxes::info).delete(sandboxes::destroy))
+        .route("/sandboxes/{name}/exec", post(exec::exec))
+        .route("/sandboxes/{name}/code", post(exec::code))
+        .route("/sandboxes/{name}/contexts", post(exec::create_context).get(exec::list_contexts))
+        .route("/sandboxes/{name}/contexts/{id}", axum::routing::delete(exec::delete_context))
+        .route("/sandboxes/{name}/files", get(files::get_root))
+        .route("/sandboxes/{name}/files/{*path}", get(files::get).put(files::put).delete(files::delete))
+        .route("/sandboxes/{name}/mkdir", post(files::mkdir))
+        .route("/sandboxes/{name}/rename", post(files::rename))
+        .route("/run", post(exec::run));
+    Router::new()
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, "this route does not take this method")
+}
+
+/// Serves [`app`] on `listener` until `shutdown` completes; then stops taking
+/// connections, tells open event streams to end, lets running requests finish
+/// for up to [`SHUTDOWN_GRACE`], and cancels what is left (dropping a running
+/// command's future kills its process tree).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let token = state.shutdown().clone();
+    let router = app(state);
+    let signalled = token.clone();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing running requests");
+        signalled.cancel();
+    });
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        () = async { token.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("shutdown grace over: cancelling running requests");
+            Ok(())
+        }
+    }
+}
+
+/// Completes on ctrl-c (SIGINT) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

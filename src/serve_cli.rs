@@ -1,0 +1,50 @@
+//! `airlock serve`: the runtime behind the HTTP API (crates/server).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use airlock::runtime::{DiskStatus, Runtime, RuntimeOptions, default_home};
+use anyhow::{Context, Result};
+
+/// Worker threads of the server's async runtime (the isolate engine and the
+/// file operations have their own bounded pools).
+const SERVE_WORKER_THREADS: usize = 4;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Default: loopback only. Port 0 picks a free port
+    /// (the address is printed on the first line of standard output).
+    #[arg(long, value_name = "ADDR", default_value = airlock_server::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// The runtime's home directory. Default: $AIRLOCK_HOME, else the per-user data directory.
+    #[arg(long, value_name = "DIR")]
+    home: Option<PathBuf>,
+}
+
+/// Runs the server on its own multi-threaded async runtime until SIGTERM or ctrl-c.
+pub fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(SERVE_WORKER_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let home = args.home.clone().unwrap_or_else(default_home);
+        let runtime = Runtime::open(RuntimeOptions::new(&home))
+            .await
+            .with_context(|| format!("opening the runtime at {}", home.display()))?;
+        if let DiskStatus::NotEnforced { reason } = runtime.disk_status() {
+            eprintln!("airlock: warning: sandbox disk quotas are not enforced: {reason}");
+        }
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let address = listener.local_addr().context("reading the listening address")?;
+        println!("airlock: listening on http://{address}/v1");
+        let state = airlock_server::AppState::new(runtime);
+        airlock_server::serve(listener, state, airlock_server::shutdown_signal()).await.context("serving")?;
+        eprintln!("airlock: stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -648,6 +648,26 @@ mod tests {
     }
 
     #[test]
+    fn the_remapped_root_passes_as_owner_group_or_anyone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mapping = UserMapping { first_uid: 100_000, uid_count: 65_536, first_gid: 100_000, gid_count: 65_536 };
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |mode: u32| fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
+        let passes = || remapped_root_can_pass(&fs::metadata(dir.path()).unwrap(), mapping);
+        mode(0o700);
+        assert!(!passes(), "a private directory of another user");
+        mode(0o701);
+        assert!(passes(), "search for anyone");
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(dir.path(), None, Some(mapping.first_gid)).unwrap();
+            mode(0o700);
+            assert!(!passes(), "its group without search");
+            mode(0o710);
+            assert!(passes(), "its group with search");
+        }
+    }
+
+    #[test]
     fn subordinate_ranges_are_found_by_their_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("subuid");

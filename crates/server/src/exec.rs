@@ -278,9 +278,7 @@ pub(crate) struct CodeBody {
 /// The answer to code.
 #[derive(Debug, Serialize)]
 pub(crate) struct CodeAnswer {
-    /// How the evaluation ended: `{"kind":"ok","value":..}`, `syntax-error`,
-    /// `runtime-error`, `needs-escalation`, `limit-exceeded`, `crashed`.
-    result: EvalResult,
+    result: ResultView,
     stdout: String,
     stdout_encoding: Encoding,
     stderr: String,
@@ -298,7 +296,7 @@ impl CodeAnswer {
         let (stdout, stdout_encoding) = encode(stdout);
         let (stderr, stderr_encoding) = encode(stderr);
         Self {
-            result,
+            result: ResultView::of(result),
             stdout,
             stdout_encoding,
             stderr,
@@ -308,6 +306,42 @@ impl CodeAnswer {
             wall_time_ms: millis(wall_time),
             cpu_time_ms: millis(cpu_time),
             placement,
+        }
+    }
+}
+
+/// How an evaluation ended. `kind` is `ok` (with `value` when the last
+/// expression had one), `syntax-error` or `runtime-error` (with `error`),
+/// `needs-escalation` (with `escalation`), `limit-exceeded` (with `limit`) or
+/// `crashed` (with `message`). Its own shape, so an error's own `kind` (the
+/// exception type) never collides with the result's.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct ResultView {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<airlock_core::EvalValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<airlock_core::CodeError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    escalation: Option<airlock_core::EscalationReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<airlock_core::LimitExceeded>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+impl ResultView {
+    fn of(result: EvalResult) -> Self {
+        match result {
+            EvalResult::Ok { value } => Self { kind: "ok", value, ..Self::default() },
+            EvalResult::SyntaxError(error) => Self { kind: "syntax-error", error: Some(error), ..Self::default() },
+            EvalResult::RuntimeError(error) => Self { kind: "runtime-error", error: Some(error), ..Self::default() },
+            EvalResult::NeedsEscalation { reason } => {
+                Self { kind: "needs-escalation", escalation: Some(reason), ..Self::default() }
+            }
+            EvalResult::LimitExceeded(limit) => Self { kind: "limit-exceeded", limit: Some(limit), ..Self::default() },
+            EvalResult::Crashed { message } => Self { kind: "crashed", message: Some(message), ..Self::default() },
+            other => Self { kind: "crashed", message: Some(format!("{other:?}")), ..Self::default() },
         }
     }
 }

@@ -114,6 +114,11 @@ where
     }
 }
 
+/// After the server stops, how long the process still runs its background
+/// tasks: the container tier sends the kill of a dropped command from a task
+/// (a `Drop` cannot wait), and a process that exited at once would lose it.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
+
 /// The API's routes, all under `/v1`.
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
@@ -163,13 +168,17 @@ pub async fn serve(
     });
     let server = server.into_future();
     tokio::pin!(server);
-    tokio::select! {
+    let result = tokio::select! {
         result = &mut server => result,
         () = async { token.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
             tracing::warn!("shutdown grace over: cancelling running requests");
             Ok(())
         }
-    }
+    };
+    // Dropped here: whatever still runs is cancelled, then its kills get out.
+    drop(server);
+    tokio::time::sleep(SHUTDOWN_FLUSH).await;
+    result
 }
 
 /// Completes on ctrl-c (SIGINT) or SIGTERM.

@@ -247,7 +247,8 @@ async fn assert_only_registered_dirs(before: &[(PathBuf, u64)]) {
     let sandboxes = server().home.join("sandboxes");
     for _attempt in 0..3 {
         let listed: Value = client().get(url("/sandboxes")).send().await.unwrap().json().await.unwrap();
-        let ids: Vec<String> = listed.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+        let ids: Vec<String> =
+            listed.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
         let strays: Vec<PathBuf> = std::fs::read_dir(&sandboxes)
             .unwrap()
             .map(|entry| entry.unwrap().path())
@@ -267,7 +268,8 @@ async fn code_runs_one_shot_in_sandboxes_and_in_contexts() {
     let run: Value = post("/run", json!({ "language": "python", "code": "print(6 * 7)" })).await.json().await.unwrap();
     assert_eq!(run["stdout"], "42\n", "{run}");
     assert_eq!(run["result"]["kind"], "ok");
-    let js: Value = post("/run", json!({ "language": "js", "code": "console.log(40 + 2)" })).await.json().await.unwrap();
+    let js: Value =
+        post("/run", json!({ "language": "js", "code": "console.log(40 + 2)" })).await.json().await.unwrap();
     assert_eq!(js["stdout"], "42\n", "{js}");
     // A one-shot run keeps nothing: a file it writes is gone by the next.
     let write = "open('/workspace/left.txt', 'w').write('x')";
@@ -281,12 +283,14 @@ async fn code_runs_one_shot_in_sandboxes_and_in_contexts() {
     assert_eq!(spun["result"]["kind"], "limit-exceeded", "{spun}");
 
     create("http-code").await;
-    let code: Value =
-        post("/sandboxes/http-code/code", json!({ "language": "python", "code": "import sys; sys.stdout.write('hi'); 1/0" }))
-            .await
-            .json()
-            .await
-            .unwrap();
+    let code: Value = post(
+        "/sandboxes/http-code/code",
+        json!({ "language": "python", "code": "import sys; sys.stdout.write('hi'); 1/0" }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(code["stdout"], "hi");
     assert_eq!(code["result"]["kind"], "runtime-error", "{code}");
     assert_eq!(code["result"]["error"]["kind"], "ZeroDivisionError", "{code}");
@@ -351,8 +355,7 @@ async fn files_go_in_and_out_with_ranges_listing_stat_mkdir_rename_and_delete() 
     let listed: Value = client().get(files("dir?list")).send().await.unwrap().json().await.unwrap();
     assert_eq!(listed[0]["name"], "data.bin", "{listed}");
     assert_eq!(listed[0]["kind"], "file");
-    let root: Value =
-        client().get(url("/sandboxes/http-files/files?list")).send().await.unwrap().json().await.unwrap();
+    let root: Value = client().get(url("/sandboxes/http-files/files?list")).send().await.unwrap().json().await.unwrap();
     assert_eq!(root[0]["name"], "dir", "{root}");
     let stat: Value = client().get(files("dir/data.bin?stat")).send().await.unwrap().json().await.unwrap();
     assert_eq!(stat["size"], 1000);
@@ -469,17 +472,18 @@ async fn a_256_mib_file_goes_up_and_comes_back_streamed() {
 
     // Generated as it is sent, hashed as it goes: the test holds one chunk at a time.
     let (hash_sender, hash_receiver) = tokio::sync::oneshot::channel();
-    let stream = futures_util::stream::unfold((0u64, Sha256::new(), Some(hash_sender)), |(sent, mut hash, done)| async move {
-        if sent == SIZE {
-            if let Some(done) = done {
-                done.send(hash.finalize().to_vec()).unwrap();
+    let stream =
+        futures_util::stream::unfold((0u64, Sha256::new(), Some(hash_sender)), |(sent, mut hash, done)| async move {
+            if sent == SIZE {
+                if let Some(done) = done {
+                    done.send(hash.finalize().to_vec()).unwrap();
+                }
+                return None;
             }
-            return None;
-        }
-        let chunk: Vec<u8> = (0..CHUNK).map(|i| ((sent as usize + i) * 7 % 253) as u8).collect();
-        hash.update(&chunk);
-        Some((Ok::<_, std::io::Error>(chunk), (sent + CHUNK as u64, hash, done)))
-    });
+            let chunk: Vec<u8> = (0..CHUNK).map(|i| ((sent as usize + i) * 7 % 253) as u8).collect();
+            hash.update(&chunk);
+            Some((Ok::<_, std::io::Error>(chunk), (sent + CHUNK as u64, hash, done)))
+        });
     let put = client()
         .put(url("/sandboxes/http-big/files/big.bin"))
         .body(reqwest::Body::wrap_stream(stream))
@@ -626,7 +630,8 @@ async fn exec_answers_with_the_real_status_as_json_and_as_an_event_stream() {
     let ended: Value = serde_json::from_str(&last[0].1).unwrap();
     assert!(last[0].0 == "error" || ended["exit_code"] != 0, "{last:?}");
 
-    let bad_stdin = post("/sandboxes/http-exec/exec", json!({ "command": "true", "stdin": "a", "stdin_base64": "YQ==" })).await;
+    let bad_stdin =
+        post("/sandboxes/http-exec/exec", json!({ "command": "true", "stdin": "a", "stdin_base64": "YQ==" })).await;
     problem(bad_stdin, StatusCode::BAD_REQUEST, "invalid-request").await;
     let unknown = exec_stream("http-exec", json!({ "command": "true", "user": "root" })).send().await.unwrap();
     problem(unknown, StatusCode::BAD_REQUEST, "invalid-request").await;
@@ -740,10 +745,8 @@ async fn serve_stops_on_sigterm_ending_open_streams_with_an_error_event() {
     };
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
     // The command was killed with its stream: its container holds no `sleep 999`.
-    let container = Command::new("docker")
-        .args(["ps", "-q", "--filter", &format!("label=airlock.sandbox={id}")])
-        .output()
-        .unwrap();
+    let container =
+        Command::new("docker").args(["ps", "-q", "--filter", &format!("label=airlock.sandbox={id}")]).output().unwrap();
     for container in String::from_utf8_lossy(&container.stdout).lines() {
         let ps = Command::new("docker").args(["exec", container, "ps", "-eo", "args"]).output().unwrap();
         assert!(!String::from_utf8_lossy(&ps.stdout).contains("sleep 999"), "the command outlived the server");

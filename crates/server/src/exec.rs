@@ -127,10 +127,8 @@ fn split((text, encoding): (String, Encoding)) -> (Option<String>, Option<Encodi
 
 fn deadline(timeout: Option<f64>) -> Result<Option<Duration>, ApiError> {
     let Some(seconds) = timeout else { return Ok(None) };
-    let deadline = Duration::try_from_secs_f64(seconds)
-        .ok()
-        .filter(|d| !d.is_zero() && *d <= MAX_DEADLINE)
-        .ok_or_else(|| {
+    let deadline =
+        Duration::try_from_secs_f64(seconds).ok().filter(|d| !d.is_zero() && *d <= MAX_DEADLINE).ok_or_else(|| {
             ApiError::invalid(format!("timeout must be over 0 and at most {} seconds", MAX_DEADLINE.as_secs()))
         })?;
     Ok(Some(deadline))
@@ -141,9 +139,9 @@ impl ExecBody {
         let stdin = match (self.stdin, self.stdin_base64) {
             (Some(_), Some(_)) => return Err(ApiError::invalid("give stdin or stdin_base64, not both")),
             (Some(text), None) => StdinSource::Bytes(text.into_bytes()),
-            (None, Some(encoded)) => StdinSource::Bytes(
-                BASE64.decode(encoded).map_err(|e| ApiError::invalid(format!("stdin_base64: {e}")))?,
-            ),
+            (None, Some(encoded)) => {
+                StdinSource::Bytes(BASE64.decode(encoded).map_err(|e| ApiError::invalid(format!("stdin_base64: {e}")))?)
+            }
             (None, None) => StdinSource::Empty,
         };
         let mut limits = sandbox.config().limits;
@@ -194,9 +192,16 @@ type RunFuture = Pin<Box<dyn std::future::Future<Output = Result<RunOutcome, Api
 
 /// Where an event stream is.
 enum Phase {
-    Running { run: RunFuture, chunks: mpsc::UnboundedReceiver<OutputChunk>, shutdown: CancellationToken },
+    Running {
+        run: RunFuture,
+        chunks: mpsc::UnboundedReceiver<OutputChunk>,
+        shutdown: CancellationToken,
+    },
     /// The run is over: the output still queued goes out, then the last event.
-    Draining { chunks: mpsc::UnboundedReceiver<OutputChunk>, last: Event },
+    Draining {
+        chunks: mpsc::UnboundedReceiver<OutputChunk>,
+        last: Event,
+    },
     Done,
 }
 
@@ -384,7 +389,8 @@ pub(crate) async fn run(
     let outcome = state.interpreters().run(body.language, workspace, &body.code, limits).await;
     // Removed on a blocking thread: the guest may have left many files.
     tokio::task::spawn_blocking(move || drop(scratch));
-    let placement = Placement { tier: TierKind::Isolate, reason: "a one-shot run is an isolate's".into(), escalated: None };
+    let placement =
+        Placement { tier: TierKind::Isolate, reason: "a one-shot run is an isolate's".into(), escalated: None };
     Ok(Json(CodeAnswer::new(outcome.map_err(airlock_runtime::Error::from)?, placement)))
 }
 

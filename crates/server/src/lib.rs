@@ -166,8 +166,7 @@ pub async fn serve(
         tracing::info!("shutting down: finishing running requests");
         signalled.cancel();
     });
-    let server = server.into_future();
-    tokio::pin!(server);
+    let mut server = Box::pin(server.into_future());
     let result = tokio::select! {
         result = &mut server => result,
         () = async { token.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {

@@ -226,7 +226,9 @@ fn from_fs(error: airlock_core::FsError) -> ApiError {
             ApiError::new(StatusCode::BAD_REQUEST, Code::PathRefused, error.to_string())
         }
         F::NoSpace { .. } => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, Code::DiskQuota, error.to_string()),
-        F::TooLarge { .. } | F::Limit { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, Code::TooLarge, error.to_string()),
+        F::TooLarge { .. } | F::Limit { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, Code::TooLarge, error.to_string())
+        }
         other => ApiError::internal(&other),
     }
 }

@@ -36,6 +36,8 @@ fn server() -> &'static Shared {
         // The guests must be there: a test never passes by skipping.
         common::guest("python.wasm");
         let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("http-api-homes");
+        // The homes of earlier runs (this server is never dropped, so each run leaves its own).
+        let _ = std::fs::remove_dir_all(&parent);
         std::fs::create_dir_all(&parent).unwrap();
         let home = tempfile::Builder::new().prefix("home-").tempdir_in(&parent).unwrap().keep();
         let (sender, receiver) = std::sync::mpsc::channel::<SocketAddr>();

@@ -13,36 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use airlock::runtime::{Error, Runtime, RuntimeOptions, SandboxEvent};
+use airlock::runtime::{Error, SandboxEvent};
 use airlock::{ExecRequest, Language, TierKind};
-
-async fn runtime_in(home: &Path) -> Runtime {
-    let mut options = RuntimeOptions::new(home);
-    options.isolates.cache_dir = Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache"));
-    Runtime::open(options).await.expect("opening the runtime")
-}
-
-fn bash(script: &str) -> ExecRequest {
-    ExecRequest::new("bash").args(["-c", script])
-}
-
-/// Removes a sandbox's containers however the test ends.
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for sandbox in &self.0 {
-            let out = Command::new("docker")
-                .args(["ps", "-aq", "--filter", &format!("label=airlock.sandbox={sandbox}")])
-                .output();
-            if let Ok(out) = out {
-                for id in String::from_utf8_lossy(&out.stdout).lines() {
-                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
-                }
-            }
-        }
-    }
-}
+use common::{Cleanup, bash, runtime_in};
 
 /// Every entry under `dir` with its owner, mode and contents: what a host
 /// directory looked like, to show that nothing in it changed.

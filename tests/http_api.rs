@@ -24,6 +24,8 @@ use sha2::{Digest, Sha256};
 
 mod common;
 
+use common::Cleanup;
+
 struct Shared {
     base: String,
     home: PathBuf,
@@ -73,24 +75,6 @@ fn client() -> Client {
 fn require_docker() {
     let out = Command::new("docker").arg("info").output().expect("running docker info");
     assert!(out.status.success(), "the Docker engine must be running: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Removes a sandbox's containers however the test ends.
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for sandbox in &self.0 {
-            let out = Command::new("docker")
-                .args(["ps", "-aq", "--filter", &format!("label=airlock.sandbox={sandbox}")])
-                .output();
-            if let Ok(out) = out {
-                for id in String::from_utf8_lossy(&out.stdout).lines() {
-                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
-                }
-            }
-        }
-    }
 }
 
 /// Creates a sandbox; returns its id.

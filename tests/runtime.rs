@@ -6,23 +6,15 @@
 //! a missing engine fails these tests, loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use airlock::runtime::{Error, Runtime, RuntimeOptions, SandboxConfig, SandboxState, TierPreference, UsageQuery};
+use airlock::runtime::{Error, SandboxConfig, SandboxState, TierPreference, UsageQuery};
 use airlock::{EscalationReason, EvalResult, ExecRequest, Language, Limits, Termination, TierKind};
-
-/// A runtime in a fresh home, sharing the test binaries' guest cache.
-async fn runtime_in(home: &Path) -> Runtime {
-    let mut options = RuntimeOptions::new(home);
-    options.isolates.cache_dir = Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache"));
-    Runtime::open(options).await.expect("opening the runtime")
-}
-
-fn bash(script: &str) -> ExecRequest {
-    ExecRequest::new("bash").args(["-c", script])
-}
+use common::{Cleanup, bash, runtime_in};
 
 /// Containers the engine has for one sandbox, running or not.
 fn containers_of(sandbox_id: &str) -> usize {
@@ -37,24 +29,6 @@ fn containers_of(sandbox_id: &str) -> usize {
 fn container_status(container_id: &str) -> String {
     let out = Command::new("docker").args(["inspect", "--format", "{{.State.Status}}", container_id]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Removes a sandbox's containers however the test ends.
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for sandbox in &self.0 {
-            let out = Command::new("docker")
-                .args(["ps", "-aq", "--filter", &format!("label=airlock.sandbox={sandbox}")])
-                .output();
-            if let Ok(out) = out {
-                for id in String::from_utf8_lossy(&out.stdout).lines() {
-                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
-                }
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

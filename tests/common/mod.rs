@@ -61,3 +61,33 @@ impl Fixture {
         entries
     }
 }
+
+/// A runtime in a fresh home, sharing the test binaries' guest cache.
+pub async fn runtime_in(home: &Path) -> airlock::runtime::Runtime {
+    let mut options = airlock::runtime::RuntimeOptions::new(home);
+    options.isolates.cache_dir = Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache"));
+    airlock::runtime::Runtime::open(options).await.expect("opening the runtime")
+}
+
+/// A bash script as a command.
+pub fn bash(script: &str) -> airlock::ExecRequest {
+    airlock::ExecRequest::new("bash").args(["-c", script])
+}
+
+/// Removes these sandboxes' containers however the test ends.
+pub struct Cleanup(pub Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for sandbox in &self.0 {
+            let out = std::process::Command::new("docker")
+                .args(["ps", "-aq", "--filter", &format!("label=airlock.sandbox={sandbox}")])
+                .output();
+            if let Ok(out) = out {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+                }
+            }
+        }
+    }
+}

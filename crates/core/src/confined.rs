@@ -21,6 +21,7 @@
 //! No host [`Path`] into the workspace leaves this module: what comes out are
 //! open files, directory handles and entries.
 
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -646,36 +647,37 @@ impl Walk {
     }
 }
 
-/// Calls `each` with every name in the directory `dir` (not `.` or `..`).
-fn for_each_name(dir: &OwnedFd, path: &str, mut each: impl FnMut(&str) -> Result<()>) -> Result<()> {
+/// Calls `each` with every raw name in the directory `dir` (not `.` or `..`),
+/// as it is read: a caller can stop at a bound without reading the rest.
+fn for_each_raw_name(dir: &OwnedFd, path: &str, mut each: impl FnMut(&CStr) -> Result<()>) -> Result<()> {
     let entries = rustix::fs::Dir::read_from(dir).map_err(|e| FsError::from_errno("list", path, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| FsError::from_errno("list", path, e))?;
-        let bytes = entry.file_name().to_bytes();
-        if bytes == b"." || bytes == b".." {
-            continue;
-        }
-        // A name that is not UTF-8 cannot be named through the API; it is
-        // still walked by the recursive helpers, which use raw names.
-        match std::str::from_utf8(bytes) {
-            Ok(name) => each(name)?,
-            Err(_) => continue,
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            each(name)?;
         }
     }
     Ok(())
 }
 
-/// Every raw name in `dir`, for walks that must not skip any.
-fn raw_names(dir: &OwnedFd, path: &str) -> Result<Vec<std::ffi::CString>> {
-    let entries = rustix::fs::Dir::read_from(dir).map_err(|e| FsError::from_errno("list", path, e))?;
+/// Calls `each` with every UTF-8 name in `dir`. A name that is not UTF-8
+/// cannot be named through the API; the recursive walks still reach it, as
+/// they use raw names.
+fn for_each_name(dir: &OwnedFd, path: &str, mut each: impl FnMut(&str) -> Result<()>) -> Result<()> {
+    for_each_raw_name(dir, path, |name| match name.to_str() {
+        Ok(name) => each(name),
+        Err(_) => Ok(()),
+    })
+}
+
+/// Every raw name in `dir`, read before the walk changes the directory.
+fn raw_names(dir: &OwnedFd, path: &str) -> Result<Vec<CString>> {
     let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| FsError::from_errno("list", path, e))?;
-        let name = entry.file_name();
-        if name.to_bytes() != b"." && name.to_bytes() != b".." {
-            names.push(name.to_owned());
-        }
-    }
+    for_each_raw_name(dir, path, |name| {
+        names.push(name.to_owned());
+        Ok(())
+    })?;
     Ok(names)
 }
 

@@ -32,5 +32,5 @@ rustup component add clippy >/dev/null 2>&1 || true
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> tests"
-cargo test --workspace --all-targets --locked
+cargo test --workspace --all-targets --locked --no-fail-fast
 cargo test --workspace --doc --locked

@@ -324,7 +324,7 @@ pub async fn a_pty_session_takes_input_and_resizes(runtime: ContainerRuntime) {
         test.sandbox.open_pty(ExecRequest::new("bash").args(["--norc", "-i"]), PtySize::default()).await.unwrap();
     pty.write(b"sleep 315 & setsid sleep 316 & echo went-background\n").await.unwrap();
     read_until(&mut pty, "\nwent-background").await;
-    assert_eq!(count_processes(&test, "sleep 31[56]").await, 2);
+    until_count(&test, "sleep 31[56]", 2, Duration::from_secs(10)).await;
     drop(pty);
     until_none(&test, "sleep 31[56]", Duration::from_secs(5)).await;
 }
@@ -457,14 +457,20 @@ async fn count_processes(test: &TestSandbox, pattern: &str) -> usize {
 
 /// Waits (up to `within`) until no process matches `pattern`; how long it took.
 async fn until_none(test: &TestSandbox, pattern: &str, within: Duration) -> Duration {
+    until_count(test, pattern, 0, within).await
+}
+
+/// Waits (up to `within`) until exactly `wanted` processes match `pattern`:
+/// a shell reports a job started before its fork has exec'd the command.
+async fn until_count(test: &TestSandbox, pattern: &str, wanted: usize, within: Duration) -> Duration {
     let start = std::time::Instant::now();
     loop {
-        if count_processes(test, pattern).await == 0 {
+        if count_processes(test, pattern).await == wanted {
             return start.elapsed();
         }
         assert!(
             start.elapsed() < within,
-            "still there after {within:?}: {}",
+            "not {wanted} of {pattern:?} after {within:?}: {}",
             test.bash_as_root("ps -eo pid,ppid,pgid,sid,user,args").await.stdout_text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -489,7 +495,7 @@ pub async fn a_dropped_exec_kills_its_whole_tree(runtime: ContainerRuntime) {
         assert!(started.elapsed() < Duration::from_secs(30), "the tree never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(count_processes(&test, ESCAPING_SLEEPS).await, 5, "not every sleep ran");
+    until_count(&test, ESCAPING_SLEEPS, 5, Duration::from_secs(10)).await;
     // Some left their session and process group; one is parented by no one of theirs.
     let sessions =
         test.bash_as_root("ps -eo sid=,args= | grep -E 'sleep 31[0-4]$' | awk '{print $1}' | sort -u | wc -l").await;

@@ -28,8 +28,12 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
+mod events;
 mod exec;
 mod files;
+mod ops;
+mod processes;
+mod pty;
 pub mod problem;
 mod sandboxes;
 
@@ -132,7 +136,11 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/{name}/files/{*path}", get(files::get).put(files::put).delete(files::delete))
         .route("/sandboxes/{name}/mkdir", post(files::mkdir))
         .route("/sandboxes/{name}/rename", post(files::rename))
-        .route("/run", post(exec::run));
+        .route("/run", post(exec::run))
+        .merge(processes::routes())
+        .merge(pty::routes())
+        .merge(events::routes())
+        .merge(ops::routes());
     Router::new()
         .nest("/v1", v1)
         .fallback(not_found)

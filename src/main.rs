@@ -14,6 +14,7 @@ use airlock::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod carried;
 mod sandbox_cli;
 mod serve_cli;
 
@@ -154,6 +155,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    // Before anything asks where the interpreters are.
+    if let Err(e) = carried::install() {
+        eprintln!("airlock: warning: the interpreters this binary carries are not available: {e:#}");
+    }
     let command = match cli.command {
         // The server builds its own multi-threaded async runtime.
         Command::Serve(args) => return finish(serve_cli::serve(args)),

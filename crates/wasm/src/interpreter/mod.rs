@@ -6,4 +6,7 @@ mod context;
 mod registry;
 
 pub use context::InterpreterContext;
-pub use registry::{ContextInfo, INTERPRETER_FILES, Interpreters, default_interpreter_dir};
+pub use registry::{
+    ContextInfo, INTERPRETER_FILES, Interpreters, build_tree_interpreter_dir, default_interpreter_dir,
+    set_fallback_interpreter_dir,
+};

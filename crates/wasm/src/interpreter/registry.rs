@@ -17,20 +17,31 @@ pub const INTERPRETER_FILES: [(Language, &str); 2] =
 
 /// Where interpreter components are looked for: `$AIRLOCK_INTERPRETERS` if
 /// set; else the first `guests/out` holding `python.wasm` found walking up
-/// from the running executable (a build tree); else `./guests/out`.
+/// from the running executable (a build tree); else the directory given to
+/// [`set_fallback_interpreter_dir`] (the `airlock` binary unpacks the
+/// interpreters it carries there); else `./guests/out`.
 pub fn default_interpreter_dir() -> PathBuf {
+    build_tree_interpreter_dir()
+        .or_else(|| FALLBACK_INTERPRETER_DIR.get().cloned())
+        .unwrap_or_else(|| PathBuf::from("guests").join("out"))
+}
+
+/// The interpreter directory set explicitly or found in a build tree, if any:
+/// the first two places [`default_interpreter_dir`] looks.
+pub fn build_tree_interpreter_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("AIRLOCK_INTERPRETERS").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
+        return Some(PathBuf::from(dir));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        for ancestor in exe.ancestors().skip(1) {
-            let candidate = ancestor.join("guests").join("out");
-            if candidate.join("python.wasm").is_file() {
-                return candidate;
-            }
-        }
-    }
-    PathBuf::from("guests").join("out")
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors().skip(1).map(|ancestor| ancestor.join("guests").join("out")).find(|c| c.join("python.wasm").is_file())
+}
+
+static FALLBACK_INTERPRETER_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Sets, once per process, where [`default_interpreter_dir`] looks when there
+/// is no build tree; false if it was already set.
+pub fn set_fallback_interpreter_dir(dir: PathBuf) -> bool {
+    FALLBACK_INTERPRETER_DIR.set(dir).is_ok()
 }
 
 /// What a listing says of a context.

@@ -215,6 +215,39 @@ fn serde_plain<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
+/// How long an interrupted command waits for the container's agent to confirm
+/// the kill of what it was running before the CLI exits.
+const INTERRUPT_SETTLE: Duration = Duration::from_secs(5);
+
+enum Interruptible<T> {
+    Done(T),
+    /// Interrupted by a signal; the exit status a shell would report (128 + the signal).
+    Interrupted(ExitCode),
+}
+
+/// Runs `work` unless ctrl-c, SIGTERM or SIGHUP comes first. Then the work is
+/// dropped, which kills a running command's whole tree, and the kill is seen
+/// through before returning: exiting at once would leave it queued, and the
+/// command running in the container until its deadline.
+async fn interruptible<T>(work: impl std::future::Future<Output = T>) -> Interruptible<T> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    else {
+        return Interruptible::Done(work.await);
+    };
+    let signalled = tokio::select! {
+        done = work => return Interruptible::Done(done),
+        _ = interrupt.recv() => 2,
+        _ = terminate.recv() => 15,
+        _ = hangup.recv() => 1,
+    };
+    if !airlock::container::settle_agent_links(INTERRUPT_SETTLE).await {
+        eprintln!("airlock: warning: the container did not confirm the kill within {}s", INTERRUPT_SETTLE.as_secs());
+    }
+    Interruptible::Interrupted(ExitCode::from(128 + signalled))
+}
+
 pub async fn exec(args: ExecArgs) -> Result<ExitCode> {
     let runtime = args.home.open().await?;
     let sandbox = runtime.sandbox(&args.name).await?;
@@ -229,7 +262,10 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode> {
     });
     let mut request = ExecRequest::new(program).args(rest.iter().cloned()).output(echo).stdin(StdinSource::Empty);
     request.limits.deadline = parse_duration(&args.timeout)?;
-    let ran = sandbox.exec(request).await?;
+    let ran = match interruptible(sandbox.exec(request)).await {
+        Interruptible::Done(ran) => ran?,
+        Interruptible::Interrupted(status) => return Ok(status),
+    };
     if args.verbose {
         eprintln!("airlock: ran in the {} tier: {}", ran.placement.tier, ran.placement.reason);
     }
@@ -244,9 +280,15 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode> {
 pub async fn code(args: CodeArgs) -> Result<ExitCode> {
     let runtime = args.home.open().await?;
     let sandbox = runtime.sandbox(&args.name).await?;
-    let ran = match &args.context {
-        Some(context) => sandbox.code_in(context, &args.code).await?,
-        None => sandbox.code(args.lang, &args.code).await?,
+    let evaluation = async {
+        match &args.context {
+            Some(context) => sandbox.code_in(context, &args.code).await,
+            None => sandbox.code(args.lang, &args.code).await,
+        }
+    };
+    let ran = match interruptible(evaluation).await {
+        Interruptible::Done(ran) => ran?,
+        Interruptible::Interrupted(status) => return Ok(status),
     };
     if args.verbose {
         eprintln!("airlock: ran in the {} tier: {}", ran.placement.tier, ran.placement.reason);

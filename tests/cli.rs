@@ -226,3 +226,40 @@ fn files_stream_through_the_cli_and_a_fifo_is_refused_at_once() {
     let removed = airlock(&["sandbox", "rm", "--home", home_arg, "streamed"]);
     assert!(removed.status.success(), "{}", text(&removed.stderr));
 }
+
+/// Ctrl-c on `airlock exec` ends the command in the container too: the CLI
+/// drops it and waits for the agent to confirm the kill before exiting (it
+/// used to exit at once, leaving the kill queued and the command running).
+#[test]
+fn an_interrupted_exec_takes_its_command_with_it() {
+    let home = tempfile::tempdir().unwrap();
+    let home_arg = home.path().to_str().unwrap();
+    let created = airlock(&["sandbox", "create", "--home", home_arg, "interrupted"]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let mut child = airlock_command(&["exec", "--home", home_arg, "interrupted", "--", "bash", "-c", "echo started; sleep 321"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    assert_eq!(first, "started\n");
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "128 + SIGINT, as a shell reports it");
+
+    let ps = || {
+        let seen = airlock(&["exec", "--home", home_arg, "interrupted", "--", "ps", "-eo", "args"]);
+        assert!(seen.status.success(), "{}", text(&seen.stderr));
+        text(&seen.stdout)
+    };
+    let started = Instant::now();
+    while ps().contains("sleep 321") {
+        assert!(started.elapsed() < Duration::from_secs(5), "the interrupted command still runs: {}", ps());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let removed = airlock(&["sandbox", "rm", "--home", home_arg, "interrupted"]);
+    assert!(removed.status.success(), "{}", text(&removed.stderr));
+}

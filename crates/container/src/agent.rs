@@ -121,6 +121,45 @@ impl AgentLinks {
     }
 }
 
+impl AgentLinks {
+    /// The links made so far and still open (one being made is skipped).
+    fn open_links(&self) -> Vec<Arc<AgentLink>> {
+        let slots: Vec<LinkSlot> = match self.slots.lock() {
+            Ok(slots) => slots.values().cloned().collect(),
+            Err(_) => return Vec::new(),
+        };
+        slots
+            .iter()
+            .filter_map(|slot| slot.try_lock().ok().and_then(|link| link.clone()))
+            .filter(|link| link.is_open())
+            .collect()
+    }
+}
+
+/// Waits, up to `within`, until every agent has handled what this process
+/// already sent it, the kills of dropped commands included (a `Drop` only
+/// queues its kill). A process calls it before it exits, so a command it
+/// abandoned is killed rather than left running to its deadline. True if all
+/// answered in time.
+///
+/// Agents handle requests in order and kills are written before any ordinary
+/// frame, so an agent's answer to a ping sent now means its kills are done.
+pub async fn settle_agent_links(within: Duration) -> bool {
+    let links = AgentLinks::global().open_links();
+    let pings = links.into_iter().map(|link| async move {
+        let mut run = link.open_run();
+        if run.send(&Request::Ping).await.is_err() {
+            return;
+        }
+        while let Some(reply) = run.recv().await {
+            if matches!(reply, Reply::Pong { .. }) {
+                return;
+            }
+        }
+    });
+    tokio::time::timeout(within, futures_util::future::join_all(pings)).await.is_ok()
+}
+
 /// One attached stream to a container's agent, shared by every command.
 pub(crate) struct AgentLink {
     /// Ordinary frames, written in order by the writer task.

@@ -29,7 +29,7 @@ mod sandbox;
 mod spec;
 mod tier;
 
-pub use agent::{AGENT_GUEST_PATH, AGENT_HANDSHAKE_TIMEOUT};
+pub use agent::{AGENT_GUEST_PATH, AGENT_HANDSHAKE_TIMEOUT, settle_agent_links};
 pub use engine::{
     ContainerRuntime, DEFAULT_DOCKER_SOCKET, DEFAULT_REMAP_RANGE, DOCKER_SOCKET_ENV, DOCKERD_FLAGS, DockerEngine,
     ENGINE_REQUEST_TIMEOUT, ENGINE_START_TIMEOUT, EngineOptions, NO_REMAP_ADVICE, RUNSC_RUNTIME_ARGS, USERNS_REMAP,

@@ -37,6 +37,7 @@ mod pty;
 pub mod problem;
 mod sandboxes;
 
+pub use ops::ServerOptions;
 pub use problem::{ApiError, Code, PROBLEM_JSON, Problem};
 
 /// The address `airlock serve` listens on by default: loopback only.
@@ -66,6 +67,8 @@ struct StateInner {
     /// Cancelled when the server begins to shut down: open event streams end
     /// with an `error` event and drop what they run.
     shutdown: CancellationToken,
+    /// Admission (backpressure), metrics and the server's own limits.
+    ops: ops::Ops,
 }
 
 impl AppState {
@@ -76,9 +79,16 @@ impl AppState {
 
     /// State over `runtime`, with the interpreter components in `dir`.
     pub fn with_interpreters(runtime: Runtime, dir: impl Into<PathBuf>) -> Self {
+        Self::with_options(runtime, dir, ServerOptions::default())
+    }
+
+    /// State over `runtime`, with the interpreter components in `dir` and the
+    /// server's own limits (admission queue, timeouts) from `options`.
+    pub fn with_options(runtime: Runtime, dir: impl Into<PathBuf>, options: ServerOptions) -> Self {
         let interpreters =
             Interpreters::new(runtime.isolate_engine().clone(), dir.into()).keep_warm(RUNTIME_WARM_CONTEXTS);
-        Self { inner: Arc::new(StateInner { runtime, interpreters, shutdown: CancellationToken::new() }) }
+        let ops = ops::Ops::new(options);
+        Self { inner: Arc::new(StateInner { runtime, interpreters, shutdown: CancellationToken::new(), ops }) }
     }
 
     pub fn runtime(&self) -> &Runtime {
@@ -91,6 +101,10 @@ impl AppState {
 
     fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    fn ops(&self) -> &ops::Ops {
+        &self.inner.ops
     }
 
     /// The sandbox by name; never creates one.
@@ -141,12 +155,13 @@ pub fn app(state: AppState) -> Router {
         .merge(pty::routes())
         .merge(events::routes())
         .merge(ops::routes());
-    Router::new()
+    let router = Router::new()
         .nest("/v1", v1)
+        .merge(ops::root_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES));
+    ops::instrument(router, &state).with_state(state)
 }
 
 async fn not_found() -> ApiError {

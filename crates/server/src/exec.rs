@@ -156,7 +156,7 @@ impl ExecBody {
 }
 
 /// Whether the client asked for an event stream.
-fn wants_events(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_events(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()
@@ -173,8 +173,16 @@ pub(crate) async fn exec(
 ) -> Result<Response, ApiError> {
     let sandbox = state.sandbox(&name)?;
     let request = body.into_request(&sandbox)?;
+    // A command the router gives to an isolate takes an evaluation slot, as
+    // code does; the container's commands do not (they use no engine slot).
+    let route = airlock_runtime::route(&airlock_core::Needs::of_exec(&request), sandbox.config().tier)?;
+    let admitted = match route.tier {
+        TierKind::Container => None,
+        _ => Some(state.ops().admit().await?),
+    };
     if !wants_events(&headers) {
         let run = sandbox.exec(request).await?;
+        drop(admitted);
         return Ok(Json(ExecAnswer::new(run, true)).into_response());
     }
     let (sender, chunks) = mpsc::unbounded_channel();
@@ -184,7 +192,11 @@ pub(crate) async fn exec(
     let request = request.output(Arc::new(move |chunk: OutputChunk| {
         let _ = sender.send(chunk);
     }));
-    let run: RunFuture = Box::pin(async move { sandbox.exec(request).await.map_err(ApiError::from) });
+    let run: RunFuture = Box::pin(async move {
+        let result = sandbox.exec(request).await.map_err(ApiError::from);
+        drop(admitted);
+        result
+    });
     Ok(event_stream(run, chunks, state.shutdown().clone()).into_response())
 }
 
@@ -357,12 +369,33 @@ pub(crate) async fn code(
     StrictJson(body): StrictJson<CodeBody>,
 ) -> Result<Json<CodeAnswer>, ApiError> {
     let sandbox = state.sandbox(&name)?;
+    if body.context.is_none() && body.language.is_none() {
+        return Err(ApiError::invalid("give a language, or a context"));
+    }
+    let admitted = state.ops().admit().await?;
     let answer = match (body.context, body.language) {
         (Some(context), _) => sandbox.code_in(&context, &body.code).await?,
         (None, Some(language)) => sandbox.code(language, &body.code).await?,
         (None, None) => return Err(ApiError::invalid("give a language, or a context")),
     };
+    drop(admitted);
+    refuse_engine_capacity(&answer.outcome.result)?;
+    if answer.placement.escalated.is_some() {
+        state.ops().count_escalation();
+    }
     Ok(Json(CodeAnswer::new(answer.outcome, answer.placement)))
+}
+
+/// An evaluation the isolate engine could not place (its pool was full, as
+/// when a context must start again) is the server's capacity, not the code's
+/// crash: answered `503` with `Retry-After`, like a run refused at the gate.
+fn refuse_engine_capacity(result: &EvalResult) -> Result<(), ApiError> {
+    match result {
+        EvalResult::Crashed { message } if crate::problem::is_engine_capacity(message) => {
+            Err(airlock_runtime::Error::Core(airlock_core::Error::Engine(message.clone())).into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `POST /v1/run`: code in a fresh interpreter, with a fresh empty workspace
@@ -384,14 +417,19 @@ pub(crate) async fn run(
     if let Some(deadline) = deadline(body.timeout)? {
         limits.deadline = deadline;
     }
+    let admitted = state.ops().admit().await?;
     let scratch = tempfile::Builder::new().prefix("airlock-run-").tempdir().map_err(|e| ApiError::internal(&e))?;
     let workspace = Workspace::open(scratch.path())?;
     let outcome = state.interpreters().run(body.language, workspace, &body.code, limits).await;
+    drop(admitted);
     // Removed on a blocking thread: the guest may have left many files.
     tokio::task::spawn_blocking(move || drop(scratch));
+    let outcome = outcome.map_err(airlock_runtime::Error::from)?;
+    refuse_engine_capacity(&outcome.result)?;
+    state.ops().count_run(outcome.cpu_time);
     let placement =
         Placement { tier: TierKind::Isolate, reason: "a one-shot run is an isolate's".into(), escalated: None };
-    Ok(Json(CodeAnswer::new(outcome.map_err(airlock_runtime::Error::from)?, placement)))
+    Ok(Json(CodeAnswer::new(outcome, placement)))
 }
 
 /// `POST /v1/sandboxes/{name}/contexts`.

@@ -32,8 +32,13 @@ pub enum Code {
     /// A workspace path that leaves the workspace, goes through a link, or
     /// names something other than a file or directory.
     PathRefused,
-    /// A per-sandbox limit (contexts, processes, terminals) is reached.
+    /// A per-sandbox limit (contexts, processes, terminals) is reached; the
+    /// `limit` member names it (the `SandboxConfig` field).
     Limit,
+    /// The server is at capacity (its evaluation queue is full, a request
+    /// waited in it too long, or the isolate engine's slots are taken); the
+    /// `limit` member names which, and `Retry-After` says when to try again.
+    Capacity,
     /// The sandbox's disk quota is used up.
     DiskQuota,
     /// A request body, or a file, is larger than its limit.
@@ -64,6 +69,7 @@ impl Code {
             Code::Conflict => "conflict",
             Code::PathRefused => "path-refused",
             Code::Limit => "limit",
+            Code::Capacity => "capacity",
             Code::DiskQuota => "disk-quota",
             Code::TooLarge => "too-large",
             Code::UnsupportedMediaType => "unsupported-media-type",
@@ -85,6 +91,7 @@ impl Code {
             Code::Conflict => "conflict",
             Code::PathRefused => "path refused",
             Code::Limit => "limit reached",
+            Code::Capacity => "at capacity",
             Code::DiskQuota => "disk quota exceeded",
             Code::TooLarge => "too large",
             Code::UnsupportedMediaType => "unsupported media type",
@@ -107,6 +114,10 @@ pub struct Problem {
     pub status: u16,
     pub code: &'static str,
     pub detail: String,
+    /// For `limit`, `capacity` and `timeout` problems: the name of the limit
+    /// that was reached (a configuration field or constant), stable for clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<&'static str>,
 }
 
 /// An error answer.
@@ -117,6 +128,25 @@ pub struct ApiError {
     pub detail: String,
     /// Extra header for 416 answers: `Content-Range: bytes */<size>`.
     pub content_range: Option<String>,
+    /// The limit reached, for the body's `limit` member.
+    pub limit: Option<&'static str>,
+    /// Extra header for capacity answers: `Retry-After: <seconds>`.
+    pub retry_after: Option<u64>,
+}
+
+/// The isolate engine's limit a pool-exhaustion answer names: the
+/// `EngineConfig` field that sizes the engine's pool of instance slots.
+pub const ENGINE_CAPACITY_LIMIT: &str = "max_concurrent_runs";
+/// `Retry-After` of an answer refused because the engine's pool was full:
+/// slots free as runs end, and most runs take well under a second.
+pub const ENGINE_CAPACITY_RETRY_AFTER_SECS: u64 = 1;
+
+/// Whether an engine error's text says its pool of instance slots (instances,
+/// memories, tables, fiber stacks) was full. Wasmtime reports this only as
+/// text ("maximum concurrent limit of N for K reached"), through the
+/// interpreter's or the guest's error, so the text is matched here, once.
+pub(crate) fn is_engine_capacity(text: &str) -> bool {
+    text.contains("maximum concurrent limit of")
 }
 
 /// The text an answer carries for errors that are the server's own.
@@ -124,7 +154,28 @@ const INTERNAL_DETAIL: &str = "the server could not complete the request; its lo
 
 impl ApiError {
     pub fn new(status: StatusCode, code: Code, detail: impl Into<String>) -> Self {
-        Self { status, code, detail: detail.into(), content_range: None }
+        Self { status, code, detail: detail.into(), content_range: None, limit: None, retry_after: None }
+    }
+
+    /// The same error, naming the limit that was reached.
+    pub fn with_limit(mut self, limit: &'static str) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// `503` with `Retry-After`: the server is at capacity for now.
+    pub fn capacity(limit: &'static str, retry_after_secs: u64, detail: impl Into<String>) -> Self {
+        let refusal = Self::new(StatusCode::SERVICE_UNAVAILABLE, Code::Capacity, detail);
+        Self { retry_after: Some(retry_after_secs), ..refusal }.with_limit(limit)
+    }
+
+    /// The isolate engine's pool had no free slot: `503` naming the engine's limit.
+    fn engine_capacity() -> Self {
+        Self::capacity(
+            ENGINE_CAPACITY_LIMIT,
+            ENGINE_CAPACITY_RETRY_AFTER_SECS,
+            "every slot of the isolate engine is in use; try again shortly",
+        )
     }
 
     pub fn invalid(detail: impl Into<String>) -> Self {
@@ -152,6 +203,7 @@ impl ApiError {
             status: self.status.as_u16(),
             code: self.code.as_str(),
             detail: self.detail.clone(),
+            limit: self.limit,
         }
     }
 }
@@ -164,6 +216,9 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(range) = self.content_range.and_then(|r| HeaderValue::from_str(&r).ok()) {
             headers.insert(header::CONTENT_RANGE, range);
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -206,7 +261,9 @@ impl From<airlock_runtime::Error> for ApiError {
             ),
             E::Upload { .. } => Self::invalid("the request body could not be read to its end; nothing was written"),
             E::Invalid { .. } => Self::invalid(error.to_string()),
-            E::SandboxLimit { .. } => Self::new(StatusCode::TOO_MANY_REQUESTS, Code::Limit, error.to_string()),
+            E::SandboxLimit { limit, .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, Code::Limit, error.to_string()).with_limit(limit)
+            }
             E::Core(core) => from_core(core),
             E::Container(container) => from_container(container),
             // The registry, the home's disk, host file errors: they name host paths.
@@ -239,6 +296,8 @@ fn from_core(error: airlock_core::Error) -> ApiError {
         C::InvalidName(name) => ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidName, name.to_string()),
         C::InvalidLimits(limits) => ApiError::invalid(format!("invalid limits: {limits}")),
         C::NoSuchContext(id) => ApiError::not_found(format!("no context {id:?} in this sandbox")),
+        C::Engine(ref text) if is_engine_capacity(text) => ApiError::engine_capacity(),
+        C::InterpreterUnavailable { ref reason, .. } if is_engine_capacity(reason) => ApiError::engine_capacity(),
         C::InterpreterUnavailable { language, .. } => {
             tracing::error!(error = %error, "interpreter unavailable");
             ApiError::new(

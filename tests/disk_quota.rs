@@ -333,3 +333,158 @@ async fn the_image_stays_mounted_while_any_runtime_uses_it_and_a_quota_is_checke
     drop(again);
     assert_released(home.path()).await;
 }
+
+/// The container's overlay2 layer directory (the parent of its upper dir), from the engine.
+fn layer_dir_of(container_id: &str) -> String {
+    let out = Command::new("docker")
+        .args(["inspect", "--format", "{{.GraphDriver.Name}} {{.GraphDriver.Data.UpperDir}}", container_id])
+        .output()
+        .expect("running docker inspect");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let upper = text.strip_prefix("overlay2 ").unwrap_or_else(|| panic!("not overlay2: {text}"));
+    Path::new(upper).parent().unwrap().to_str().unwrap().to_string()
+}
+
+/// Lines of this process's mount table that mention `needle` (a mount point or a mount's root).
+fn mounts_mentioning(needle: &str) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().filter(|line| line.split(' ').take(5).any(|field| field.contains(needle))).map(String::from).collect()
+}
+
+/// Runs `script` in the sandbox's container as `user` (`None`: the sandbox's
+/// own user); its stdout and stderr together.
+async fn sh(sandbox: &airlock::Sandbox, user: Option<&str>, script: &str) -> String {
+    let ran = match user {
+        Some(user) => sandbox.exec_as(user, bash(script)).await.unwrap(),
+        None => sandbox.exec(bash(script)).await.unwrap(),
+    };
+    assert_eq!(ran.placement.tier, TierKind::Container);
+    format!("{}{}", ran.outcome.stdout_text(), ran.outcome.stderr_text())
+}
+
+/// `dd` of `mib` MiB of zeros to `path` in the container as `user`: (what dd
+/// said, the bytes it wrote). (dd's own count, not a `stat` afterwards: the
+/// packaged runsc, 2022-12-19, answers `stat` of a file whose last write failed
+/// with EINVAL.)
+async fn fill(sandbox: &airlock::Sandbox, user: Option<&str>, path: &str, mib: u64) -> (String, u64) {
+    let out = sh(sandbox, user, &format!("dd if=/dev/zero of={path} bs=1M count={mib} 2>&1")).await;
+    let size =
+        out.lines().find_map(|line| line.split_once(" bytes ").and_then(|(n, _)| n.trim().parse().ok())).unwrap_or(0);
+    (out, size)
+}
+
+/// Root in the container (system paths such as `/usr/local` and `/etc` are its).
+const ROOT: Option<&str> = Some("root");
+
+/// Writes outside `/workspace` (the container's writable layer) count against
+/// the sandbox's disk quota, together with the workspace, under `runtime`;
+/// the layer survives sleep and wake, a lost mount and a runtime restart; and
+/// destroying the sandbox leaves no mount behind.
+async fn the_writable_layer_counts_against_the_quota(runtime_kind: airlock::container::ContainerRuntime) {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let config = SandboxConfig { disk: QUOTA, container_runtime: runtime_kind, ..SandboxConfig::default() };
+    let sandbox = runtime.sandbox_with("layered", config).await.unwrap();
+    let id = sandbox.id().to_string();
+    let _cleanup = Cleanup(vec![id.clone()]);
+    let image = home.path().join(DISK_IMAGE_FILE);
+    let allocated_before = allocated(&image);
+
+    // Past the quota in a system path: stopped near the quota, not at the host's free space.
+    let (out, size) = fill(&sandbox, None, "/var/tmp/big", ATTEMPT_MIB).await;
+    assert!(
+        out.contains("Disk quota exceeded"),
+        "{runtime_kind:?}: dd to /var/tmp was not stopped by the quota:\n{out}"
+    );
+    assert!(size <= QUOTA, "{runtime_kind:?}: the layer took {size} bytes past a {QUOTA}-byte quota");
+    assert!(size >= QUOTA / 2, "{runtime_kind:?}: only {size} bytes of a {QUOTA}-byte quota could be written:\n{out}");
+    // The bytes went to the sandbox's image, not to Docker's data root.
+    let grown = allocated(&image).saturating_sub(allocated_before);
+    assert!(grown >= QUOTA / 2, "{runtime_kind:?}: the image grew by only {grown} bytes: the layer is elsewhere");
+
+    // One quota for the layer and the workspace together: with the layer near
+    // full, the workspace has no room either.
+    let (out, size) = fill(&sandbox, None, "/workspace/more", 32).await;
+    assert!(out.contains("Disk quota exceeded"), "{runtime_kind:?}: the workspace has its own room:\n{out}");
+    assert!(size < 16 * MIB, "{runtime_kind:?}: {size} bytes went into the workspace beside a full layer");
+    let freed = sh(&sandbox, None, "rm -f /var/tmp/big /workspace/more && sync && echo freed").await;
+    assert!(freed.contains("freed"), "{freed}");
+    let (out, size) = fill(&sandbox, None, "/workspace/half", 40).await;
+    assert_eq!(size, 40 * MIB, "{runtime_kind:?}: freeing the layer made no room:\n{out}");
+    let (out, size) = fill(&sandbox, ROOT, "/usr/local/rest", ATTEMPT_MIB).await;
+    assert!(out.contains("Disk quota exceeded"), "{runtime_kind:?}: /usr/local was not stopped:\n{out}");
+    assert!(size <= QUOTA - 32 * MIB, "{runtime_kind:?}: /usr/local got {size} bytes beside 40 MiB in the workspace");
+    assert!(sh(&sandbox, ROOT, "rm -f /usr/local/rest && echo 'kept' > /etc/kept && echo ok").await.contains("ok"));
+
+    // Sleep and wake: the layer (and what it holds) comes back, still within the quota.
+    let container_id = sandbox.info().container_id.unwrap();
+    let layer = layer_dir_of(&container_id);
+    assert_eq!(
+        mounts_mentioning(&layer).len(),
+        2,
+        "the layer and its overlay are not mounted: {:?}",
+        mounts_mentioning(&layer)
+    );
+    sandbox.sleep().await.unwrap();
+    assert_eq!(
+        mounts_mentioning(&layer).len(),
+        1,
+        "asleep, the layer's own mount stays: {:?}",
+        mounts_mentioning(&layer)
+    );
+    sandbox.wake().await.unwrap();
+    assert_eq!(
+        sh(&sandbox, None, "cat /etc/kept").await.trim(),
+        "kept",
+        "{runtime_kind:?}: the layer was lost over sleep"
+    );
+    let (out, _) = fill(&sandbox, None, "/var/tmp/again", ATTEMPT_MIB).await;
+    assert!(out.contains("Disk quota exceeded"), "{runtime_kind:?}: after a wake the layer escaped the quota:\n{out}");
+    assert!(sh(&sandbox, None, "rm -f /var/tmp/again && echo ok").await.contains("ok"));
+
+    // The layer's mount lost while asleep (as after a reboot): put back at wake.
+    sandbox.sleep().await.unwrap();
+    let unmounted = Command::new("umount").arg(&layer).status().unwrap();
+    assert!(unmounted.success(), "umount {layer}");
+    assert!(mounts_mentioning(&layer).is_empty());
+    sandbox.wake().await.unwrap();
+    assert_eq!(
+        sh(&sandbox, None, "cat /etc/kept").await.trim(),
+        "kept",
+        "{runtime_kind:?}: the layer was not mounted again"
+    );
+
+    // A new runtime on the home (the image mounted again) adopts the container and its layer.
+    drop(sandbox);
+    drop(runtime);
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.get("layered").unwrap().unwrap();
+    assert_eq!(
+        sh(&sandbox, None, "cat /etc/kept").await.trim(),
+        "kept",
+        "{runtime_kind:?}: the layer was lost over a restart"
+    );
+    let (out, _) = fill(&sandbox, None, "/tmp/big", ATTEMPT_MIB).await;
+    assert!(
+        out.contains("Disk quota exceeded") || runtime_kind == airlock::container::ContainerRuntime::Runsc,
+        "{runtime_kind:?}: after a restart /tmp escaped the quota:\n{out}"
+    );
+
+    // Destroyed: no mount of the layer or of the sandbox's filesystem stays.
+    runtime.destroy("layered").await.unwrap();
+    assert!(mounts_mentioning(&layer).is_empty(), "destroy left mounts: {:?}", mounts_mentioning(&layer));
+    assert!(mounts_mentioning(&format!("/{id}/")).is_empty(), "destroy left mounts: {:?}", mounts_mentioning(&id));
+    drop(sandbox);
+    drop(runtime);
+    assert_released(home.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_outside_the_workspace_count_against_the_quota_under_runc() {
+    the_writable_layer_counts_against_the_quota(airlock::container::ContainerRuntime::Runc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_outside_the_workspace_count_against_the_quota_under_runsc() {
+    the_writable_layer_counts_against_the_quota(airlock::container::ContainerRuntime::Runsc).await;
+}

@@ -23,6 +23,7 @@ mod error;
 mod exec;
 mod forward;
 mod image;
+mod layer;
 mod process;
 mod pty;
 mod sandbox;
@@ -42,6 +43,7 @@ pub use image::{
     BASE_IMAGE_REPOSITORY, ImageRecipe, Progress, RECIPE_LABEL, SANDBOX_UID, SANDBOX_USER, ensure_base_image,
     image_exists,
 };
+pub use layer::{LAYER_LABEL, LAYER_UNMOUNT_WAIT};
 pub use process::{PROCESS_LOG_BYTES, ProcessEvent, ProcessFollower, ProcessInfo, ProcessStatus};
 pub use pty::{PtySession, PtySize};
 pub use sandbox::{ContainerSandbox, ContainerState, LabelledContainer, STOP_GRACE, container_name, list_labelled, remove_container};

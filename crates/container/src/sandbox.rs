@@ -18,6 +18,7 @@ use crate::cgroup::ContainerCgroup;
 use crate::engine::{ContainerRuntime, DockerEngine};
 use crate::error::{Error, Result};
 use crate::image::image_exists;
+use crate::layer::{self, MovedLayer};
 use crate::process::ProcessTable;
 use crate::spec::{ContainerResources, HOME_LABEL, RUNSC_PIDS_HEADROOM, SANDBOX_LABEL, SandboxSpec, USER_LABEL};
 
@@ -73,6 +74,8 @@ struct Inner {
     /// Set while this handle has the container paused: commands are refused
     /// at once rather than left to hang on a frozen agent.
     paused: AtomicBool,
+    /// The writable layer, when it was moved onto the spec's `layer_home`.
+    layer: Option<MovedLayer>,
 }
 
 impl ContainerSandbox {
@@ -98,7 +101,14 @@ impl ContainerSandbox {
             .create_container(Some(options), spec.container_config(&agent))
             .await
             .map_err(Error::docker("create container"))?;
-        Ok(Self::from_parts(engine.clone(), created.id, spec, true, false))
+        let moved = match prepare_layer(engine, &created.id, &spec).await {
+            Ok(moved) => moved,
+            Err(error) => {
+                let _ = remove_container(engine, &created.id).await;
+                return Err(error);
+            }
+        };
+        Ok(Self::from_parts(engine.clone(), created.id, spec, true, false, moved))
     }
 
     /// Creates and starts.
@@ -119,6 +129,7 @@ impl ContainerSandbox {
             .inspect_container(container_id, None::<InspectContainerOptions>)
             .await
             .map_err(Error::docker("inspect container"))?;
+        let moved = layer::moved_layer_of(&inspected);
         let config = inspected.config.unwrap_or_default();
         let host = inspected.host_config.unwrap_or_default();
         let runs_agent = runs_agent(config.cmd.as_deref().unwrap_or_default());
@@ -153,8 +164,7 @@ impl ContainerSandbox {
         // agent); containers from before the label ran as it.
         let user = labels.get(USER_LABEL).cloned().or(config.user).unwrap_or_default();
         // Only Airlock's own container labels; the image's labels show up here too.
-        let extra_labels: HashMap<String, String> =
-            labels.into_iter().filter(|(key, _)| key == HOME_LABEL).collect();
+        let extra_labels: HashMap<String, String> = labels.into_iter().filter(|(key, _)| key == HOME_LABEL).collect();
         let spec = SandboxSpec {
             sandbox_id,
             image: config.image.unwrap_or_default(),
@@ -164,9 +174,10 @@ impl ContainerSandbox {
             workspace,
             labels: extra_labels,
             disk_bytes: host.storage_opt.as_ref().and_then(|opts| opts.get("size")).and_then(|size| size.parse().ok()),
+            layer_home: moved.as_ref().map(|moved| moved.home.clone()),
         };
         let container_id = inspected.id.unwrap_or_else(|| container_id.to_string());
-        Ok(Self::from_parts(engine.clone(), container_id, spec, runs_agent, paused))
+        Ok(Self::from_parts(engine.clone(), container_id, spec, runs_agent, paused, moved))
     }
 
     fn from_parts(
@@ -175,6 +186,7 @@ impl ContainerSandbox {
         spec: SandboxSpec,
         runs_agent: bool,
         paused: bool,
+        layer: Option<MovedLayer>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -185,6 +197,7 @@ impl ContainerSandbox {
                 processes: ProcessTable::default(),
                 runs_agent,
                 paused: AtomicBool::new(paused),
+                layer,
             }),
         }
     }
@@ -255,6 +268,9 @@ impl ContainerSandbox {
     /// Starts the container and links to its agent, so that the first
     /// command pays no attach.
     pub async fn start(&self) -> Result<()> {
+        if let Some(moved) = &self.inner.layer {
+            layer::ensure_mounted(moved)?;
+        }
         self.inner
             .engine
             .docker()
@@ -392,19 +408,52 @@ fn workspace_owner(engine: &DockerEngine, spec: &SandboxSpec) -> Result<Option<a
 /// for reconciliation, which also meets containers no handle can be rebuilt for.
 pub async fn remove_container(engine: &DockerEngine, container_id: &str) -> Result<()> {
     let docker = engine.docker();
+    let inspected = docker.inspect_container(container_id, None::<InspectContainerOptions>).await.ok();
     // A frozen gVisor sandbox cannot be killed; thaw it first.
-    if let Ok(inspected) = docker.inspect_container(container_id, None::<InspectContainerOptions>).await
-        && inspected.state.and_then(|state| state.paused) == Some(true)
-    {
+    if inspected.as_ref().and_then(|i| i.state.as_ref()).and_then(|state| state.paused) == Some(true) {
         let _ = docker.unpause_container(container_id).await;
     }
     AgentLinks::global().forget(container_id);
+    // A moved writable layer comes off first, the container stopped (Docker
+    // then takes its overlay off the layer): removal then deletes Docker's own
+    // directory, and the sandbox's filesystem keeps no mount.
+    if let Some(moved) = inspected.as_ref().and_then(layer::moved_layer_of)
+        && layer::is_mounted(&moved)
+    {
+        let options = StopContainerOptionsBuilder::new().t(0).build();
+        let _ = docker.stop_container(container_id, Some(options)).await;
+        layer::release(&moved).await?;
+    }
     let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
     match docker.remove_container(container_id, Some(options)).await {
         Ok(()) => Ok(()),
         Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
         Err(source) => Err(Error::Docker { operation: "remove container", source }),
     }
+}
+
+/// Moves the just-made container's writable layer onto the spec's
+/// `layer_home` (see `layer.rs`); `None` when the spec has none, or the
+/// engine's storage is not overlay2 (the layer then stays where it is, unlimited).
+async fn prepare_layer(engine: &DockerEngine, container_id: &str, spec: &SandboxSpec) -> Result<Option<MovedLayer>> {
+    let Some(home) = &spec.layer_home else {
+        return Ok(None);
+    };
+    let inspected = engine
+        .docker()
+        .inspect_container(container_id, None::<InspectContainerOptions>)
+        .await
+        .map_err(Error::docker("inspect container"))?;
+    let Some(dir) = layer::layer_dir_of(&inspected) else {
+        tracing::warn!(
+            container = container_id,
+            "the engine's storage is not overlay2: the writable layer stays unlimited"
+        );
+        return Ok(None);
+    };
+    let moved = MovedLayer { layer: dir, home: home.clone() };
+    layer::move_layer(&moved)?;
+    Ok(Some(moved))
 }
 
 /// The engine-level name of a sandbox's container.

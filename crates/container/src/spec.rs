@@ -15,6 +15,7 @@ use crate::agent::AGENT_GUEST_PATH;
 use crate::engine::ContainerRuntime;
 use crate::error::{Error, Result};
 use crate::image::SANDBOX_UID;
+use crate::layer::LAYER_LABEL;
 
 /// Label every Airlock container carries; its value is the sandbox id.
 pub const SANDBOX_LABEL: &str = "airlock.sandbox";
@@ -131,6 +132,10 @@ pub struct SandboxSpec {
     /// Cap on the container's writable layer, in bytes (`--storage-opt size=`);
     /// only for an engine that [supports it](crate::DockerEngine::supports_writable_layer_quota).
     pub disk_bytes: Option<u64>,
+    /// A directory on the sandbox's quota'd filesystem, empty, to hold the
+    /// container's writable layer (see [`LAYER_LABEL`]): how the disk quota
+    /// covers the layer when the engine cannot limit it (overlay2 on ext4).
+    pub layer_home: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -145,12 +150,19 @@ impl SandboxSpec {
             workspace: workspace.into(),
             labels: HashMap::new(),
             disk_bytes: None,
+            layer_home: None,
         }
     }
 
     /// Caps the writable layer (see [`SandboxSpec::disk_bytes`]).
     pub fn disk_limit(mut self, bytes: u64) -> Self {
         self.disk_bytes = Some(bytes);
+        self
+    }
+
+    /// Keeps the writable layer in `dir` (see [`SandboxSpec::layer_home`]).
+    pub fn writable_layer_in(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.layer_home = Some(dir.into());
         self
     }
 
@@ -186,6 +198,14 @@ impl SandboxSpec {
                 reason: "must be an existing directory given by an absolute path".into(),
             });
         }
+        if let Some(home) = &self.layer_home
+            && (!home.is_absolute() || home.to_str().is_none())
+        {
+            return Err(Error::Invalid {
+                what: "writable layer directory",
+                reason: format!("{}: use an absolute UTF-8 path", home.display()),
+            });
+        }
         if self.workspace.to_str().is_none_or(|path| path.contains(':')) {
             return Err(Error::Workspace { path: self.workspace.clone(), reason: "must be UTF-8 without ':'".into() });
         }
@@ -198,6 +218,9 @@ impl SandboxSpec {
         let mut labels = self.labels.clone();
         labels.insert(SANDBOX_LABEL.into(), self.sandbox_id.clone());
         labels.insert(USER_LABEL.into(), self.user.clone());
+        if let Some(home) = self.layer_home.as_ref().and_then(|home| home.to_str()) {
+            labels.insert(LAYER_LABEL.into(), home.into());
+        }
         let memory = i64::try_from(self.resources.memory_bytes).unwrap_or(i64::MAX);
         ContainerCreateBody {
             image: Some(self.image.clone()),

@@ -173,12 +173,59 @@ impl HomeDisk {
         made
     }
 
+    /// An empty directory for a new container's writable layer, on the
+    /// sandbox's filesystem and in its quota group (`<dir>/layer`, a subvolume
+    /// of its own so that it goes in one step); `None` without quotas. A layer
+    /// left by an earlier container is deleted first, unless it is still
+    /// mounted (its container lives: the engine refuses a second one by name).
+    pub fn layer_home(&self, dir: &Path) -> Result<Option<PathBuf>> {
+        let Some(mounted) = &self.mounted else {
+            return Ok(None);
+        };
+        let (root, name) = mounted.child(dir)?;
+        let home = dir.join(LAYER_DIR);
+        let shown = home.display().to_string();
+        let failed = |step: &'static str| {
+            let shown = shown.clone();
+            move |source: io::Error| Error::Disk(format!("{step} for {shown}: {source}"))
+        };
+        let sandbox = open_beneath(root, name).map_err(failed("opening the sandbox's directory"))?;
+        if !mounted.layer_mounts(name).is_empty() {
+            return Ok(Some(home));
+        }
+        match btrfs::destroy_subvolume(sandbox.as_fd(), LAYER_DIR) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                return Err(failed("deleting the previous writable layer")(error));
+            }
+            _ => {}
+        }
+        btrfs::create_subvolume(sandbox.as_fd(), LAYER_DIR, quota_group_of(name))
+            .map_err(failed("making the writable layer's subvolume"))?;
+        Ok(Some(home))
+    }
+
     /// Removes a sandbox's directory and everything in it; its quota goes with it.
     pub fn remove_sandbox_dir(&self, dir: &Path) -> Result<()> {
         let Some(mounted) = &self.mounted else {
             return remove_tree(dir);
         };
         let (root, name) = mounted.child(dir)?;
+        // A layer mount its container's removal left (the engine removed it
+        // some other way): detached, so that the filesystem keeps no mount.
+        for point in mounted.layer_mounts(name) {
+            tracing::info!(mount = %point.display(), "detaching a writable layer left mounted");
+            if let Err(error) = rustix::mount::unmount(&point, rustix::mount::UnmountFlags::DETACH) {
+                tracing::warn!(%error, mount = %point.display(), "detaching a writable layer failed");
+            }
+        }
+        if let Ok(sandbox) = open_beneath(root, name) {
+            match btrfs::destroy_subvolume(sandbox.as_fd(), LAYER_DIR) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                    tracing::debug!(%error, dir = %dir.display(), "the writable layer goes with the sandbox's tree");
+                }
+                _ => {}
+            }
+        }
         match btrfs::destroy_subvolume(root, name) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -193,6 +240,20 @@ impl HomeDisk {
         }
         Ok(())
     }
+}
+
+/// A sandbox directory's subdirectory holding its container's writable layer.
+pub(crate) const LAYER_DIR: &str = "layer";
+
+/// Opens the directory `name` directly beneath `root`, following no link.
+fn open_beneath(root: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
+    rustix::fs::openat(
+        root,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)
 }
 
 fn remove_tree(dir: &Path) -> Result<()> {
@@ -266,6 +327,37 @@ impl Mounted {
         let image_bytes = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
         rustix::fs::flock(&lock, FlockOperation::Unlock).map_err(lock_error(home))?;
         Ok(Ok((Self { sandboxes, root: Some(root), lock, users, unmount_when_last }, image_bytes)))
+    }
+
+    /// Mount points (in this mount namespace) of the writable layer of the
+    /// sandbox directory `name`: mounts of this filesystem whose root is
+    /// `/<name>/layer` or beneath it.
+    fn layer_mounts(&self, name: &str) -> Vec<PathBuf> {
+        let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return Vec::new();
+        };
+        let fields = |line: &str| -> Option<(String, Vec<u8>, Vec<u8>)> {
+            let mut parts = line.split(' ');
+            let device = parts.nth(2)?.to_string();
+            let root = unescape_mount_field(parts.next()?);
+            let point = unescape_mount_field(parts.next()?);
+            Some((device, root, point))
+        };
+        let ours = self.sandboxes.as_os_str().as_encoded_bytes();
+        let Some(device) =
+            table.lines().rev().filter_map(fields).find(|(_, _, point)| point == ours).map(|(device, ..)| device)
+        else {
+            return Vec::new();
+        };
+        let layer = format!("/{name}/{LAYER_DIR}");
+        table
+            .lines()
+            .filter_map(fields)
+            .filter(|(dev, root, _)| {
+                *dev == device && (root == layer.as_bytes() || root.starts_with(format!("{layer}/").as_bytes()))
+            })
+            .map(|(.., point)| PathBuf::from(std::ffi::OsString::from(String::from_utf8_lossy(&point).into_owned())))
+            .collect()
     }
 
     /// The mount point and the name of `dir`, which must be directly beneath it.

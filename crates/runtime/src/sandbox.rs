@@ -804,9 +804,15 @@ impl Sandbox {
                     .runtime(self.inner.config.container_runtime)
                     .resources(self.inner.config.resources);
                 spec.labels.insert(HOME_LABEL.into(), self.runtime.inner.home_label.clone());
-                // The same quota on the writable layer, where the engine's storage can hold it.
+                // The same quota on the writable layer: by the engine where its
+                // storage can hold one, else by keeping the layer on the
+                // sandbox's own filesystem, in its quota group.
                 if engine.supports_writable_layer_quota() {
                     spec = spec.disk_limit(self.inner.config.disk);
+                } else if let Some(home) =
+                    self.runtime.inner.disk.layer_home(&self.runtime.sandbox_dir(self.inner.id))?
+                {
+                    spec = spec.writable_layer_in(home);
                 }
                 match ContainerSandbox::create_started(engine, spec).await {
                     Ok(container) => container,

@@ -634,3 +634,62 @@ pub async fn the_process_log_keeps_the_newest_output_within_its_bound(runtime: C
         "dropped bytes are counted"
     );
 }
+
+/// Everything a follower gives until the exit: the output bytes, and the exit code.
+async fn follow_to_exit(follower: &mut airlock::container::ProcessFollower) -> (Vec<u8>, Option<i32>) {
+    let mut bytes = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), follower.next()).await.expect("no exit within 30 s") {
+            Some(ProcessEvent::Output(chunk)) => bytes.extend(chunk.bytes),
+            Some(ProcessEvent::Exited(code)) => return (bytes, code),
+            None => panic!("the follower ended without an exit"),
+        }
+    }
+}
+
+pub async fn background_stdin_is_written_and_closed_and_logs_resume_at_an_offset(runtime: ContainerRuntime) {
+    let test = TestSandbox::new(runtime).await;
+    // Stdin left open: what is written arrives, and closing it ends `cat`.
+    let cat = test
+        .sandbox
+        .start_process_with_stdin(ExecRequest::new("cat").stdin(StdinSource::Bytes(b"first\n".to_vec())))
+        .await
+        .unwrap();
+    test.sandbox.write_process_stdin(&cat, b"second\n").await.unwrap();
+    test.sandbox.close_process_stdin(&cat).await.unwrap();
+    let (bytes, code) = follow_to_exit(&mut test.sandbox.follow_process(&cat).unwrap()).await;
+    assert_eq!((bytes.as_slice(), code), (b"first\nsecond\n".as_slice(), Some(0)));
+    assert!(matches!(test.sandbox.write_process_stdin(&cat, b"late").await, Err(Error::StdinClosed(_))));
+    assert!(matches!(test.sandbox.close_process_stdin(&cat).await, Err(Error::StdinClosed(_))));
+
+    // Without an open stdin: bytes then end of file, and writes refused.
+    let once = test
+        .sandbox
+        .start_process(ExecRequest::new("cat").stdin(StdinSource::Bytes(b"only\n".to_vec())))
+        .await
+        .unwrap();
+    assert!(matches!(test.sandbox.write_process_stdin(&once, b"x").await, Err(Error::StdinClosed(_))));
+    let (bytes, code) = follow_to_exit(&mut test.sandbox.follow_process(&once).unwrap()).await;
+    assert_eq!((bytes.as_slice(), code), (b"only\n".as_slice(), Some(0)));
+
+    // Resuming at an offset gives the rest of the output, across both streams.
+    let writer = test.sandbox.start_process(bash("echo 0123456789; echo abc >&2; echo tail")).await.unwrap();
+    let (all, _) = follow_to_exit(&mut test.sandbox.follow_process(&writer).unwrap()).await;
+    assert_eq!(all.len(), 20, "{:?}", String::from_utf8_lossy(&all));
+    let mut resumed = test.sandbox.follow_process_from(&writer, 7).unwrap();
+    let (rest, code) = follow_to_exit(&mut resumed).await;
+    assert_eq!((rest.as_slice(), code), (&all[7..], Some(0)));
+    assert_eq!((resumed.position(), resumed.missed_bytes()), (20, 0));
+
+    // A signal without a variant of its own, by number: the trap sees it.
+    let trapper = test
+        .sandbox
+        .start_process(bash("trap 'echo got-winch; exit 4' WINCH; echo ready; while :; do sleep 0.1; done"))
+        .await
+        .unwrap();
+    let mut follower = test.sandbox.follow_process(&trapper).unwrap();
+    assert!(matches!(follower.next().await, Some(ProcessEvent::Output(chunk)) if chunk.bytes == b"ready\n"));
+    test.sandbox.signal_process(&trapper, Signal::from_name("SIGWINCH").unwrap()).await.unwrap();
+    let (bytes, code) = follow_to_exit(&mut follower).await;
+    assert_eq!((bytes.as_slice(), code), (b"got-winch\n".as_slice(), Some(4)));
+}

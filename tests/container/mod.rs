@@ -126,6 +126,7 @@ macro_rules! container_suite {
                 the_agent_cannot_be_signalled_traced_or_read,
                 a_deadline_holds_under_an_output_flood,
                 the_process_log_keeps_the_newest_output_within_its_bound,
+                background_stdin_is_written_and_closed_and_logs_resume_at_an_offset,
             ]
         );
     };

@@ -47,6 +47,10 @@ pub enum Error {
     /// No background process or exec with this id.
     #[error("no process {0} in this sandbox")]
     NoSuchProcess(String),
+    /// Stdin of a background process that was started without an open stdin,
+    /// was closed, or whose process has ended.
+    #[error("the stdin of process {0} is not open")]
+    StdinClosed(String),
     /// Opening a stream to a port inside the container failed.
     #[error("port {port}: {reason}")]
     Port { port: u16, reason: String },

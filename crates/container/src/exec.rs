@@ -52,12 +52,58 @@ pub enum Signal {
     Term,
     Cont,
     Stop,
+    /// Any other standard Linux signal, by number (see [`Signal::from_number`]).
+    Number(i32),
 }
 
+/// The standard Linux signals the agent can send, numbered from 1 (x86-64
+/// and arm64 numbering; real-time signals are not among them), without `SIG`.
+const SIGNAL_NAMES: [&str; 31] = [
+    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2", "PIPE", "ALRM", "TERM",
+    "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO",
+    "PWR", "SYS",
+];
+
+/// The signals with a variant of their own.
+const NAMED: [Signal; 9] = [
+    Signal::Hup,
+    Signal::Int,
+    Signal::Quit,
+    Signal::Kill,
+    Signal::Usr1,
+    Signal::Usr2,
+    Signal::Term,
+    Signal::Cont,
+    Signal::Stop,
+];
+
 impl Signal {
+    /// The signal numbered `number`, if it is a standard Linux signal (1 to 31).
+    pub fn from_number(number: i32) -> Option<Signal> {
+        if let Some(signal) = NAMED.into_iter().find(|signal| signal.number() == number) {
+            return Some(signal);
+        }
+        (1..=SIGNAL_NAMES.len()).contains(&usize::try_from(number).unwrap_or(0)).then_some(Signal::Number(number))
+    }
+
+    /// The signal named `name` (`TERM`, `SIGTERM`, any case), if it is a standard Linux signal.
+    pub fn from_name(name: &str) -> Option<Signal> {
+        let upper = name.trim().to_ascii_uppercase();
+        let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+        let bare = match bare {
+            "IOT" => "ABRT",
+            "POLL" => "IO",
+            "CLD" => "CHLD",
+            other => other,
+        };
+        let index = SIGNAL_NAMES.iter().position(|&known| known == bare)?;
+        Signal::from_number(i32::try_from(index + 1).ok()?)
+    }
+
     /// The Linux signal number.
     pub fn number(self) -> i32 {
         match self {
+            Signal::Number(number) => number,
             Signal::Hup => 1,
             Signal::Int => 2,
             Signal::Quit => 3,
@@ -72,6 +118,11 @@ impl Signal {
 
     pub fn name(self) -> &'static str {
         match self {
+            Signal::Number(number) => usize::try_from(number)
+                .ok()
+                .and_then(|number| SIGNAL_NAMES.get(number.wrapping_sub(1)))
+                .copied()
+                .unwrap_or("UNKNOWN"),
             Signal::Hup => "HUP",
             Signal::Int => "INT",
             Signal::Quit => "QUIT",
@@ -137,6 +188,11 @@ pub(crate) async fn signal_run(link: &Arc<AgentLink>, target: u32, signal: Signa
     };
     match link.signal_tree(request, SIGNAL_TIMEOUT).await? {
         0 => Ok(()),
+        // The agent's answer to a signal number it does not know.
+        u32::MAX => Err(Error::Invalid {
+            what: "signal",
+            reason: format!("signal {} is not one the sandbox can send", signal.number()),
+        }),
         remaining => Err(Error::Invalid {
             what: "signal",
             reason: format!("{remaining} processes were still there after the agent's last round"),
@@ -319,16 +375,78 @@ impl ContainerSandbox {
     /// process table and runs until it exits, is signalled, or the sandbox
     /// stops. Its output is kept in a log of at most
     /// [`PROCESS_LOG_BYTES`](crate::PROCESS_LOG_BYTES), oldest dropped first.
+    /// Its stdin is the request's bytes, then end of file (empty by default).
     pub async fn start_process(&self, request: ExecRequest) -> Result<String> {
+        self.start_background(request, false).await
+    }
+
+    /// As [`start_process`](Self::start_process), with stdin a pipe that stays
+    /// open after the request's bytes: write to it with
+    /// [`write_process_stdin`](Self::write_process_stdin), end it with
+    /// [`close_process_stdin`](Self::close_process_stdin).
+    pub async fn start_process_with_stdin(&self, request: ExecRequest) -> Result<String> {
+        self.start_background(request, true).await
+    }
+
+    async fn start_background(&self, request: ExecRequest, keep_stdin_open: bool) -> Result<String> {
         let link = self.require_agent().await?;
-        let spawn = spawn_request(&request, &self.spec().user, false, None)?;
+        let initial = match &request.stdin {
+            StdinSource::Bytes(bytes) => bytes.clone(),
+            StdinSource::Empty => Vec::new(),
+            _ => return Err(Error::Invalid { what: "stdin", reason: "a background process takes bytes only".into() }),
+        };
+        let piped = keep_stdin_open || !initial.is_empty();
+        let spawn = spawn_request(&request, &self.spec().user, piped, None)?;
         let command = spawn.argv.clone();
         let mut run = link.open_run();
         run.spawn(spawn).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let process = self.processes_table().register(id.clone(), command, run.id);
-        tokio::spawn(drive_background(process, run));
+        {
+            // Held until the first bytes are queued, so a write cannot overtake them.
+            let mut open = process.stdin_open.lock().await;
+            *open = keep_stdin_open;
+            tokio::spawn(drive_background(process.clone(), run));
+            for chunk in initial.chunks(STDIN_CHUNK_BYTES) {
+                link.send_to(process.run, &Request::Stdin(chunk.to_vec())).await?;
+            }
+            if piped && !keep_stdin_open {
+                link.send_to(process.run, &Request::StdinEnd).await?;
+            }
+        }
         Ok(id)
+    }
+
+    /// Writes `bytes` to the stdin of a process started with
+    /// [`start_process_with_stdin`](Self::start_process_with_stdin). One
+    /// write's bytes arrive whole, never interleaved with another's.
+    pub async fn write_process_stdin(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        let process = self.processes_table().get(id)?;
+        let open = process.stdin_open.lock().await;
+        if !*open || process.has_exited() {
+            return Err(Error::StdinClosed(id.into()));
+        }
+        let link = self.require_agent().await?;
+        for chunk in bytes.chunks(STDIN_CHUNK_BYTES) {
+            link.send_to(process.run, &Request::Stdin(chunk.to_vec())).await?;
+        }
+        drop(open);
+        Ok(())
+    }
+
+    /// Closes a process's stdin: it reads end of file after what was written.
+    pub async fn close_process_stdin(&self, id: &str) -> Result<()> {
+        let process = self.processes_table().get(id)?;
+        let mut open = process.stdin_open.lock().await;
+        if !*open {
+            return Err(Error::StdinClosed(id.into()));
+        }
+        *open = false;
+        if process.has_exited() {
+            return Ok(());
+        }
+        let link = self.require_agent().await?;
+        link.send_to(process.run, &Request::StdinEnd).await
     }
 
     /// Every background process started through this handle, running or not.
@@ -338,7 +456,14 @@ impl ContainerSandbox {
 
     /// Follows a process's output from the start of its log, then live, to its exit.
     pub fn follow_process(&self, id: &str) -> Result<ProcessFollower> {
-        self.processes_table().get(id)?.follow()
+        self.follow_process_from(id, 0)
+    }
+
+    /// Follows a process's output from byte `offset` of everything it wrote
+    /// (both streams, in arrival order), as far back as its log still holds,
+    /// then live, to its exit.
+    pub fn follow_process_from(&self, id: &str, offset: u64) -> Result<ProcessFollower> {
+        self.processes_table().get(id)?.follow_from(offset)
     }
 
     /// Sends `signal` to the process and everything it started.
@@ -517,6 +642,22 @@ mod tests {
         assert!(capture.push(b"defg", None));
         assert_eq!(capture.bytes, b"abcd");
         assert!(capture.truncated);
+    }
+
+    #[test]
+    fn signals_are_found_by_name_or_number_and_others_refused() {
+        assert_eq!(Signal::from_name("term"), Some(Signal::Term));
+        assert_eq!(Signal::from_name("SIGKILL"), Some(Signal::Kill));
+        assert_eq!(Signal::from_name("SIGWINCH"), Some(Signal::Number(28)));
+        assert_eq!(Signal::from_number(15), Some(Signal::Term));
+        assert_eq!(Signal::from_number(28).map(Signal::name), Some("WINCH"));
+        assert_eq!(Signal::from_number(31).map(Signal::number), Some(31));
+        for refused in [0, -1, 32, 34, 64, i32::MAX] {
+            assert_eq!(Signal::from_number(refused), None, "{refused}");
+        }
+        assert_eq!(Signal::from_name("NOPE"), None);
+        assert_eq!(Signal::from_name("SIG"), None);
+        assert_eq!(Signal::from_name(""), None);
     }
 
     #[test]

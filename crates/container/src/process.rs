@@ -4,7 +4,10 @@
 //!
 //! A process's output goes into a log that keeps the newest
 //! [`PROCESS_LOG_BYTES`]; older output is dropped first and counted, so a
-//! follower knows how much it missed. The table lives with the sandbox
+//! follower knows how much it missed. Every output byte has an offset: its
+//! place in everything the process wrote (both streams, in the order they
+//! arrived), so a reader can resume where it stopped
+//! ([`ContainerSandbox::follow_process_from`](crate::ContainerSandbox::follow_process_from)). The table lives with the sandbox
 //! handle: a process outlives the call that started it, not the host process
 //! that holds the handle.
 
@@ -62,8 +65,12 @@ pub(crate) struct Process {
     pub(crate) run: u32,
     started_at: SystemTime,
     log: Mutex<Log>,
-    events: broadcast::Sender<ProcessEvent>,
+    /// Each event with its offset (an output chunk's first byte; for the exit, the total).
+    events: broadcast::Sender<(u64, ProcessEvent)>,
     exit: watch::Sender<Option<Option<i32>>>,
+    /// Whether stdin is a pipe still open for writes (held while a write
+    /// goes out, so two writers' bytes never interleave).
+    pub(crate) stdin_open: tokio::sync::Mutex<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +87,7 @@ impl Process {
     /// that subscribes misses nothing and sees nothing twice.
     pub(crate) fn record(&self, event: ProcessEvent) {
         let Ok(mut log) = self.log.lock() else { return };
+        let offset = log.dropped_bytes + log.bytes as u64;
         match &event {
             ProcessEvent::Output(chunk) => {
                 log.bytes += chunk.bytes.len();
@@ -95,45 +103,127 @@ impl Process {
                 self.exit.send_replace(Some(*code));
             }
         }
-        let _ = self.events.send(event);
+        let _ = self.events.send((offset, event));
     }
 }
 
 /// Reads a background process's output: first what the log holds, then live.
 #[derive(Debug)]
 pub struct ProcessFollower {
-    backlog: VecDeque<ProcessEvent>,
-    live: Option<broadcast::Receiver<ProcessEvent>>,
+    process: Arc<Process>,
+    /// Kept output chunks with their offsets, then (once exited) the exit.
+    backlog: VecDeque<(u64, ProcessEvent)>,
+    live: Option<broadcast::Receiver<(u64, ProcessEvent)>>,
     /// Output bytes the log had already dropped when following began.
     pub dropped_bytes: u64,
+    /// The offset of the next output byte this follower returns.
+    position: u64,
+    /// Output bytes at or past the starting offset that this follower never
+    /// returned: they had left the log (before it began, or while it lagged).
+    missed_bytes: u64,
 }
 
 impl ProcessFollower {
     /// The next event, or `None` after the exit event.
     pub async fn next(&mut self) -> Option<ProcessEvent> {
-        if let Some(event) = self.backlog.pop_front() {
-            if matches!(event, ProcessEvent::Exited(_)) {
-                self.live = None;
-            }
-            return Some(event);
-        }
-        let live = self.live.as_mut()?;
         loop {
-            match live.recv().await {
-                Ok(event) => {
-                    if matches!(event, ProcessEvent::Exited(_)) {
-                        self.live = None;
-                    }
+            if let Some((offset, event)) = self.backlog.pop_front() {
+                if let Some(event) = self.take(offset, event) {
                     return Some(event);
                 }
-                // Fell behind: the skipped output is gone for this follower, the rest continues.
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                continue;
+            }
+            let live = self.live.as_mut()?;
+            match live.recv().await {
+                Ok((offset, event)) => {
+                    if let Some(event) = self.take(offset, event) {
+                        return Some(event);
+                    }
+                }
+                // Fell behind: read again from the log, from where this follower is.
+                Err(broadcast::error::RecvError::Lagged(_)) => self.refill(),
                 Err(broadcast::error::RecvError::Closed) => {
                     self.live = None;
                     return None;
                 }
             }
         }
+    }
+
+    /// The next event if one is there now, without waiting: `None` when
+    /// nothing is ready (or after the exit).
+    pub fn try_next(&mut self) -> Option<ProcessEvent> {
+        loop {
+            if let Some((offset, event)) = self.backlog.pop_front() {
+                if let Some(event) = self.take(offset, event) {
+                    return Some(event);
+                }
+                continue;
+            }
+            let live = self.live.as_mut()?;
+            match live.try_recv() {
+                Ok((offset, event)) => {
+                    if let Some(event) = self.take(offset, event) {
+                        return Some(event);
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => self.refill(),
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    self.live = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The offset of the next output byte this follower returns: where a
+    /// reader that stops now resumes.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Output bytes at or past the starting offset that were gone from the
+    /// log before this follower could return them.
+    pub fn missed_bytes(&self) -> u64 {
+        self.missed_bytes
+    }
+
+    /// `event` at `offset`, cut to what lies at or past this follower's
+    /// position; `None` for output it has already passed.
+    fn take(&mut self, offset: u64, event: ProcessEvent) -> Option<ProcessEvent> {
+        match event {
+            ProcessEvent::Output(mut chunk) => {
+                let end = offset + chunk.bytes.len() as u64;
+                if end <= self.position {
+                    return None;
+                }
+                if offset > self.position {
+                    self.missed_bytes += offset - self.position;
+                } else {
+                    let skip = usize::try_from(self.position - offset).unwrap_or(usize::MAX);
+                    chunk.bytes.drain(..skip.min(chunk.bytes.len()));
+                }
+                self.position = end;
+                Some(ProcessEvent::Output(chunk))
+            }
+            exited @ ProcessEvent::Exited(_) => {
+                self.live = None;
+                self.backlog.clear();
+                Some(exited)
+            }
+        }
+    }
+
+    /// Starts over from the log at this follower's position (after it lagged).
+    fn refill(&mut self) {
+        let Ok(log) = self.process.log.lock() else {
+            self.live = None;
+            return;
+        };
+        let (backlog, live) = self.process.snapshot(&log);
+        self.backlog = backlog;
+        self.live = live;
     }
 }
 
@@ -149,6 +239,7 @@ impl ProcessTable {
             log: Mutex::new(Log::default()),
             events,
             exit,
+            stdin_open: tokio::sync::Mutex::new(false),
         });
         if let Ok(mut table) = self.processes.lock() {
             table.insert(id, process.clone());
@@ -184,18 +275,43 @@ impl ProcessTable {
 }
 
 impl Process {
-    /// A follower from the start of the log, then live, to the exit.
-    pub(crate) fn follow(&self) -> Result<ProcessFollower> {
+    /// A follower from output offset `offset` (0: the start) as far as the
+    /// log still holds it, then live, to the exit.
+    pub(crate) fn follow_from(self: &Arc<Self>, offset: u64) -> Result<ProcessFollower> {
         let log = self.log.lock().map_err(|_| Error::NoSuchProcess(self.id.clone()))?;
-        let mut backlog: VecDeque<ProcessEvent> = log.chunks.iter().cloned().map(ProcessEvent::Output).collect();
-        let live = match log.exited {
+        let (backlog, live) = self.snapshot(&log);
+        Ok(ProcessFollower {
+            process: self.clone(),
+            backlog,
+            live,
+            dropped_bytes: log.dropped_bytes,
+            position: offset,
+            missed_bytes: 0,
+        })
+    }
+
+    /// What the log holds, with offsets, and (under the log's lock, so that
+    /// nothing is missed or seen twice) a live subscription or the exit.
+    #[allow(clippy::type_complexity)]
+    fn snapshot(&self, log: &Log) -> (VecDeque<(u64, ProcessEvent)>, Option<broadcast::Receiver<(u64, ProcessEvent)>>) {
+        let mut offset = log.dropped_bytes;
+        let mut backlog: VecDeque<(u64, ProcessEvent)> = VecDeque::with_capacity(log.chunks.len() + 1);
+        for chunk in &log.chunks {
+            backlog.push_back((offset, ProcessEvent::Output(chunk.clone())));
+            offset += chunk.bytes.len() as u64;
+        }
+        match log.exited {
             Some(code) => {
-                backlog.push_back(ProcessEvent::Exited(code));
-                None
+                backlog.push_back((offset, ProcessEvent::Exited(code)));
+                (backlog, None)
             }
-            None => Some(self.events.subscribe()),
-        };
-        Ok(ProcessFollower { backlog, live, dropped_bytes: log.dropped_bytes })
+            None => (backlog, Some(self.events.subscribe())),
+        }
+    }
+
+    /// Whether its exit has been seen.
+    pub(crate) fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some()
     }
 
     /// Waits for the process to end; its exit code.
@@ -226,17 +342,72 @@ mod tests {
             process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stdout, bytes: chunk.clone() }));
         }
         process.record(ProcessEvent::Output(OutputChunk { stream: OutputStream::Stdout, bytes: b"last".to_vec() }));
-        let follower = process.follow().unwrap();
+        let follower = process.follow_from(0).unwrap();
         let kept: usize = follower
             .backlog
             .iter()
-            .map(|event| match event {
+            .map(|(_, event)| match event {
                 ProcessEvent::Output(chunk) => chunk.bytes.len(),
                 ProcessEvent::Exited(_) => 0,
             })
             .sum();
         assert!(kept <= PROCESS_LOG_BYTES, "{kept}");
         assert_eq!(kept as u64 + follower.dropped_bytes, 40 * 64 * 1024 + 4, "every byte kept or counted");
-        assert!(matches!(follower.backlog.back(), Some(ProcessEvent::Output(chunk)) if chunk.bytes == b"last"));
+        assert!(matches!(follower.backlog.back(), Some((_, ProcessEvent::Output(chunk))) if chunk.bytes == b"last"));
+    }
+
+    fn stdout(bytes: &[u8]) -> ProcessEvent {
+        ProcessEvent::Output(OutputChunk { stream: OutputStream::Stdout, bytes: bytes.to_vec() })
+    }
+
+    /// Everything a follower returns now, as one byte string, and whether the exit came.
+    fn drain(follower: &mut ProcessFollower) -> (Vec<u8>, Option<Option<i32>>) {
+        let (mut bytes, mut exit) = (Vec::new(), None);
+        while let Some(event) = follower.try_next() {
+            match event {
+                ProcessEvent::Output(chunk) => bytes.extend(chunk.bytes),
+                ProcessEvent::Exited(code) => exit = Some(code),
+            }
+        }
+        (bytes, exit)
+    }
+
+    #[test]
+    fn a_follower_resumes_at_any_offset_logged_or_live() {
+        let table = ProcessTable::default();
+        let process = table.register("p".into(), vec!["sh".into()], 1);
+        process.record(stdout(b"hello "));
+        process.record(stdout(b"world"));
+        // Inside the second chunk: cut to the offset.
+        let mut middle = process.follow_from(8).unwrap();
+        assert_eq!(drain(&mut middle), (b"rld".to_vec(), None));
+        assert_eq!(middle.position(), 11);
+        // Past what was written: waits for the output to get there.
+        let mut ahead = process.follow_from(13).unwrap();
+        assert_eq!(drain(&mut ahead).0, b"");
+        process.record(stdout(b"!!!!"));
+        process.record(ProcessEvent::Exited(Some(3)));
+        assert_eq!(drain(&mut middle), (b"!!!!".to_vec(), Some(Some(3))));
+        assert_eq!(drain(&mut ahead), (b"!!".to_vec(), Some(Some(3))));
+        assert_eq!((ahead.position(), ahead.missed_bytes()), (15, 0));
+        // After the exit, from the start: the whole log, then the exit.
+        let mut all = process.follow_from(0).unwrap();
+        assert_eq!(drain(&mut all), (b"hello world!!!!".to_vec(), Some(Some(3))));
+    }
+
+    #[test]
+    fn a_follower_says_how_much_of_its_range_the_log_had_dropped() {
+        let table = ProcessTable::default();
+        let process = table.register("p".into(), vec!["yes".into()], 1);
+        let chunk = vec![b'x'; PROCESS_LOG_BYTES / 2];
+        for _ in 0..4 {
+            process.record(stdout(&chunk));
+        }
+        let dropped = 2 * chunk.len() as u64;
+        let mut late = process.follow_from(10).unwrap();
+        let (bytes, _) = drain(&mut late);
+        assert_eq!(bytes.len(), 2 * chunk.len());
+        assert_eq!(late.missed_bytes(), dropped - 10);
+        assert_eq!(late.position(), 4 * chunk.len() as u64);
     }
 }

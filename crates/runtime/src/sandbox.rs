@@ -644,6 +644,17 @@ impl Sandbox {
     /// Starts a background process in the container; returns its id. At most
     /// `max_processes` run at once: past it, [`Error::SandboxLimit`].
     pub async fn start_process(&self, request: ExecRequest) -> Result<String> {
+        self.start_background(request, false).await
+    }
+
+    /// As [`start_process`](Self::start_process), with stdin a pipe that stays
+    /// open: write with [`write_process_stdin`](Self::write_process_stdin),
+    /// end with [`close_process_stdin`](Self::close_process_stdin).
+    pub async fn start_process_with_stdin(&self, request: ExecRequest) -> Result<String> {
+        self.start_background(request, true).await
+    }
+
+    async fn start_background(&self, request: ExecRequest, keep_stdin_open: bool) -> Result<String> {
         self.require_container_tier("a background process")?;
         let _active = self.begin().await?;
         let container = self.container().await?;
@@ -655,7 +666,11 @@ impl Sandbox {
             return Err(Error::SandboxLimit { limit: "max_processes", what, held, max });
         }
         self.note_escalation("a process that outlives the request needs a full Linux")?;
-        let id = container.start_process(request).await?;
+        let id = if keep_stdin_open {
+            container.start_process_with_stdin(request).await?
+        } else {
+            container.start_process(request).await?
+        };
         drop(starting);
         // Its output and exit go to the sandbox's subscribers too.
         let mut follower = container.follow_process(&id)?;
@@ -683,6 +698,45 @@ impl Sandbox {
         let container =
             self.existing_container().await.ok_or_else(|| airlock_container::Error::NoSuchProcess(id.into()))?;
         Ok(container.follow_process(id)?)
+    }
+
+    /// Follows a process's output from byte `offset` of all it wrote (both
+    /// streams in arrival order), as far back as its log holds, then live.
+    pub async fn follow_process_from(&self, id: &str, offset: u64) -> Result<ProcessFollower> {
+        Ok(self.process_container(id).await?.follow_process_from(id, offset)?)
+    }
+
+    /// Writes to the stdin of a process started with
+    /// [`start_process_with_stdin`](Self::start_process_with_stdin).
+    pub async fn write_process_stdin(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        Ok(self.process_container(id).await?.write_process_stdin(id, bytes).await?)
+    }
+
+    /// Closes a process's stdin: it reads end of file after what was written.
+    pub async fn close_process_stdin(&self, id: &str) -> Result<()> {
+        Ok(self.process_container(id).await?.close_process_stdin(id).await?)
+    }
+
+    /// Kills every running background process with all it started; returns
+    /// their ids. No process can start while this runs.
+    pub async fn kill_processes(&self) -> Result<Vec<String>> {
+        let Some(container) = self.existing_container().await else { return Ok(Vec::new()) };
+        let _starting = self.inner.process_start.lock().await;
+        let running: Vec<String> = container
+            .list_processes()
+            .into_iter()
+            .filter(|p| p.status == ProcessStatus::Running)
+            .map(|p| p.id)
+            .collect();
+        for id in &running {
+            container.signal_process(id, Signal::Kill).await?;
+        }
+        Ok(running)
+    }
+
+    /// The container that holds process `id`'s table.
+    async fn process_container(&self, id: &str) -> Result<ContainerSandbox> {
+        Ok(self.existing_container().await.ok_or_else(|| airlock_container::Error::NoSuchProcess(id.into()))?)
     }
 
     pub async fn signal_process(&self, id: &str, signal: Signal) -> Result<()> {

@@ -323,6 +323,9 @@ fn from_container(error: airlock_container::Error) -> ApiError {
             )
         }
         C::NoSuchProcess(id) => ApiError::not_found(format!("no process {id:?} in this sandbox")),
+        C::StdinClosed(id) => {
+            ApiError::new(StatusCode::CONFLICT, Code::Conflict, format!("the stdin of process {id:?} is not open"))
+        }
         C::Invalid { .. } | C::Limits(_) => ApiError::invalid(error.to_string()),
         other => ApiError::internal(&other),
     }

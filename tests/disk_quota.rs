@@ -414,7 +414,8 @@ async fn the_writable_layer_counts_against_the_quota(runtime_kind: airlock::cont
     let (out, size) = fill(&sandbox, ROOT, "/usr/local/rest", ATTEMPT_MIB).await;
     assert!(out.contains("Disk quota exceeded"), "{runtime_kind:?}: /usr/local was not stopped:\n{out}");
     assert!(size <= QUOTA - 32 * MIB, "{runtime_kind:?}: /usr/local got {size} bytes beside 40 MiB in the workspace");
-    assert!(sh(&sandbox, ROOT, "rm -f /usr/local/rest && echo 'kept' > /etc/kept && echo ok").await.contains("ok"));
+    let out = sh(&sandbox, ROOT, "rm /usr/local/rest && rm /etc/issue && echo kept > /etc/kept && echo done").await;
+    assert_eq!(out.trim(), "done", "{runtime_kind:?}: writing in /etc");
 
     // Sleep and wake: the layer (and what it holds) comes back, still within the quota.
     let container_id = sandbox.info().container_id.unwrap();
@@ -438,6 +439,8 @@ async fn the_writable_layer_counts_against_the_quota(runtime_kind: airlock::cont
         "kept",
         "{runtime_kind:?}: the layer was lost over sleep"
     );
+    // A file of the image deleted in the layer (an overlay whiteout) stays deleted.
+    assert_eq!(sh(&sandbox, None, "test -e /etc/issue || echo gone").await.trim(), "gone");
     let (out, _) = fill(&sandbox, None, "/var/tmp/again", ATTEMPT_MIB).await;
     assert!(out.contains("Disk quota exceeded"), "{runtime_kind:?}: after a wake the layer escaped the quota:\n{out}");
     assert!(sh(&sandbox, None, "rm -f /var/tmp/again && echo ok").await.contains("ok"));

@@ -653,3 +653,37 @@ async fn the_home_and_sandbox_directories_are_closed_to_other_users() {
     let _runtime = runtime_in(&home).await;
     assert_eq!(mode(&sandbox_dir), 0o700);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_processes_ends_every_running_tree_and_stdin_and_offsets_pass_through() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("killall").await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+    // Before any container: nothing to kill, and no process to write to.
+    assert!(sandbox.kill_processes().await.unwrap().is_empty());
+    assert!(sandbox.write_process_stdin("nope", b"x").await.is_err());
+
+    let done = sandbox.start_process(bash("echo finished")).await.unwrap();
+    assert_eq!(sandbox.wait_process(&done).await.unwrap(), Some(0));
+    let cat = sandbox.start_process_with_stdin(ExecRequest::new("cat")).await.unwrap();
+    sandbox.write_process_stdin(&cat, b"through-the-runtime\n").await.unwrap();
+    let tree = sandbox.start_process(bash("sleep 6789 & setsid sleep 6790 & wait")).await.unwrap();
+    // Resumed at an offset, through the runtime.
+    let mut follower = sandbox.follow_process_from(&cat, 8).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(30), follower.next()).await.unwrap() {
+        Some(airlock::container::ProcessEvent::Output(chunk)) => assert_eq!(chunk.bytes, b"the-runtime\n"),
+        other => panic!("expected output, got {other:?}"),
+    }
+
+    let mut killed = sandbox.kill_processes().await.unwrap();
+    killed.sort();
+    let mut expected = vec![cat.clone(), tree.clone()];
+    expected.sort();
+    assert_eq!(killed, expected, "the running ones, not the one that had finished");
+    assert_eq!(sandbox.wait_process(&tree).await.unwrap(), Some(128 + 9));
+    assert_eq!(sandbox.wait_process(&cat).await.unwrap(), Some(128 + 9));
+    let ps = sandbox.exec(bash("ps -eo args | grep -c '^sleep 67' || true")).await.unwrap();
+    assert_eq!(ps.outcome.stdout_text().trim(), "0", "the whole trees went");
+    assert!(sandbox.kill_processes().await.unwrap().is_empty());
+}

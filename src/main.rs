@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 mod carried;
 mod sandbox_cli;
 mod serve_cli;
+mod token_cli;
 
 /// The CLI runs one thing at a time: a small pool is quicker to set up.
 const CLI_CONCURRENT_RUNS: u32 = 4;
@@ -68,6 +69,9 @@ enum Command {
     Usage(sandbox_cli::UsageArgs),
     /// Serve the runtime as an HTTP API under /v1 (docs/API.md, "HTTP API").
     Serve(serve_cli::ServeArgs),
+    /// Make, list and revoke the HTTP API's bearer tokens (kept hashed in the runtime's home).
+    #[command(subcommand)]
+    Token(token_cli::TokenCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -162,6 +166,8 @@ fn main() -> ExitCode {
     let command = match cli.command {
         // The server builds its own multi-threaded async runtime.
         Command::Serve(args) => return finish(serve_cli::serve(args)),
+        // Only the registry, no async runtime: works beside a running server.
+        Command::Token(command) => return finish(token_cli::token(command)),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -183,6 +189,7 @@ fn main() -> ExitCode {
             Command::Files(args) => sandbox_cli::files(args).await,
             Command::Usage(args) => sandbox_cli::usage(args).await,
             Command::Serve(_) => bail!("serve runs on its own async runtime"),
+            Command::Token(_) => bail!("token runs without an async runtime"),
         }
     });
     finish(result)

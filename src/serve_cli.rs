@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use airlock::runtime::{DiskStatus, Runtime, RuntimeOptions, default_home};
+use airlock_server::AdminToken;
 use anyhow::{Context, Result};
 
 /// Worker threads of the server's async runtime (the isolate engine and the
@@ -36,6 +37,18 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
             .with_context(|| format!("opening the runtime at {}", home.display()))?;
         if let DiskStatus::NotEnforced { reason } = runtime.disk_status() {
             eprintln!("airlock: warning: sandbox disk quotas are not enforced: {reason}");
+        }
+        // Every /v1 route needs a bearer token: the first start makes the admin's.
+        // Where it is goes to stderr; the token itself is never printed or logged.
+        match airlock_server::ensure_admin_token(&runtime).context("setting up the admin token")? {
+            AdminToken::Created(path) => {
+                eprintln!("airlock: made the admin token: it is in {} (mode 0600)", path.display());
+            }
+            AdminToken::FileGone(path) => eprintln!(
+                "airlock: an admin token exists but {} is gone; `airlock token create NAME --admin` makes another",
+                path.display()
+            ),
+            other => eprintln!("airlock: the admin token is in {}", other.path().display()),
         }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

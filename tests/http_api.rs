@@ -29,6 +29,8 @@ use common::Cleanup;
 struct Shared {
     base: String,
     home: PathBuf,
+    /// The admin token the server made in its home: every request carries it.
+    token: String,
 }
 
 /// The test binary's server, started on first use.
@@ -53,6 +55,7 @@ fn server() -> &'static Shared {
                 // binary), so it mounts nothing that would outlive it.
                 options.disk = DiskOptions { quotas: QuotaMode::Off, ..DiskOptions::default() };
                 let runtime = Runtime::open(options).await.unwrap();
+                airlock_server::ensure_admin_token(&runtime).unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 sender.send(listener.local_addr().unwrap()).unwrap();
                 let state = airlock_server::AppState::new(runtime);
@@ -60,7 +63,8 @@ fn server() -> &'static Shared {
             });
         });
         let address = receiver.recv_timeout(Duration::from_secs(120)).expect("the server starts");
-        Shared { base: format!("http://{address}/v1"), home }
+        let token = std::fs::read_to_string(home.join(airlock_server::ADMIN_TOKEN_FILE)).unwrap().trim().to_string();
+        Shared { base: format!("http://{address}/v1"), home, token }
     })
 }
 
@@ -68,8 +72,13 @@ fn url(path: &str) -> String {
     format!("{}{path}", server().base)
 }
 
+/// A client whose every request carries the test server's admin token
+/// (a request's own `Authorization` header, for another server, wins).
 fn client() -> Client {
-    Client::builder().no_proxy().build().unwrap()
+    let mut headers = reqwest::header::HeaderMap::new();
+    let bearer = format!("Bearer {}", server().token);
+    headers.insert(reqwest::header::AUTHORIZATION, bearer.parse().unwrap());
+    Client::builder().no_proxy().default_headers(headers).build().unwrap()
 }
 
 fn require_docker() {
@@ -419,7 +428,8 @@ async fn paths_that_leave_the_workspace_are_refused_and_change_nothing() {
 async fn raw_request(address: &str, line: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("{line}\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let token = &server().token;
+    let request = format!("{line}\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
@@ -699,12 +709,22 @@ async fn serve_stops_on_sigterm_ending_open_streams_with_an_error_event() {
     .unwrap();
     let base = first.trim().strip_prefix("airlock: listening on ").unwrap_or_else(|| panic!("{first:?}")).to_string();
 
-    let created = client().post(format!("{base}/sandboxes")).json(&json!({ "name": "stopping" })).send().await.unwrap();
+    // This server's own admin token, which it wrote to its home on start.
+    let token = std::fs::read_to_string(home.path().join(airlock_server::ADMIN_TOKEN_FILE)).unwrap();
+    let token = token.trim();
+    let created = client()
+        .post(format!("{base}/sandboxes"))
+        .bearer_auth(token)
+        .json(&json!({ "name": "stopping" }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let _cleanup = Cleanup(vec![id.clone()]);
     let stream = client()
         .post(format!("{base}/sandboxes/stopping/exec"))
+        .bearer_auth(token)
         .header("accept", "text/event-stream")
         .json(&json!({ "command": "sh", "args": ["-c", "echo up; sleep 999"], "timeout": 600 }))
         .send()

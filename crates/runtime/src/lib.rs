@@ -51,4 +51,7 @@ pub use runtime::{
     Runtime, RuntimeOptions, SandboxInfo, Usage, UsageQuery, default_home,
 };
 pub use sandbox::{CodeOutcome, Placement, RunOutcome, Sandbox, SandboxPortStream, SandboxPty};
-pub use store::{ExecutionKind, SandboxState, UsageTotals};
+pub use store::{
+    ExecutionKind, MAX_TOKEN_BYTES, MAX_TOKEN_NAME, NewToken, SandboxState, TOKEN_PREFIX, TokenInfo, TokenStore,
+    UsageTotals,
+};

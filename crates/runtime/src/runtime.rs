@@ -21,7 +21,7 @@ use crate::config::SandboxConfig;
 use crate::disk::{DiskOptions, DiskStatus, HomeDisk};
 use crate::error::{Error, Result};
 use crate::sandbox::{Sandbox, SandboxInner};
-use crate::store::{SandboxRecord, SandboxState, Store, UsageTotals};
+use crate::store::{SandboxRecord, SandboxState, Store, TokenStore, UsageTotals};
 
 /// What one vCPU-second of active CPU costs by default, in US dollars (the
 /// figure in Cloudflare's announcement of active-CPU pricing).
@@ -104,6 +104,9 @@ pub struct SandboxInfo {
     pub escalated: Option<String>,
     pub container_id: Option<String>,
     pub config: SandboxConfig,
+    /// The id of the API token it was created with (`airlock token list`);
+    /// `None` when it was made in process, by the CLI or an embedding program.
+    pub owner: Option<String>,
 }
 
 impl From<&SandboxRecord> for SandboxInfo {
@@ -116,6 +119,7 @@ impl From<&SandboxRecord> for SandboxInfo {
             escalated: record.escalated.clone(),
             container_id: record.container_id.clone(),
             config: record.config.clone(),
+            owner: record.owner.clone(),
         }
     }
 }
@@ -159,6 +163,8 @@ pub struct Runtime {
 pub(crate) struct RuntimeInner {
     pub options: RuntimeOptions,
     pub store: Store,
+    /// The API's bearer tokens, on a connection of their own.
+    tokens: TokenStore,
     pub isolates: IsolateEngine,
     pub interpreters: Interpreters,
     containers: tokio::sync::OnceCell<Containers>,
@@ -214,6 +220,7 @@ impl Runtime {
         make_private(&home)?;
         make_private(&home.join("sandboxes"))?;
         let store = Store::open(&home.join(DATABASE_FILE))?;
+        let tokens = TokenStore::open(&home)?;
         let isolates = IsolateEngine::new(options.isolates.clone())?;
         let interpreters =
             Interpreters::new(isolates.clone(), options.interpreters.clone()).keep_warm(RUNTIME_WARM_CONTEXTS);
@@ -224,6 +231,7 @@ impl Runtime {
             inner: Arc::new(RuntimeInner {
                 options,
                 store,
+                tokens,
                 isolates,
                 interpreters,
                 containers: tokio::sync::OnceCell::new(),
@@ -264,6 +272,11 @@ impl Runtime {
         self.inner.disk.status()
     }
 
+    /// The API's bearer tokens (in this home's registry).
+    pub fn tokens(&self) -> &TokenStore {
+        &self.inner.tokens
+    }
+
     /// The isolate engine, shared by every sandbox.
     pub fn isolate_engine(&self) -> &IsolateEngine {
         &self.inner.isolates
@@ -282,6 +295,32 @@ impl Runtime {
         if let Some(found) = self.find(&name)? {
             return Ok(found);
         }
+        match self.insert_new(&name, config, None)? {
+            Some(sandbox) => Ok(sandbox),
+            // Another caller created it first: theirs stands.
+            None => self.find(&name)?.ok_or_else(|| Error::NoSuchSandbox(name.to_string())),
+        }
+    }
+
+    /// Creates the sandbox named `name` with `config`, recording `owner` (an
+    /// API token's id; `None` for no tenant). `Ok(None)` when the name is
+    /// taken, by anyone: nothing is made and the existing sandbox is untouched.
+    pub async fn create_sandbox(
+        &self,
+        name: &str,
+        config: SandboxConfig,
+        owner: Option<&str>,
+    ) -> Result<Option<Sandbox>> {
+        let name = SandboxName::new(name)?;
+        if self.inner.store.by_name(&name)?.is_some() {
+            return Ok(None);
+        }
+        self.insert_new(&name, config, owner.map(str::to_string))
+    }
+
+    /// Makes a new sandbox's directories and record; `Ok(None)` (and nothing
+    /// left behind) when another caller took the name first.
+    fn insert_new(&self, name: &SandboxName, config: SandboxConfig, owner: Option<String>) -> Result<Option<Sandbox>> {
         config.validate()?;
         let record = SandboxRecord {
             id: SandboxId::new(),
@@ -291,6 +330,7 @@ impl Runtime {
             state: SandboxState::Active,
             escalated: None,
             container_id: None,
+            owner,
         };
         self.inner.disk.create_sandbox_dir(&self.sandbox_dir(record.id), record.config.disk)?;
         make_private(&self.sandbox_dir(record.id))?;
@@ -301,11 +341,10 @@ impl Runtime {
             source,
         })?;
         if !self.inner.store.insert(&record)? {
-            // Another caller created it first: theirs stands.
             let _ = self.inner.disk.remove_sandbox_dir(&self.sandbox_dir(record.id));
-            return self.find(&name)?.ok_or_else(|| Error::NoSuchSandbox(name.to_string()));
+            return Ok(None);
         }
-        self.load(record)
+        self.load(record).map(Some)
     }
 
     /// The sandbox named `name`, if there is one.
@@ -360,6 +399,12 @@ impl Runtime {
     /// and registry entry. Its usage records stay.
     pub async fn destroy(&self, name: &str) -> Result<()> {
         let sandbox = self.get(name)?.ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
+        sandbox.destroy().await
+    }
+
+    /// Destroys `sandbox`, this very one (by its id): not whatever sandbox
+    /// holds its name by the time this runs.
+    pub async fn destroy_sandbox(&self, sandbox: &Sandbox) -> Result<()> {
         sandbox.destroy().await
     }
 

@@ -1,5 +1,5 @@
-//! The registry: sandboxes and the usage ledger in embedded SQLite
-//! (`$AIRLOCK_HOME/airlock.db`, WAL).
+//! The registry: sandboxes, the usage ledger and the API's bearer tokens in
+//! embedded SQLite (`$AIRLOCK_HOME/airlock.db`, WAL).
 //!
 //! Every change is one transaction committed before the call returns, so what
 //! a caller was told is done survives the process being killed (kill -9):
@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use airlock_core::{SandboxId, SandboxName, TierKind};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::config::SandboxConfig;
 use crate::error::{Error, Result};
@@ -20,8 +21,12 @@ use crate::error::{Error, Result};
 /// How long a write waits for another connection's lock (another process on
 /// the same home) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-const SCHEMA_VERSION: i64 = 1;
+/// Version 1: sandboxes and executions. Version 2 adds, without touching what
+/// is there: the sandboxes' `owner` column and the `tokens` table.
+const SCHEMA_VERSION: i64 = 2;
 
+/// Version 1, as it was made: kept so that a new home passes through the same
+/// migrations as an old one.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
@@ -43,6 +48,68 @@ CREATE TABLE IF NOT EXISTS executions (
 );
 CREATE INDEX IF NOT EXISTS executions_by_sandbox ON executions (sandbox_id, started_at_ms);
 ";
+
+/// Version 2's new table: API tokens, by id, with the SHA-256 of the whole
+/// token (never the token). A revoked token keeps its row (and its id, which
+/// its sandboxes' `owner` names) with `revoked_at_ms` set; a live token's
+/// name is unique among live tokens.
+const SCHEMA_TOKENS: &str = "
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    admin INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_live_name ON tokens (name) WHERE revoked_at_ms IS NULL;
+";
+
+/// Opens `path` in WAL mode and brings its schema to [`SCHEMA_VERSION`], in
+/// one immediate transaction (two processes opening one home at once migrate
+/// it once). Migrations only add: a home made by an older Airlock opens with
+/// everything it had.
+fn open_connection(path: &Path) -> Result<Connection> {
+    let connection = Connection::open(path).map_err(Error::store(path))?;
+    connection.busy_timeout(BUSY_TIMEOUT).map_err(Error::store(path))?;
+    let mode: String =
+        connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(Error::store(path))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Store { path: path.to_path_buf(), reason: format!("journal mode is {mode}, not WAL") });
+    }
+    connection.execute_batch("PRAGMA synchronous = NORMAL;").map_err(Error::store(path))?;
+    connection.execute_batch("BEGIN IMMEDIATE").map_err(Error::store(path))?;
+    match migrate(&connection, path) {
+        Ok(()) => connection.execute_batch("COMMIT").map_err(Error::store(path))?,
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            return Err(error);
+        }
+    }
+    Ok(connection)
+}
+
+fn migrate(connection: &Connection, path: &Path) -> Result<()> {
+    let version: i64 =
+        connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(Error::store(path))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::Store {
+            path: path.to_path_buf(),
+            reason: format!("schema version {version} is newer than this Airlock's ({SCHEMA_VERSION})"),
+        });
+    }
+    connection.execute_batch(SCHEMA).map_err(Error::store(path))?;
+    // Version 2: the tenant that made a sandbox through the API (a token's id).
+    let has_owner: bool = connection
+        .query_row("SELECT COUNT(*) FROM pragma_table_info('sandboxes') WHERE name = 'owner'", [], |row| row.get(0))
+        .map_err(Error::store(path))?;
+    if !has_owner {
+        connection.execute_batch("ALTER TABLE sandboxes ADD COLUMN owner TEXT").map_err(Error::store(path))?;
+    }
+    connection.execute_batch(SCHEMA_TOKENS).map_err(Error::store(path))?;
+    connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(Error::store(path))?;
+    Ok(())
+}
 
 /// Whether a sandbox is up or asleep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +144,9 @@ pub struct SandboxRecord {
     /// Why the sandbox first escalated to the container tier, once it has.
     pub escalated: Option<String>,
     pub container_id: Option<String>,
+    /// The id of the API token it was created with; `None` for a sandbox made
+    /// in process (the CLI, an embedding program), which only admin tokens see.
+    pub owner: Option<String>,
 }
 
 /// What kind of request an execution was.
@@ -126,24 +196,7 @@ fn micros(duration: Duration) -> i64 {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self> {
-        let connection = Connection::open(path).map_err(Error::store(path))?;
-        connection.busy_timeout(BUSY_TIMEOUT).map_err(Error::store(path))?;
-        let mode: String =
-            connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(Error::store(path))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Store { path: path.to_path_buf(), reason: format!("journal mode is {mode}, not WAL") });
-        }
-        connection.execute_batch("PRAGMA synchronous = NORMAL;").map_err(Error::store(path))?;
-        let version: i64 =
-            connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(Error::store(path))?;
-        if version > SCHEMA_VERSION {
-            return Err(Error::Store {
-                path: path.to_path_buf(),
-                reason: format!("schema version {version} is newer than this Airlock's ({SCHEMA_VERSION})"),
-            });
-        }
-        connection.execute_batch(SCHEMA).map_err(Error::store(path))?;
-        connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(Error::store(path))?;
+        let connection = open_connection(path)?;
         Ok(Self { path: path.to_path_buf(), connection: Mutex::new(connection) })
     }
 
@@ -160,8 +213,8 @@ impl Store {
         let config = serde_json::to_string(&record.config)
             .map_err(|e| Error::Invalid { what: "sandbox config", reason: e.to_string() })?;
         let inserted = self.lock().execute(
-            "INSERT INTO sandboxes (id, name, created_at_ms, config, state, escalated, container_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO sandboxes (id, name, created_at_ms, config, state, escalated, container_id, owner)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO NOTHING",
             params![
                 record.id.to_string(),
                 record.name.as_str(),
@@ -169,7 +222,8 @@ impl Store {
                 config,
                 record.state.as_str(),
                 record.escalated,
-                record.container_id
+                record.container_id,
+                record.owner
             ],
         );
         Ok(inserted.map_err(self.err())? == 1)
@@ -179,7 +233,7 @@ impl Store {
         let connection = self.lock();
         let mut statement = connection
             .prepare_cached(
-                "SELECT id, name, created_at_ms, config, state, escalated, container_id FROM sandboxes WHERE name = ?1",
+                "SELECT id, name, created_at_ms, config, state, escalated, container_id, owner FROM sandboxes WHERE name = ?1",
             )
             .map_err(self.err())?;
         let row = statement.query_row(params![name.as_str()], read_row).optional().map_err(self.err())?;
@@ -190,7 +244,7 @@ impl Store {
         let connection = self.lock();
         let mut statement = connection
             .prepare_cached(
-                "SELECT id, name, created_at_ms, config, state, escalated, container_id FROM sandboxes ORDER BY name",
+                "SELECT id, name, created_at_ms, config, state, escalated, container_id, owner FROM sandboxes ORDER BY name",
             )
             .map_err(self.err())?;
         let rows = statement.query_map([], read_row).map_err(self.err())?;
@@ -282,14 +336,255 @@ impl Store {
     }
 }
 
-type Row = (String, String, i64, String, String, Option<String>, Option<String>);
+/// What every API token starts with: says what it is to a reader and to secret scanners.
+pub const TOKEN_PREFIX: &str = "airlock_";
+/// Random bytes of a token's id. The id is not secret (`airlock token list`
+/// shows it, a sandbox's `owner` names it); it finds the row to compare with.
+const TOKEN_ID_BYTES: usize = 8;
+/// Random bytes of a token's secret part, from the OS: 256 bits, so guessing
+/// is hopeless and a plain SHA-256 (no salt, no stretching) is a safe thing to store.
+const TOKEN_SECRET_BYTES: usize = 32;
+/// Longest token a request may present: the real ones are far shorter; a
+/// longer header value is refused before it is hashed.
+pub const MAX_TOKEN_BYTES: usize = 256;
+/// Longest token name (chosen by whoever makes the token, shown by `list`).
+pub const MAX_TOKEN_NAME: usize = 64;
+
+/// An API token as the registry keeps it: never its secret, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// Public and stable: `token list` shows it; sandboxes made with the token name it as their owner.
+    pub id: String,
+    pub name: String,
+    /// An admin token sees every sandbox, whoever made it.
+    pub admin: bool,
+    pub created_at: SystemTime,
+    /// When it was revoked; a revoked token is refused from then on.
+    pub revoked_at: Option<SystemTime>,
+}
+
+/// A token just made: the only time its secret exists outside its holder.
+pub struct NewToken {
+    pub info: TokenInfo,
+    secret: String,
+}
+
+impl NewToken {
+    /// The whole token, to hand to its holder once (the registry keeps only its hash).
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl std::fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewToken").field("info", &self.info).field("secret", &"<redacted>").finish()
+    }
+}
+
+/// The API's bearer tokens, in the home's registry (`airlock.db`), over a
+/// connection of its own: `airlock token` uses it beside a running server
+/// (WAL lets both at the file), and a revocation holds from the server's
+/// next request.
+#[derive(Debug)]
+pub struct TokenStore {
+    path: PathBuf,
+    connection: Mutex<Connection>,
+}
+
+impl TokenStore {
+    /// The tokens of the home `home` (which must exist), migrating its registry when older.
+    pub fn open(home: &Path) -> Result<Self> {
+        let path = home.join(crate::runtime::DATABASE_FILE);
+        let connection = open_connection(&path)?;
+        Ok(Self { path, connection: Mutex::new(connection) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes a token named `name` (unique among live tokens: letters, digits,
+    /// `.`, `_`, `-`, at most [`MAX_TOKEN_NAME`]) with fresh randomness from
+    /// the OS, and stores its hash.
+    pub fn create(&self, name: &str, admin: bool) -> Result<NewToken> {
+        check_token_name(name)?;
+        let id = random_hex(TOKEN_ID_BYTES)?;
+        let secret = format!("{TOKEN_PREFIX}{id}_{}", random_hex(TOKEN_SECRET_BYTES)?);
+        let hash = Sha256::digest(secret.as_bytes()).to_vec();
+        // Kept to the millisecond, as the registry keeps it.
+        let created_at = from_millis(millis(SystemTime::now()));
+        let inserted = self.lock().execute(
+            "INSERT INTO tokens (id, name, hash, admin, created_at_ms, revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+            params![id, name, hash, admin, millis(created_at)],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(Error::Invalid {
+                    what: "token name",
+                    reason: format!("a live token is named {name:?} already"),
+                });
+            }
+            Err(other) => return Err(Error::store(&self.path)(other)),
+        }
+        Ok(NewToken { info: TokenInfo { id, name: name.to_string(), admin, created_at, revoked_at: None }, secret })
+    }
+
+    /// Every token, revoked ones too, oldest first.
+    pub fn list(&self) -> Result<Vec<TokenInfo>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT id, name, admin, created_at_ms, revoked_at_ms FROM tokens ORDER BY created_at_ms, id",
+            )
+            .map_err(Error::store(&self.path))?;
+        let rows = statement.query_map([], read_token).map_err(Error::store(&self.path))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::store(&self.path))
+    }
+
+    /// Revokes the live token whose id (first) or name is `which`; `None` when
+    /// no live token has it. Its row stays, so its sandboxes keep their owner
+    /// (only admin tokens see them from now on).
+    pub fn revoke(&self, which: &str) -> Result<Option<TokenInfo>> {
+        let connection = self.lock();
+        let live = |column: &str| {
+            connection
+                .query_row(
+                    &format!(
+                        "SELECT id, name, admin, created_at_ms, revoked_at_ms FROM tokens
+                         WHERE {column} = ?1 AND revoked_at_ms IS NULL"
+                    ),
+                    params![which],
+                    read_token,
+                )
+                .optional()
+        };
+        let found = match live("id").map_err(Error::store(&self.path))? {
+            Some(token) => Some(token),
+            None => live("name").map_err(Error::store(&self.path))?,
+        };
+        let Some(mut token) = found else { return Ok(None) };
+        let now = from_millis(millis(SystemTime::now()));
+        connection
+            .execute(
+                "UPDATE tokens SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
+                params![token.id, millis(now)],
+            )
+            .map_err(Error::store(&self.path))?;
+        token.revoked_at = Some(now);
+        Ok(Some(token))
+    }
+
+    /// The live token `presented` is, if it is one. The row is found by the
+    /// token's id; the hashes are compared in constant time, so how long a
+    /// refusal takes says nothing of how close the guess was.
+    pub fn verify(&self, presented: &str) -> Result<Option<TokenInfo>> {
+        if presented.len() > MAX_TOKEN_BYTES {
+            return Ok(None);
+        }
+        let Some(id) = presented
+            .strip_prefix(TOKEN_PREFIX)
+            .and_then(|rest| rest.split_once('_'))
+            .map(|(id, _)| id)
+            .filter(|id| id.len() == TOKEN_ID_BYTES * 2 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        else {
+            return Ok(None);
+        };
+        let digest = Sha256::digest(presented.as_bytes());
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT id, name, admin, created_at_ms, revoked_at_ms, hash FROM tokens
+                 WHERE id = ?1 AND revoked_at_ms IS NULL",
+            )
+            .map_err(Error::store(&self.path))?;
+        let row = statement
+            .query_row(params![id], |row| Ok((read_token(row)?, row.get::<_, Vec<u8>>(5)?)))
+            .optional()
+            .map_err(Error::store(&self.path))?;
+        Ok(match row {
+            Some((token, hash)) => same_digest(&digest, &hash).then_some(token),
+            None => {
+                // The same work as a wrong secret for a known id.
+                let _ = same_digest(&digest, &[0; 32]);
+                None
+            }
+        })
+    }
+
+    /// Whether a live admin token exists.
+    pub fn has_live_admin(&self) -> Result<bool> {
+        self.lock()
+            .query_row("SELECT EXISTS (SELECT 1 FROM tokens WHERE admin = 1 AND revoked_at_ms IS NULL)", [], |row| {
+                row.get(0)
+            })
+            .map_err(Error::store(&self.path))
+    }
+}
+
+fn read_token(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
+    Ok(TokenInfo {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        admin: row.get(2)?,
+        created_at: from_millis(row.get(3)?),
+        revoked_at: row.get::<_, Option<i64>>(4)?.map(from_millis),
+    })
+}
+
+fn check_token_name(name: &str) -> Result<()> {
+    let invalid = |reason: &str| Err(Error::Invalid { what: "token name", reason: reason.to_string() });
+    if name.is_empty() || name.len() > MAX_TOKEN_NAME {
+        return invalid("it must have 1 to 64 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return invalid("it may hold only letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// Equal digests, in time that does not depend on where they differ.
+fn same_digest(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+/// `bytes` bytes from the OS's random source (getrandom(2), waiting until it
+/// is seeded), as lower-case hex.
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut buffer = vec![0u8; bytes];
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match rustix::rand::getrandom(&mut buffer[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(read) => filled += read,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(errno) => {
+                return Err(Error::File {
+                    operation: "read the OS random source",
+                    path: "getrandom(2)".to_string(),
+                    source: errno.into(),
+                });
+            }
+        }
+    }
+    Ok(buffer.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+type Row = (String, String, i64, String, String, Option<String>, Option<String>, Option<String>);
 
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SandboxRecord>> {
-    let raw: Row = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?);
+    let raw: Row =
+        (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?);
     Ok(decode(raw))
 }
 
-fn decode((id, name, created_at, config, state, escalated, container_id): Row) -> Result<SandboxRecord> {
+fn decode((id, name, created_at, config, state, escalated, container_id, owner): Row) -> Result<SandboxRecord> {
     let corrupt =
         |what: &str, reason: String| Error::Invalid { what: "registry row", reason: format!("{what}: {reason}") };
     Ok(SandboxRecord {
@@ -300,6 +595,7 @@ fn decode((id, name, created_at, config, state, escalated, container_id): Row) -
         state: SandboxState::parse(&state),
         escalated,
         container_id,
+        owner,
     })
 }
 
@@ -316,6 +612,7 @@ mod tests {
             state: SandboxState::Active,
             escalated: None,
             container_id: None,
+            owner: None,
         }
     }
 
@@ -376,6 +673,91 @@ mod tests {
         assert_eq!(all.executions, 4);
         let containers = store.usage(None, UNIX_EPOCH, end, Some(TierKind::Container)).unwrap();
         assert_eq!(containers.cpu_time, Duration::from_millis(1005));
+    }
+
+    /// A home made by schema version 1 (before tokens and owners) opens: its
+    /// sandboxes stay, with no owner, and it gains the tokens table.
+    #[test]
+    fn a_version_1_home_opens_and_keeps_its_sandboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute_batch("PRAGMA user_version = 1").unwrap();
+        let id = SandboxId::new();
+        old.execute(
+            "INSERT INTO sandboxes (id, name, created_at_ms, config, state) VALUES (?1, 'old-one', 5, ?2, 'active')",
+            params![id.to_string(), serde_json::to_string(&SandboxConfig::default()).unwrap()],
+        )
+        .unwrap();
+        drop(old);
+
+        let store = Store::open(&path).unwrap();
+        let found = store.by_name(&SandboxName::new("old-one").unwrap()).unwrap().unwrap();
+        assert_eq!(found.id, id);
+        assert_eq!(found.owner, None, "a sandbox from before tenants belongs to none");
+        let mut owned = record("new-one");
+        owned.owner = Some("0123456789abcdef".into());
+        assert!(store.insert(&owned).unwrap());
+        assert_eq!(store.by_name(&owned.name).unwrap().unwrap().owner.as_deref(), Some("0123456789abcdef"));
+        let tokens = TokenStore::open(dir.path()).unwrap();
+        assert!(tokens.list().unwrap().is_empty());
+        drop((store, tokens));
+        // Opening again migrates nothing twice.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.list().unwrap().len(), 2);
+        let version: i64 = store.lock().query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn tokens_verify_until_revoked_and_only_their_hash_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = TokenStore::open(dir.path()).unwrap();
+        let admin = tokens.create("admin", true).unwrap();
+        let tenant = tokens.create("ci", false).unwrap();
+        assert!(admin.secret().starts_with(TOKEN_PREFIX));
+        assert!(admin.secret().len() >= 80, "{} is short", admin.secret().len());
+        assert_ne!(admin.secret(), tenant.secret());
+        assert!(!format!("{tenant:?}").contains(tenant.secret()), "Debug shows the secret");
+
+        assert_eq!(tokens.verify(admin.secret()).unwrap(), Some(admin.info.clone()));
+        assert!(tokens.verify(tenant.secret()).unwrap().is_some_and(|t| !t.admin && t.name == "ci"));
+        assert!(tokens.has_live_admin().unwrap());
+        // A changed last character, the right id with another secret, garbage: none passes.
+        let mut wrong = tenant.secret().to_string();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == '0' { '1' } else { '0' });
+        let other_secret = format!("{TOKEN_PREFIX}{}_{}", tenant.info.id, "0".repeat(64));
+        for presented in [wrong.as_str(), other_secret.as_str(), "", "airlock_", "Bearer x", &"a".repeat(10_000)] {
+            assert_eq!(tokens.verify(presented).unwrap(), None, "{presented:.40} passed");
+        }
+        // A live name is taken; names are checked.
+        assert!(tokens.create("ci", false).is_err());
+        assert!(tokens.create("bad name", false).is_err());
+        assert!(tokens.create("", false).is_err());
+
+        let revoked = tokens.revoke("ci").unwrap().unwrap();
+        assert_eq!(revoked.id, tenant.info.id);
+        assert_eq!(tokens.verify(tenant.secret()).unwrap(), None, "a revoked token passed");
+        assert_eq!(tokens.revoke("ci").unwrap(), None, "revoked twice");
+        assert!(tokens.revoke(&admin.info.id).unwrap().is_some(), "revoked by id");
+        assert!(!tokens.has_live_admin().unwrap());
+        // The name is free again; the list keeps the revoked ones.
+        tokens.create("ci", false).unwrap();
+        let listed = tokens.list().unwrap();
+        assert_eq!(listed.len(), 3);
+        assert_eq!(listed.iter().filter(|t| t.revoked_at.is_some()).count(), 2);
+        drop(tokens);
+
+        // No secret anywhere in the home's files (the database, its WAL).
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            for secret in [admin.secret(), tenant.secret()] {
+                let secret_part = secret.rsplit('_').next().unwrap().as_bytes();
+                assert!(!bytes.windows(secret_part.len()).any(|w| w == secret_part), "a secret was stored");
+            }
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Scope;
 use crate::{ApiError, AppState, Code, SSE_KEEP_ALIVE, StrictJson};
 
 /// `POST /v1/sandboxes/{name}/exec`: the runtime's `ExecRequest`.
@@ -166,7 +167,7 @@ pub(crate) fn wants_events(headers: &HeaderMap) -> bool {
 }
 
 pub(crate) async fn exec(
-    State(state): State<AppState>,
+    state: Scope,
     Path(name): Path<String>,
     headers: HeaderMap,
     StrictJson(body): StrictJson<ExecBody>,
@@ -364,7 +365,7 @@ impl ResultView {
 }
 
 pub(crate) async fn code(
-    State(state): State<AppState>,
+    state: Scope,
     Path(name): Path<String>,
     StrictJson(body): StrictJson<CodeBody>,
 ) -> Result<Json<CodeAnswer>, ApiError> {
@@ -446,7 +447,7 @@ pub(crate) struct ContextCreated {
 }
 
 pub(crate) async fn create_context(
-    State(state): State<AppState>,
+    state: Scope,
     Path(name): Path<String>,
     StrictJson(body): StrictJson<ContextBody>,
 ) -> Result<(StatusCode, Json<ContextCreated>), ApiError> {
@@ -456,14 +457,14 @@ pub(crate) async fn create_context(
 }
 
 pub(crate) async fn list_contexts(
-    State(state): State<AppState>,
+    state: Scope,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<airlock_wasm::interpreter::ContextInfo>>, ApiError> {
     Ok(Json(state.sandbox(&name)?.contexts()))
 }
 
 pub(crate) async fn delete_context(
-    State(state): State<AppState>,
+    state: Scope,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     state.sandbox(&name)?.delete_context(&id)?;

@@ -14,7 +14,7 @@ use std::io::SeekFrom;
 use airlock_runtime::FileEntry;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
@@ -22,7 +22,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use crate::{ApiError, AppState, Code, StrictJson};
+use crate::auth::Scope;
+use crate::{ApiError, Code, StrictJson};
 
 /// Size of the chunks a download is sent in.
 const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
@@ -36,7 +37,7 @@ pub(crate) struct FileQuery {
 }
 
 pub(crate) async fn get_root(
-    state: State<AppState>,
+    state: Scope,
     Path(name): Path<String>,
     query: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -45,7 +46,7 @@ pub(crate) async fn get_root(
 }
 
 pub(crate) async fn get(
-    State(state): State<AppState>,
+    state: Scope,
     Path((name, path)): Path<(String, String)>,
     query: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -142,7 +143,7 @@ async fn download(sandbox: &airlock_runtime::Sandbox, path: &str, headers: &Head
 }
 
 pub(crate) async fn put(
-    State(state): State<AppState>,
+    state: Scope,
     Path((name, path)): Path<(String, String)>,
     body: Body,
 ) -> Result<(StatusCode, Json<FileEntry>), ApiError> {
@@ -154,7 +155,7 @@ pub(crate) async fn put(
 }
 
 pub(crate) async fn delete(
-    State(state): State<AppState>,
+    state: Scope,
     Path((name, path)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     state.sandbox(&name)?.remove_file(&path).await?;
@@ -169,7 +170,7 @@ pub(crate) struct MkdirBody {
 }
 
 pub(crate) async fn mkdir(
-    State(state): State<AppState>,
+    state: Scope,
     Path(name): Path<String>,
     StrictJson(body): StrictJson<MkdirBody>,
 ) -> Result<(StatusCode, Json<FileEntry>), ApiError> {
@@ -187,7 +188,7 @@ pub(crate) struct RenameBody {
 }
 
 pub(crate) async fn rename(
-    State(state): State<AppState>,
+    state: Scope,
     Path(name): Path<String>,
     StrictJson(body): StrictJson<RenameBody>,
 ) -> Result<Json<FileEntry>, ApiError> {

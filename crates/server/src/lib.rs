@@ -28,6 +28,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
+pub mod auth;
 mod events;
 mod exec;
 mod files;
@@ -37,6 +38,7 @@ mod pty;
 pub mod problem;
 mod sandboxes;
 
+pub use auth::{ADMIN_TOKEN_FILE, AdminToken, Caller, RequireAdmin, Scope, ensure_admin_token};
 pub use ops::ServerOptions;
 pub use problem::{ApiError, Code, PROBLEM_JSON, Problem};
 
@@ -107,9 +109,14 @@ impl AppState {
         &self.inner.ops
     }
 
-    /// The sandbox by name; never creates one.
-    fn sandbox(&self, name: &str) -> Result<Sandbox, ApiError> {
-        self.inner.runtime.get(name)?.ok_or_else(|| ApiError::no_sandbox(name))
+    /// The sandbox named `name` as `caller` may see it; never creates one.
+    /// Another tenant's sandbox is answered exactly as one that does not
+    /// exist. The one sandbox lookup: handlers reach it through the
+    /// [`Scope`] extractor (`state: Scope` in place of
+    /// `State(state): State<AppState>`, then `state.sandbox(&name)`).
+    fn sandbox(&self, caller: &Caller, name: &str) -> Result<Sandbox, ApiError> {
+        let sandbox = self.inner.runtime.get(name)?.ok_or_else(|| ApiError::no_sandbox(name))?;
+        if caller.may_see(sandbox.info().owner.as_deref()) { Ok(sandbox) } else { Err(ApiError::no_sandbox(name)) }
     }
 }
 
@@ -137,7 +144,8 @@ where
 /// (a `Drop` cannot wait), and a process that exited at once would lose it.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
 
-/// The API's routes, all under `/v1`.
+/// The API's routes, all under `/v1` (each needs a bearer token, see
+/// [`auth`]), and the operations routes at the root.
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
@@ -154,7 +162,10 @@ pub fn app(state: AppState) -> Router {
         .merge(processes::routes())
         .merge(pty::routes())
         .merge(events::routes())
-        .merge(ops::routes());
+        .merge(ops::routes())
+        // Every `/v1` route, and only those: a request without a live token
+        // is refused here, before any handler (health and metrics are outside).
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     let router = Router::new()
         .nest("/v1", v1)
         .merge(ops::root_routes())

@@ -23,6 +23,11 @@ pub enum Code {
     InvalidRequest,
     /// A sandbox name that is not a valid name.
     InvalidName,
+    /// No valid bearer token: none, or one that is malformed, unknown or
+    /// revoked (`401`, with `WWW-Authenticate: Bearer`).
+    Unauthorized,
+    /// A valid token without the rights the route needs (an admin route).
+    Forbidden,
     /// No such sandbox, context, file or route.
     NotFound,
     /// The route exists, not with this method.
@@ -64,6 +69,8 @@ impl Code {
         match self {
             Code::InvalidRequest => "invalid-request",
             Code::InvalidName => "invalid-name",
+            Code::Unauthorized => "unauthorized",
+            Code::Forbidden => "forbidden",
             Code::NotFound => "not-found",
             Code::MethodNotAllowed => "method-not-allowed",
             Code::Conflict => "conflict",
@@ -86,6 +93,8 @@ impl Code {
         match self {
             Code::InvalidRequest => "invalid request",
             Code::InvalidName => "invalid sandbox name",
+            Code::Unauthorized => "unauthorized",
+            Code::Forbidden => "forbidden",
             Code::NotFound => "not found",
             Code::MethodNotAllowed => "method not allowed",
             Code::Conflict => "conflict",

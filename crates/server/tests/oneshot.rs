@@ -13,8 +13,10 @@ async fn unknown_fields_and_routes_are_problems_and_make_nothing() {
     options.disk = DiskOptions { quotas: QuotaMode::Off, ..DiskOptions::default() };
     let runtime = Runtime::open(options).await.unwrap();
     let app = airlock_server::app(airlock_server::AppState::new(runtime.clone()));
+    let token = runtime.tokens().create("oneshot", true).unwrap();
 
     let request = Request::post("/v1/sandboxes")
+        .header("authorization", format!("Bearer {}", token.secret()))
         .header("content-type", "application/json")
         .body(Body::from(r#"{"name":"one","extra":true}"#))
         .unwrap();

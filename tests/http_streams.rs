@@ -372,7 +372,7 @@ async fn a_follower_that_leaves_does_not_stop_the_process_and_stdin_signals_and_
     problem(late, StatusCode::CONFLICT, "conflict").await;
     problem(delete(&stdin).await, StatusCode::CONFLICT, "conflict").await;
     // Without stdin_open there is no stdin to write to.
-    let closed = start("streams-bg", json!({ "command": "sleep", "args": ["30"] })).await;
+    let closed = start("streams-bg", json!({ "command": "sleep", "args": ["300"] })).await;
     let closed_stdin = format!("/sandboxes/streams-bg/processes/{}/stdin", closed["id"].as_str().unwrap());
     problem(request(Method::POST, &closed_stdin).body("x").send().await.unwrap(), StatusCode::CONFLICT, "conflict")
         .await;
@@ -562,7 +562,7 @@ async fn a_terminal_carries_bytes_and_resizes_and_ends_with_the_real_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closing_the_terminal_socket_ends_its_whole_tree() {
+async fn closing_or_abandoning_the_terminal_socket_ends_its_whole_tree() {
     require_docker();
     let id = create("streams-pty-drop").await;
     let _cleanup = Cleanup(vec![id]);
@@ -583,6 +583,17 @@ async fn closing_the_terminal_socket_ends_its_whole_tree() {
     until_running("streams-pty-drop", "sleep 5678").await;
     drop(socket);
     until_gone("streams-pty-drop", "sleep 5678", Duration::from_secs(5)).await;
+
+    // A client that stays connected but silent (it answers no ping): taken as gone.
+    let mut socket = websocket("/sandboxes/streams-pty-drop/pty").await.unwrap();
+    assert_eq!(next_control(&mut socket).await.unwrap()["type"], "ready");
+    socket.send(Message::binary(b"sleep 6789 & echo went-background\n".to_vec())).await.unwrap();
+    read_until(&mut socket, "\nwent-background", &mut Vec::new()).await;
+    until_running("streams-pty-drop", "sleep 6789").await;
+    // Not read from here on, so not a pong goes back.
+    let limit = airlock_server::SSE_KEEP_ALIVE * 3;
+    until_gone("streams-pty-drop", "sleep 6789", limit + airlock_server::SSE_KEEP_ALIVE * 3).await;
+    drop(socket);
     destroy("streams-pty-drop").await;
 }
 

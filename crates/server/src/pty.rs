@@ -37,6 +37,11 @@ const DEFAULT_PTY_COMMAND: &str = "bash";
 /// Largest WebSocket message taken from a client: bounds the memory one
 /// frame of typed input can take before it reaches the terminal.
 pub const MAX_PTY_MESSAGE_BYTES: usize = 1024 * 1024;
+/// How long a client may stay silent (not even answering the server's pings,
+/// sent every [`SSE_KEEP_ALIVE`]) before its session is taken as gone and its
+/// command's tree killed: a peer that vanished without closing the connection
+/// would otherwise hold the terminal until TCP gave up on it.
+pub const PTY_SILENCE_LIMIT: std::time::Duration = SSE_KEEP_ALIVE.saturating_mul(3);
 /// Largest terminal side, in cells: a size past it is refused, not passed to
 /// the kernel (which would allocate for it).
 const MAX_PTY_CELLS: u16 = 4096;
@@ -133,6 +138,7 @@ async fn session(mut socket: WebSocket, mut pty: SandboxPty, size: PtySize, shut
     let mut ping = tokio::time::interval(SSE_KEEP_ALIVE);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             output = pty.read() => match output {
@@ -150,6 +156,7 @@ async fn session(mut socket: WebSocket, mut pty: SandboxPty, size: PtySize, shut
             },
             message = socket.recv() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
+                    heard = tokio::time::Instant::now();
                     if let Err(error) = pty.write(&bytes).await {
                         let _ = send_json(&mut socket, &ServerMessage::error(&ApiError::from(airlock_runtime::Error::from(error)))).await;
                         close(&mut socket, close_code::ERROR).await;
@@ -157,17 +164,28 @@ async fn session(mut socket: WebSocket, mut pty: SandboxPty, size: PtySize, shut
                     }
                 }
                 Some(Ok(Message::Text(text))) => {
+                    heard = tokio::time::Instant::now();
                     if let Err(error) = control(&pty, text.as_str()).await
                         && send_json(&mut socket, &ServerMessage::error(&error)).await.is_err()
                     {
                         return;
                     }
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = tokio::time::Instant::now(),
                 // Closed, or broken: the session ends, and its tree with it.
                 Some(Ok(Message::Close(_)) | Err(_)) | None => return,
             },
             _ = ping.tick() => {
+                if heard.elapsed() > PTY_SILENCE_LIMIT {
+                    let error = ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        Code::Timeout,
+                        "the client answered no ping; the terminal's command was killed",
+                    );
+                    let _ = send_json(&mut socket, &ServerMessage::error(&error)).await;
+                    close(&mut socket, close_code::POLICY).await;
+                    return;
+                }
                 if socket.send(Message::Ping(Bytes::new())).await.is_err() {
                     return;
                 }

@@ -74,10 +74,21 @@ fn no_setup() -> Setup {
     Box::new(|_| Box::pin(async {}))
 }
 
-/// The server of most tests, with the default options.
+/// A tenant's token on [`server`] (not an admin).
+static TENANT: OnceLock<String> = OnceLock::new();
+
+/// The server of most tests, with the default options and a tenant's token.
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| start("main", ServerOptions::default(), None, no_setup()))
+    SERVER.get_or_init(|| {
+        let setup: Setup = Box::new(|runtime| {
+            Box::pin(async move {
+                let token = runtime.tokens().create("ops-tenant", false).unwrap();
+                TENANT.set(token.secret().to_string()).unwrap();
+            })
+        });
+        start("main", ServerOptions::default(), None, setup)
+    })
 }
 
 /// The burst's own server (the other tests' requests would share its queue):
@@ -117,15 +128,17 @@ fn tight_server() -> &'static Server {
     })
 }
 
-/// Every request of this file is built here (the one place to add credentials).
+/// Every request of this file is built here (the one place to add
+/// credentials), with the server's admin token.
 fn request(server: &Server, method: Method, path: &str) -> RequestBuilder {
+    request_as(server, &server.token, method, path)
+}
+
+fn request_as(server: &Server, token: &str, method: Method, path: &str) -> RequestBuilder {
     // A client per request: a pooled connection belongs to the Tokio runtime
     // (the test) that opened it, and dies with it.
     let client = Client::builder().no_proxy().build().unwrap();
-    client
-        .request(method, format!("{}{path}", server.root))
-        .bearer_auth(&server.token)
-        .timeout(Duration::from_secs(120))
+    client.request(method, format!("{}{path}", server.root)).bearer_auth(token).timeout(Duration::from_secs(120))
 }
 
 /// Checks an answer is a problem with this status and code; returns its body.
@@ -427,6 +440,24 @@ async fn usage_reflects_a_run_and_refuses_bad_parameters() {
     problem(response, StatusCode::NOT_FOUND, "not-found").await;
     let response = request(server, Method::GET, "/v1/usage?sandbox=Not%20A%20Name").send().await.unwrap();
     problem(response, StatusCode::BAD_REQUEST, "invalid-name").await;
+
+    // A tenant sees neither the admin's sandbox nor its usage in the totals.
+    let tenant = TENANT.get().unwrap();
+    let response = request_as(server, tenant, Method::GET, "/v1/usage?sandbox=ops-usage").send().await.unwrap();
+    problem(response, StatusCode::NOT_FOUND, "not-found").await;
+    let response = request_as(server, tenant, Method::GET, "/v1/usage").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let own: Value = response.json().await.unwrap();
+    assert_eq!(own["total"]["executions"], 0, "{own}");
+    // Its own sandbox's run is in its totals, and only that.
+    let create = request_as(server, tenant, Method::POST, "/v1/sandboxes").json(&json!({"name": "ops-usage-tenant"}));
+    assert_eq!(create.send().await.unwrap().status(), StatusCode::CREATED);
+    let code = request_as(server, tenant, Method::POST, "/v1/sandboxes/ops-usage-tenant/code")
+        .json(&json!({"language": "javascript", "code": "1"}));
+    assert_eq!(code.send().await.unwrap().status(), StatusCode::OK);
+    let own: Value = request_as(server, tenant, Method::GET, "/v1/usage").send().await.unwrap().json().await.unwrap();
+    assert_eq!(own["total"]["executions"], 1, "{own}");
+    assert_eq!(own["isolate"]["executions"], 1, "{own}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

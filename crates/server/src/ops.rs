@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
+use crate::auth::Scope;
 use crate::{ApiError, AppState, Code};
 
 /// Default cap on evaluations (code, one-shot runs, isolate commands) running
@@ -493,11 +494,11 @@ fn unix_ms(ms: u64) -> SystemTime {
 }
 
 /// `GET /v1/usage[?sandbox=&since_ms=&until_ms=]`: active-CPU usage of the
-/// executions that started in the window, by tier, and its cost.
-// Once tokens land: a tenant's token must see only its own sandboxes' usage
-// (require `sandbox`, or sum over the tenant's sandboxes); all-sandbox totals are admin-only.
+/// executions that started in the window, by tier, and its cost. A sandbox
+/// the caller may not see is not found; without `sandbox`, an admin token
+/// gets the whole ledger and a tenant's token the sum over its own sandboxes.
 async fn usage(
-    State(state): State<AppState>,
+    state: Scope,
     query: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<UsageView>, ApiError> {
     let Query(params) = query?;
@@ -511,7 +512,33 @@ async fn usage(
         since: params.since_ms.map(unix_ms),
         until: params.until_ms.map(unix_ms),
     };
-    let usage = state.runtime().usage(&query)?;
+    let runtime = state.runtime();
+    let usage = match &params.sandbox {
+        Some(name) => {
+            // Another tenant's sandbox is answered as one that does not exist.
+            state.sandbox(name)?;
+            runtime.usage(&query)?
+        }
+        None if state.caller().is_admin() => runtime.usage(&query)?,
+        None => {
+            // Zero totals with the runtime's price: an empty window.
+            let nothing = UsageQuery { sandbox: None, since: Some(UNIX_EPOCH), until: Some(UNIX_EPOCH) };
+            let mut sum = runtime.usage(&nothing)?;
+            for info in runtime.list()?.iter().filter(|info| state.sees(info)) {
+                let one = runtime.usage(&UsageQuery { sandbox: Some(info.name.clone()), ..query.clone() })?;
+                for (total, add) in
+                    [(&mut sum.total, one.total), (&mut sum.isolate, one.isolate), (&mut sum.container, one.container)]
+                {
+                    total.executions += add.executions;
+                    total.cpu_time += add.cpu_time;
+                    total.wall_time += add.wall_time;
+                }
+            }
+            sum.cpu_seconds = sum.total.cpu_time.as_secs_f64();
+            sum.cost_usd = sum.cpu_seconds * sum.price_per_vcpu_second;
+            sum
+        }
+    };
     Ok(Json(UsageView {
         sandbox: params.sandbox,
         since_ms: params.since_ms,

@@ -103,6 +103,8 @@ async fn start_server(runtime: Runtime) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let home = runtime.home().to_path_buf();
+    // As `airlock serve` does on start: every /v1 route needs a token.
+    airlock_server::ensure_admin_token(&runtime).unwrap();
     let state = airlock_server::AppState::new(runtime);
     tokio::spawn(airlock_server::serve(listener, state, std::future::pending()));
     Server { base: format!("http://{address}/v1"), token: admin_token(&home) }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::{Duration, UNIX_EPOCH};
 
-use airlock_container::{ProcessEvent, ProcessFollower, ProcessInfo, ProcessStatus, Signal};
+use airlock_container::{PROCESS_LOG_BYTES, ProcessEvent, ProcessFollower, ProcessInfo, ProcessStatus, Signal};
 use airlock_core::{ExecRequest, OutputStream, StdinSource};
 use airlock_runtime::Sandbox;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -243,7 +243,8 @@ struct LogsQuery {
     offset: Option<u64>,
 }
 
-/// The output of a process from an offset, as far as it is now.
+/// The output of a process from an offset, as far as it is now (at most
+/// [`PROCESS_LOG_BYTES`] and a chunk: `next_offset` says where to go on).
 #[derive(Debug, Serialize)]
 struct LogsAnswer {
     /// Where the output asked for begins.
@@ -307,14 +308,18 @@ async fn logs(
     if wants_events(&headers) {
         return Ok(follow(follower, state.shutdown().clone()).into_response());
     }
-    let (mut stdout, mut stderr, mut exited) = (Vec::new(), Vec::new(), None);
-    while let Some(event) = follower.try_next() {
-        match event {
-            ProcessEvent::Output(chunk) if chunk.stream == OutputStream::Stdout => stdout.extend(chunk.bytes),
-            ProcessEvent::Output(chunk) => stderr.extend(chunk.bytes),
-            ProcessEvent::Exited(code) => exited = Some(code),
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    // What the log holds, and what arrives meanwhile up to a bound: a process
+    // writing faster than this loop reads must not grow the answer for ever.
+    while stdout.len() + stderr.len() < PROCESS_LOG_BYTES {
+        match follower.try_next() {
+            Some(ProcessEvent::Output(chunk)) if chunk.stream == OutputStream::Stdout => stdout.extend(chunk.bytes),
+            Some(ProcessEvent::Output(chunk)) => stderr.extend(chunk.bytes),
+            Some(ProcessEvent::Exited(_)) | None => break,
         }
     }
+    // The state after the output was read: an exit the reading saw is in it.
+    let view = ProcessView::from(find(&sandbox, &id).await?);
     let (stdout, stdout_encoding) = encode(stdout);
     let (stderr, stderr_encoding) = encode(stderr);
     Ok(Json(LogsAnswer {
@@ -325,8 +330,8 @@ async fn logs(
         stdout_encoding,
         stderr,
         stderr_encoding,
-        state: if exited.is_some() { "exited" } else { "running" },
-        exit_code: exited.flatten(),
+        state: view.state,
+        exit_code: view.exit_code,
     })
     .into_response())
 }

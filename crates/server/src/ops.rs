@@ -763,6 +763,77 @@ mod tests {
         assert_eq!(ops.timeout_for("/metrics", &plain).unwrap().0, "request_timeout");
     }
 
+    /// Collects the fields of every `request` span.
+    #[derive(Default, Clone)]
+    struct Spans(std::sync::Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+
+    struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+    impl tracing::field::Visit for Fields<'_> {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            self.0.insert(field.name().to_string(), value.to_string());
+        }
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().to_string(), format!("{value:?}"));
+        }
+    }
+
+    impl tracing::Subscriber for Spans {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, attributes: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            let mut spans = self.0.lock().unwrap();
+            let mut fields = BTreeMap::from([("span".to_string(), attributes.metadata().name().to_string())]);
+            attributes.record(&mut Fields(&mut fields));
+            spans.push(fields);
+            tracing::span::Id::from_u64(spans.len() as u64)
+        }
+        fn record(&self, span: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+            let mut spans = self.0.lock().unwrap();
+            let index = usize::try_from(span.into_u64()).unwrap() - 1;
+            values.record(&mut Fields(&mut spans[index]));
+        }
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[tokio::test]
+    async fn each_request_runs_in_a_span_with_its_method_route_and_sandbox() {
+        use tower::ServiceExt as _;
+        let home = tempfile::tempdir().unwrap();
+        let mut options = airlock_runtime::RuntimeOptions::new(home.path());
+        options.disk = airlock_runtime::DiskOptions { quotas: airlock_runtime::QuotaMode::Off, ..Default::default() };
+        options.reconcile = false;
+        let runtime = airlock_runtime::Runtime::open(options).await.unwrap();
+        runtime.sandbox("spanned").await.unwrap();
+        let token = runtime.tokens().create("spans", true).unwrap();
+        let app = crate::app(AppState::new(runtime));
+
+        let spans = Spans::default();
+        // This test's runtime polls on this thread only, where the subscriber is.
+        let _default = tracing::subscriber::set_default(spans.clone());
+        let request = axum::http::Request::get("/v1/sandboxes/spanned")
+            .header("authorization", format!("Bearer {}", token.secret()))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let request = axum::http::Request::get("/healthz").body(axum::body::Body::empty()).unwrap();
+        assert_eq!(app.oneshot(request).await.unwrap().status(), StatusCode::OK);
+
+        let spans = spans.0.lock().unwrap();
+        let requests: Vec<_> = spans.iter().filter(|fields| fields["span"] == "request").collect();
+        assert_eq!(requests.len(), 2, "{spans:?}");
+        assert_eq!(requests[0]["method"], "GET");
+        assert_eq!(requests[0]["route"], "/v1/sandboxes/{name}");
+        assert_eq!(requests[0]["sandbox"], "spanned");
+        assert_eq!(requests[1]["route"], "/healthz");
+        assert!(!requests[1].contains_key("sandbox"));
+    }
+
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");

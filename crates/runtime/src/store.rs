@@ -90,8 +90,7 @@ fn open_connection(path: &Path) -> Result<Connection> {
 }
 
 fn migrate(connection: &Connection, path: &Path) -> Result<()> {
-    let version: i64 =
-        connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(Error::store(path))?;
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(Error::store(path))?;
     if version > SCHEMA_VERSION {
         return Err(Error::Store {
             path: path.to_path_buf(),

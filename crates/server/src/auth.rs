@@ -302,8 +302,7 @@ pub fn ensure_admin_token(runtime: &Runtime) -> Result<AdminToken, AuthError> {
 fn create_admin(tokens: &TokenStore) -> Result<airlock_runtime::NewToken, AuthError> {
     let mut attempt = 1;
     loop {
-        let name =
-            if attempt == 1 { ADMIN_TOKEN_NAME.to_string() } else { format!("{ADMIN_TOKEN_NAME}-{attempt}") };
+        let name = if attempt == 1 { ADMIN_TOKEN_NAME.to_string() } else { format!("{ADMIN_TOKEN_NAME}-{attempt}") };
         match tokens.create(&name, true) {
             Err(airlock_runtime::Error::Invalid { .. }) if attempt < ADMIN_TOKEN_NAME_TRIES => attempt += 1,
             other => return Ok(other?),

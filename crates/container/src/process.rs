@@ -396,6 +396,23 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_that_falls_behind_reads_on_from_the_log_without_gaps() {
+        let table = ProcessTable::default();
+        let process = table.register("p".into(), vec!["yes".into()], 1);
+        let mut slow = process.follow_from(0).unwrap();
+        let mut expected = Vec::new();
+        for i in 0..FOLLOW_BUFFER * 3 {
+            let line = format!("{i:09}\n");
+            expected.extend_from_slice(line.as_bytes());
+            process.record(stdout(line.as_bytes()));
+        }
+        process.record(ProcessEvent::Exited(Some(0)));
+        let (bytes, exit) = drain(&mut slow);
+        assert_eq!(bytes, expected, "every byte once, in order");
+        assert_eq!((exit, slow.missed_bytes()), (Some(Some(0)), 0));
+    }
+
+    #[test]
     fn a_follower_says_how_much_of_its_range_the_log_had_dropped() {
         let table = ProcessTable::default();
         let process = table.register("p".into(), vec!["yes".into()], 1);

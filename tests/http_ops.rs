@@ -397,6 +397,13 @@ async fn metrics_parse_as_prometheus_text_and_count_requests_by_route_and_status
     let samples = scrape(server).await;
     assert!(find(&samples, "airlock_http_requests_total", &[("route", "unmatched"), ("status", "404")]).is_some());
     assert!(!samples.iter().any(|s| s.labels.values().any(|v| v.contains("/no/such"))));
+
+    // Admin-only: no token is 401, a tenant's token 403.
+    let response = Client::builder().no_proxy().build().unwrap().get(format!("{}/metrics", server.root));
+    problem(response.send().await.unwrap(), StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let tenant = TENANT.get().unwrap();
+    let response = request_as(server, tenant, Method::GET, "/metrics").send().await.unwrap();
+    problem(response, StatusCode::FORBIDDEN, "forbidden").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

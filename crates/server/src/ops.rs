@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
-use crate::auth::Scope;
+use crate::auth::{RequireAdmin, Scope};
 use crate::{ApiError, AppState, Code};
 
 /// Default cap on evaluations (code, one-shot runs, isolate commands) running
@@ -573,8 +573,8 @@ fn tier_label(tier: TierKind) -> &'static str {
 /// status; sandboxes by state and tier; executions and CPU-seconds by tier
 /// (the usage ledger, over the home's life); one-shot runs; escalations; the
 /// evaluation gate.
-// Once tokens land: admin-only (the auth engineer's admin extractor goes in this signature).
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// Admin-only: `401` without a live token, `403` with a tenant's.
+async fn metrics(_admin: RequireAdmin, State(state): State<AppState>) -> Result<Response, ApiError> {
     let runtime = state.runtime();
     let sandboxes = runtime.list()?;
     let usage = runtime.usage(&UsageQuery::default())?;

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod carried;
+mod remote;
 mod sandbox_cli;
 mod serve_cli;
 mod token_cli;

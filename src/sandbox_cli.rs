@@ -13,6 +13,10 @@ use airlock::runtime::{
 };
 use airlock::{ExecRequest, Language, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
 use anyhow::{Context, Result, bail};
+use hyper::Method;
+use serde_json::{Value, json};
+
+use crate::remote::{ApiClient, Events, encode_path, is_conflict, streamed};
 
 /// Where the runtime keeps its registry and workspaces.
 #[derive(Debug, clap::Args)]
@@ -22,16 +26,56 @@ pub struct HomeArgs {
     home: Option<PathBuf>,
 }
 
+/// How long a CLI command waits for another CLI process to let the home go
+/// (a server that owns it is reached through its socket instead).
+const CLI_HOME_LOCK_WAIT: Duration = Duration::from_secs(30);
+/// Between looks for a server's socket while the home is owned by another process.
+const HOME_LOOK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A home as the CLI reaches it: opened in this process, or through the
+/// server that owns it.
+enum Home {
+    Local(Runtime),
+    Served(ApiClient),
+}
+
 impl HomeArgs {
-    async fn open(&self) -> Result<Runtime> {
-        let home = self.home.clone().unwrap_or_else(default_home);
-        let runtime = Runtime::open(RuntimeOptions::new(&home))
-            .await
-            .with_context(|| format!("opening the runtime at {}", home.display()))?;
-        if let DiskStatus::NotEnforced { reason } = runtime.disk_status() {
-            eprintln!("airlock: warning: sandbox disk quotas are not enforced: {reason}");
+    fn path(&self) -> PathBuf {
+        self.home.clone().unwrap_or_else(default_home)
+    }
+
+    /// Through the server that owns the home if one answers on its socket;
+    /// else opened here, once another CLI process that holds it is done.
+    async fn reach(&self, command: &str) -> Result<Home> {
+        let home = self.path();
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(client) = ApiClient::if_served(&home) {
+                return Ok(Home::Served(client));
+            }
+            let mut options = RuntimeOptions::new(&home);
+            options.home_role = format!("airlock {command}");
+            options.home_lock_wait = HOME_LOOK_INTERVAL;
+            match Runtime::open(options).await {
+                Ok(runtime) => {
+                    if let DiskStatus::NotEnforced { reason } = runtime.disk_status() {
+                        eprintln!("airlock: warning: sandbox disk quotas are not enforced: {reason}");
+                    }
+                    return Ok(Home::Local(runtime));
+                }
+                Err(airlock::runtime::Error::HomeInUse { .. }) if started.elapsed() < CLI_HOME_LOCK_WAIT => {}
+                Err(error) => {
+                    return Err(error).with_context(|| format!("opening the runtime at {}", home.display()));
+                }
+            }
         }
-        Ok(runtime)
+    }
+
+    async fn open(&self, command: &str) -> Result<Runtime> {
+        match self.reach(command).await? {
+            Home::Local(runtime) => Ok(runtime),
+            Home::Served(_) => bail!("this command does not go through a server yet"),
+        }
     }
 }
 
@@ -179,7 +223,6 @@ pub struct UsageArgs {
 pub async fn sandbox(command: SandboxCommand) -> Result<ExitCode> {
     match command {
         SandboxCommand::Create(args) => {
-            let runtime = args.home.open().await?;
             let config = SandboxConfig {
                 tier: args.tier,
                 container_runtime: args.runtime,
@@ -192,23 +235,49 @@ pub async fn sandbox(command: SandboxCommand) -> Result<ExitCode> {
                 max_ptys: args.max_ptys,
                 ..SandboxConfig::default()
             };
-            let sandbox = runtime.sandbox_with(&args.name, config).await?;
-            println!("{}", sandbox.id());
-        }
-        SandboxCommand::List(args) => {
-            let runtime = args.home.open().await?;
-            println!("{:<24} {:<40} {:<9} ESCALATED", "NAME", "ID", "STATE");
-            for info in runtime.list()? {
-                let state = serde_plain(&info.state);
-                println!("{:<24} {:<40} {:<9} {}", info.name, info.id, state, info.escalated.unwrap_or_default());
+            match args.home.reach("sandbox create").await? {
+                Home::Local(runtime) => println!("{}", runtime.sandbox_with(&args.name, config).await?.id()),
+                Home::Served(api) => println!("{}", create_remote(&api, &args.name, Some(&config)).await?),
             }
         }
-        SandboxCommand::Rm(args) => {
-            let runtime = args.home.open().await?;
-            runtime.destroy(&args.name).await?;
+        SandboxCommand::List(args) => {
+            let infos: Vec<Value> = match args.home.reach("sandbox list").await? {
+                Home::Local(runtime) => runtime.list()?.iter().map(serde_json::to_value).collect::<Result<_, _>>()?,
+                Home::Served(api) => match api.json(Method::GET, "/sandboxes", None).await? {
+                    Value::Array(infos) => infos,
+                    other => bail!("the server listed sandboxes as {other}"),
+                },
+            };
+            println!("{:<24} {:<40} {:<9} ESCALATED", "NAME", "ID", "STATE");
+            for info in infos {
+                let text = |key: &str| info[key].as_str().unwrap_or_default().to_string();
+                println!("{:<24} {:<40} {:<9} {}", text("name"), text("id"), text("state"), text("escalated"));
+            }
         }
+        SandboxCommand::Rm(args) => match args.home.reach("sandbox rm").await? {
+            Home::Local(runtime) => runtime.destroy(&args.name).await?,
+            Home::Served(api) => {
+                api.json(Method::DELETE, &format!("/sandboxes/{}", encode_path(&args.name)), None).await?;
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Creates the sandbox through the server unless it exists (as the runtime's
+/// `sandbox_with` does); its id.
+async fn create_remote(api: &ApiClient, name: &str, config: Option<&SandboxConfig>) -> Result<String> {
+    let mut body = json!({ "name": name });
+    if let Some(config) = config {
+        body["config"] = serde_json::to_value(config)?;
+    }
+    let created = api.json(Method::POST, "/sandboxes", Some(&body)).await;
+    let info = if is_conflict(&created) {
+        api.json(Method::GET, &format!("/sandboxes/{}", encode_path(name)), None).await?
+    } else {
+        created?
+    };
+    Ok(info["id"].as_str().unwrap_or_default().to_string())
 }
 
 fn serde_plain<T: serde::Serialize>(value: &T) -> String {
@@ -249,9 +318,13 @@ async fn interruptible<T>(work: impl std::future::Future<Output = T>) -> Interru
 }
 
 pub async fn exec(args: ExecArgs) -> Result<ExitCode> {
-    let runtime = args.home.open().await?;
-    let sandbox = runtime.sandbox(&args.name).await?;
     let Some((program, rest)) = args.command.split_first() else { bail!("no command given after --") };
+    let deadline = parse_duration(&args.timeout)?;
+    let runtime = match args.home.reach("exec").await? {
+        Home::Local(runtime) => runtime,
+        Home::Served(api) => return exec_remote(&api, &args, deadline).await,
+    };
+    let sandbox = runtime.sandbox(&args.name).await?;
     let echo: OutputSender = Arc::new(|chunk: OutputChunk| {
         let _ = match chunk.stream {
             OutputStream::Stdout => {
@@ -261,7 +334,7 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode> {
         };
     });
     let mut request = ExecRequest::new(program).args(rest.iter().cloned()).output(echo).stdin(StdinSource::Empty);
-    request.limits.deadline = parse_duration(&args.timeout)?;
+    request.limits.deadline = deadline;
     let ran = match interruptible(sandbox.exec(request)).await {
         Interruptible::Done(ran) => ran?,
         Interruptible::Interrupted(status) => return Ok(status),
@@ -269,16 +342,78 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode> {
     if args.verbose {
         eprintln!("airlock: ran in the {} tier: {}", ran.placement.tier, ran.placement.reason);
     }
-    Ok(match ran.outcome.termination {
-        Termination::Exited { code } => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        Termination::LimitExceeded(hit) => crate::limit_hit(hit),
-        Termination::Crashed { message } => crate::crashed("the command crashed", &message),
+    Ok(exit_status(&ran.outcome.termination))
+}
+
+fn exit_status(termination: &Termination) -> ExitCode {
+    match termination {
+        Termination::Exited { code } => ExitCode::from(u8::try_from(*code).unwrap_or(1)),
+        Termination::LimitExceeded(hit) => crate::limit_hit(*hit),
+        Termination::Crashed { message } => crate::crashed("the command crashed", message),
         other => crate::crashed("the command ended unexpectedly", &other.to_string()),
-    })
+    }
+}
+
+/// `exec` through the server: the command's output streamed as events as it
+/// comes, then its real status. An interrupt closes the stream, and the
+/// server kills what the stream started.
+async fn exec_remote(api: &ApiClient, args: &ExecArgs, deadline: Duration) -> Result<ExitCode> {
+    use base64::Engine as _;
+    let Some((program, rest)) = args.command.split_first() else { bail!("no command given after --") };
+    create_remote(api, &args.name, None).await?;
+    let body = json!({ "command": program, "args": rest, "timeout": deadline.as_secs_f64() });
+    let path = format!("/sandboxes/{}/exec", encode_path(&args.name));
+    let streaming = async {
+        let headers = [("content-type", "application/json"), ("accept", "text/event-stream")];
+        let bytes = serde_json::to_vec(&body)?.into();
+        let response = api.send(Method::POST, &path, &headers, crate::remote::full(bytes)).await?;
+        let mut events = Events::new(response);
+        while let Some((name, data)) = events.next().await? {
+            match name.as_str() {
+                "stdout" | "stderr" => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(data.trim())
+                        .context("the server sent output that is not base64")?;
+                    let _ = if name == "stdout" {
+                        std::io::stdout().lock().write_all(&bytes).and_then(|()| std::io::stdout().flush())
+                    } else {
+                        std::io::stderr().lock().write_all(&bytes)
+                    };
+                }
+                "exit" => {
+                    let answer: Value = serde_json::from_str(&data).context("the exit event")?;
+                    if args.verbose {
+                        let placement = &answer["placement"];
+                        eprintln!(
+                            "airlock: ran in the {} tier: {}",
+                            placement["tier"].as_str().unwrap_or("?"),
+                            placement["reason"].as_str().unwrap_or("")
+                        );
+                    }
+                    let termination: Termination = serde_json::from_value(answer["termination"].clone())
+                        .context("the exit event's termination")?;
+                    return Ok(exit_status(&termination));
+                }
+                "error" => {
+                    let problem: Value = serde_json::from_str(&data).unwrap_or_default();
+                    bail!("{}", problem["detail"].as_str().unwrap_or("the server reported an error"));
+                }
+                _ => {}
+            }
+        }
+        bail!("the server's stream ended without the command's exit")
+    };
+    match interruptible(streaming).await {
+        Interruptible::Done(done) => done,
+        Interruptible::Interrupted(status) => Ok(status),
+    }
 }
 
 pub async fn code(args: CodeArgs) -> Result<ExitCode> {
-    let runtime = args.home.open().await?;
+    let runtime = match args.home.reach("code").await? {
+        Home::Local(runtime) => runtime,
+        Home::Served(api) => return code_remote(&api, &args).await,
+    };
     let sandbox = runtime.sandbox(&args.name).await?;
     let evaluation = async {
         match &args.context {
@@ -296,8 +431,71 @@ pub async fn code(args: CodeArgs) -> Result<ExitCode> {
     Ok(crate::report(&ran.outcome, false))
 }
 
+/// `code` through the server; the answer is reported as a local one is.
+async fn code_remote(api: &ApiClient, args: &CodeArgs) -> Result<ExitCode> {
+    create_remote(api, &args.name, None).await?;
+    let mut body = json!({ "code": args.code });
+    match &args.context {
+        Some(context) => body["context"] = json!(context),
+        None => body["language"] = serde_json::to_value(args.lang)?,
+    }
+    let path = format!("/sandboxes/{}/code", encode_path(&args.name));
+    let answer = match interruptible(api.json(Method::POST, &path, Some(&body))).await {
+        Interruptible::Done(answer) => answer?,
+        Interruptible::Interrupted(status) => return Ok(status),
+    };
+    if args.verbose {
+        let placement = &answer["placement"];
+        eprintln!(
+            "airlock: ran in the {} tier: {}",
+            placement["tier"].as_str().unwrap_or("?"),
+            placement["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok(crate::report(&eval_outcome(&answer)?, false))
+}
+
+/// The server's answer to code, as the runtime's outcome.
+fn eval_outcome(answer: &Value) -> Result<airlock::EvalOutcome> {
+    use airlock::EvalResult;
+    use base64::Engine as _;
+    let bytes = |field: &str| -> Result<Vec<u8>> {
+        let text = answer[field].as_str().unwrap_or_default();
+        Ok(match answer[format!("{field}_encoding")].as_str() {
+            Some("base64") => base64::engine::general_purpose::STANDARD.decode(text)?,
+            _ => text.as_bytes().to_vec(),
+        })
+    };
+    let result = &answer["result"];
+    fn part<T: serde::de::DeserializeOwned>(result: &Value, key: &str) -> Result<T> {
+        serde_json::from_value(result[key].clone()).with_context(|| format!("the result's {key}"))
+    }
+    let result = match result["kind"].as_str().unwrap_or_default() {
+        "ok" => EvalResult::Ok { value: serde_json::from_value(result["value"].clone()).unwrap_or(None) },
+        "syntax-error" => EvalResult::SyntaxError(part(result, "error")?),
+        "runtime-error" => EvalResult::RuntimeError(part(result, "error")?),
+        "needs-escalation" => EvalResult::NeedsEscalation { reason: part(result, "escalation")? },
+        "limit-exceeded" => EvalResult::LimitExceeded(part(result, "limit")?),
+        "crashed" => EvalResult::Crashed { message: result["message"].as_str().unwrap_or_default().to_string() },
+        other => bail!("the server gave a result of kind {other:?}"),
+    };
+    let millis = |field: &str| Duration::from_millis(answer[field].as_u64().unwrap_or_default());
+    Ok(airlock::EvalOutcome {
+        result,
+        stdout: bytes("stdout")?,
+        stderr: bytes("stderr")?,
+        stdout_truncated: answer["stdout_truncated"].as_bool().unwrap_or_default(),
+        stderr_truncated: answer["stderr_truncated"].as_bool().unwrap_or_default(),
+        wall_time: millis("wall_time_ms"),
+        cpu_time: millis("cpu_time_ms"),
+    })
+}
+
 pub async fn files(args: FilesArgs) -> Result<ExitCode> {
-    let runtime = args.home.open().await?;
+    let runtime = match args.home.reach("files").await? {
+        Home::Local(runtime) => runtime,
+        Home::Served(api) => return files_remote(&api, args).await,
+    };
     let sandbox = runtime.get(&args.name)?.with_context(|| format!("no sandbox named {}", args.name))?;
     match args.action {
         FilesAction::Ls { path } => {
@@ -328,8 +526,48 @@ pub async fn files(args: FilesArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `files` through the server, streamed both ways as locally.
+async fn files_remote(api: &ApiClient, args: FilesArgs) -> Result<ExitCode> {
+    use http_body_util::BodyExt;
+    let at = |path: &str| format!("/sandboxes/{}/files/{}", encode_path(&args.name), encode_path(path));
+    match args.action {
+        FilesAction::Ls { path } => {
+            let listing = api.json(Method::GET, &format!("{}?list", at(&path)), None).await?;
+            for entry in listing.as_array().into_iter().flatten() {
+                let text = |key: &str| entry[key].as_str().unwrap_or_default().to_string();
+                println!("{:<9} {:>12} {}", text("kind"), entry["size"].as_u64().unwrap_or_default(), text("name"));
+            }
+        }
+        FilesAction::Get { path } => {
+            let response = api.send(Method::GET, &at(&path), &[], crate::remote::full(Default::default())).await?;
+            let mut body = response.into_body();
+            let mut stdout = tokio::io::stdout();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.context("reading the file from the server")?.into_data() {
+                    tokio::io::AsyncWriteExt::write_all(&mut stdout, &data).await?;
+                }
+            }
+            tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
+        }
+        FilesAction::Put { path, from } => {
+            let body = match from {
+                Some(file) => streamed(
+                    tokio::fs::File::open(&file).await.with_context(|| format!("cannot read {}", file.display()))?,
+                ),
+                None => streamed(tokio::io::stdin()),
+            };
+            let response = api.send(Method::PUT, &at(&path), &[("content-type", "application/octet-stream")], body).await?;
+            response.into_body().collect().await.context("reading the server's answer")?;
+        }
+        FilesAction::Rm { path } => {
+            api.json(Method::DELETE, &at(&path), None).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn usage(args: UsageArgs) -> Result<ExitCode> {
-    let runtime = args.home.open().await?;
+    let runtime = args.home.open("usage").await?;
     let since = match &args.since {
         Some(text) => Some(SystemTime::now() - parse_duration(text)?),
         None => None,

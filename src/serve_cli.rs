@@ -11,6 +11,8 @@ use anyhow::{Context, Result};
 /// Worker threads of the server's async runtime (the isolate engine and the
 /// file operations have their own bounded pools).
 const SERVE_WORKER_THREADS: usize = 4;
+/// How long `serve` waits for a CLI command that holds the home to finish.
+const SERVE_HOME_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -32,9 +34,11 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let home = args.home.clone().unwrap_or_else(default_home);
-        let runtime = Runtime::open(RuntimeOptions::new(&home))
-            .await
-            .with_context(|| format!("opening the runtime at {}", home.display()))?;
+        let mut options = RuntimeOptions::new(&home);
+        options.home_role = "airlock serve".to_string();
+        options.home_lock_wait = SERVE_HOME_LOCK_WAIT;
+        let runtime =
+            Runtime::open(options).await.with_context(|| format!("opening the runtime at {}", home.display()))?;
         if let DiskStatus::NotEnforced { reason } = runtime.disk_status() {
             eprintln!("airlock: warning: sandbox disk quotas are not enforced: {reason}");
         }
@@ -54,9 +58,19 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let address = listener.local_addr().context("reading the listening address")?;
+        // The home's other users (the CLI) come in through its socket while this server owns it.
+        let socket = runtime.home().join(airlock::runtime::API_SOCKET_FILE);
+        let local = airlock_server::bind_local(&socket)
+            .with_context(|| format!("listening on {}", socket.display()))?;
+        // Printed once both listen: a client that reads it may use either.
+        // Before saying so: a SIGTERM sent as soon as it is read stops the server cleanly.
+        let shutdown = airlock_server::shutdown_signal();
         println!("airlock: listening on http://{address}/v1");
         let state = airlock_server::AppState::new(runtime);
-        airlock_server::serve(listener, state, airlock_server::shutdown_signal()).await.context("serving")?;
+        tokio::spawn(airlock_server::serve_local(local, state.clone()));
+        let served = airlock_server::serve(listener, state, shutdown).await;
+        let _ = std::fs::remove_file(&socket);
+        served.context("serving")?;
         eprintln!("airlock: stopped");
         Ok(ExitCode::SUCCESS)
     })

@@ -65,6 +65,9 @@ pub enum Error {
     /// nothing was started, and what the sandbox already has is untouched.
     #[error("sandbox limit {limit} reached: {held} of {max} {what} in use")]
     SandboxLimit { limit: &'static str, what: &'static str, held: usize, max: usize },
+    /// Another process owns the home (`holder` says which, from its lock file).
+    #[error("the home {home} is in use by {holder}; one process owns a home at a time (use its API, or wait)")]
+    HomeInUse { home: PathBuf, holder: String },
 }
 
 /// Paths that leave the workspace, are malformed, or go through a link are

@@ -27,6 +27,7 @@ mod disk;
 mod error;
 mod events;
 pub mod files;
+mod home_lock;
 mod router;
 mod runtime;
 mod sandbox;
@@ -44,6 +45,7 @@ pub use error::{Error, Result};
 pub use events::{
     COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, MAX_WATCHED_DIRECTORIES, SandboxEvent,
 };
+pub use home_lock::{API_SOCKET_FILE, LOCK_FILE};
 pub use files::{FILE_OP_TIMEOUT, FileEntry, FileKind, MAX_CONCURRENT_FILE_OPS, MAX_FILE_BYTES, MAX_LIST_ENTRIES};
 pub use router::{Route, route};
 pub use runtime::{

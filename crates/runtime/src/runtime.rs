@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::config::SandboxConfig;
 use crate::disk::{DiskOptions, DiskStatus, HomeDisk};
 use crate::error::{Error, Result};
+use crate::home_lock::HomeLock;
 use crate::sandbox::{Sandbox, SandboxInner};
 use crate::store::{SandboxRecord, SandboxState, Store, TokenStore, UsageTotals};
 
@@ -60,6 +61,11 @@ pub struct RuntimeOptions {
     /// Per-sandbox disk quotas: the home's filesystem image and whether quotas
     /// must hold (see [`crate::DiskStatus`]).
     pub disk: DiskOptions,
+    /// How long [`Runtime::open`] waits for another process that owns the
+    /// home to let it go before it fails with [`Error::HomeInUse`].
+    pub home_lock_wait: Duration,
+    /// What a process refused the home is told owns it (such as "airlock serve").
+    pub home_role: String,
 }
 
 impl RuntimeOptions {
@@ -76,6 +82,8 @@ impl RuntimeOptions {
             price_per_vcpu_second: DEFAULT_PRICE_PER_VCPU_SECOND,
             reconcile: true,
             disk: DiskOptions::default(),
+            home_lock_wait: Duration::ZERO,
+            home_role: "an embedding program".to_string(),
         }
     }
 }
@@ -172,9 +180,11 @@ pub(crate) struct RuntimeInner {
     /// The value of every container's [`HOME_LABEL`] made by this runtime.
     pub home_label: String,
     reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Last, so that it is dropped (and the image unmounted) after everything
-    /// that may hold a directory in it.
+    /// After everything that may hold a directory in it, so that it is
+    /// dropped (and the image unmounted) late.
     pub disk: HomeDisk,
+    /// Last: the home is let go only when all of the above is.
+    _home_lock: Arc<HomeLock>,
 }
 
 impl Drop for RuntimeInner {
@@ -209,6 +219,13 @@ impl Runtime {
             path: options.home.display().to_string(),
             source,
         })?;
+        // Owned before anything in it is touched: one process per home.
+        let home_lock = {
+            let (home, role, wait) = (home.clone(), options.home_role.clone(), options.home_lock_wait);
+            tokio::task::spawn_blocking(move || crate::home_lock::claim(&home, &role, wait))
+                .await
+                .map_err(|e| Error::Disk(format!("locking the home stopped: {e}")))??
+        };
         // Mounted before any sandbox directory is looked at.
         let disk = {
             let (home, disk) = (home.clone(), options.disk.clone());
@@ -239,6 +256,7 @@ impl Runtime {
                 home_label,
                 reaper: Mutex::new(None),
                 disk,
+                _home_lock: home_lock,
             }),
         };
         for record in runtime.inner.store.list()? {

@@ -32,6 +32,7 @@ pub mod auth;
 mod events;
 mod exec;
 mod files;
+mod local;
 mod ops;
 mod processes;
 mod pty;
@@ -40,6 +41,7 @@ mod sandboxes;
 
 pub use auth::{ADMIN_TOKEN_FILE, AdminToken, Caller, RequireAdmin, Scope, ensure_admin_token};
 pub use ops::ServerOptions;
+pub use local::{LocalCaller, bind_local, serve_local};
 pub use problem::{ApiError, Code, PROBLEM_JSON, Problem};
 
 /// The address `airlock serve` listens on by default: loopback only.
@@ -214,23 +216,35 @@ pub async fn serve(
     result
 }
 
-/// Completes on ctrl-c (SIGINT) or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Completes on ctrl-c (SIGINT) or SIGTERM. The handlers are installed when
+/// this is called, not when the future is first polled: call it before
+/// telling anyone the server is up, so a signal sent at once is not taken by
+/// the default action (which ends the process without a clean stop). Call it
+/// inside a Tokio runtime; a handler that cannot be installed never completes.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    async move {
+        let interrupted = async {
+            match interrupt.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        let terminated = async {
+            match terminate.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = interrupted => {}
+            () = terminated => {}
         }
-    };
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
     }
 }

@@ -74,6 +74,19 @@ impl Server {
         Self { child, base, home: home.to_path_buf(), stderr }
     }
 
+    /// What the server wrote to stderr, once it holds `text` (within 10 s, else a failure).
+    fn said(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let said = self.stderr.lock().unwrap().clone();
+            if said.contains(text) {
+                return said;
+            }
+            assert!(std::time::Instant::now() < deadline, "serve did not say {text:?}: {said}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn admin_token(&self) -> String {
         std::fs::read_to_string(self.home.join("admin.token")).unwrap().trim().to_string()
     }
@@ -192,8 +205,14 @@ fn with_body(request: RequestBuilder, body: &Option<Value>, method: &Method) -> 
 
 /// The workspace of the sandbox `name`, through the admin's view of it.
 async fn workspace(server: &Server, admin: &str, name: &str) -> PathBuf {
-    let info: Value =
-        server.request(Method::GET, &format!("/sandboxes/{name}"), Some(admin)).send().await.unwrap().json().await.unwrap();
+    let info: Value = server
+        .request(Method::GET, &format!("/sandboxes/{name}"), Some(admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     server.home.join("sandboxes").join(info["id"].as_str().unwrap()).join("workspace")
 }
 
@@ -202,7 +221,8 @@ async fn create(server: &Server, token: &str, name: &str) -> Answer {
 }
 
 async fn names(server: &Server, token: &str) -> Vec<String> {
-    let listed: Value = server.request(Method::GET, "/sandboxes", Some(token)).send().await.unwrap().json().await.unwrap();
+    let listed: Value =
+        server.request(Method::GET, "/sandboxes", Some(token)).send().await.unwrap().json().await.unwrap();
     let mut names: Vec<String> =
         listed.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
     names.sort();
@@ -290,11 +310,7 @@ async fn a_tenant_sees_only_its_own_sandboxes_and_another_tenants_is_answered_as
     // same length): the same answers, but for the name itself.
     for (method, suffix, body) in sandbox_routes() {
         let send = |name: &str| {
-            with_body(
-                server.request(method.clone(), &format!("/sandboxes/{name}{suffix}"), Some(&bob)),
-                &body,
-                &method,
-            )
+            with_body(server.request(method.clone(), &format!("/sandboxes/{name}{suffix}"), Some(&bob)), &body, &method)
         };
         let mut foreign = answer(send("auth-alice")).await;
         let mut ghost = answer(send("auth-ghost")).await;
@@ -367,7 +383,9 @@ async fn tokens_made_listed_and_revoked_with_the_cli_hold_on_a_running_server() 
     assert!(token.contains(&id), "the listed id is the token's");
 
     let run = || {
-        server.request(Method::POST, "/run", Some(&token)).json(&json!({ "language": "python", "code": "print(6 * 7)" }))
+        server
+            .request(Method::POST, "/run", Some(&token))
+            .json(&json!({ "language": "python", "code": "print(6 * 7)" }))
     };
     let ran = run().send().await.unwrap();
     assert_eq!(ran.status(), StatusCode::OK);
@@ -404,8 +422,7 @@ async fn the_admin_token_file_is_private_and_kept_across_starts() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the admin token file is not 0600");
     let token = first.admin_token();
     assert!(token.starts_with("airlock_"));
-    let said = first.stderr.lock().unwrap().clone();
-    assert!(said.contains(&file.display().to_string()), "serve does not say where the token is: {said}");
+    let said = first.said(&file.display().to_string());
     assert!(!said.contains(&token), "serve printed the token");
     first.stop();
 
@@ -418,4 +435,47 @@ async fn the_admin_token_file_is_private_and_kept_across_starts() {
     assert_eq!(listed.status(), StatusCode::OK);
     let admins = token_cli(home.path(), &["list"]).lines().filter(|line| line.contains(" admin ")).count();
     assert_eq!(admins, 1, "a second admin token was made");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_made_by_the_cli_belong_to_no_tenant() {
+    let home = home();
+    let sandbox_cli = |name: &str| {
+        let output =
+            Command::new(AIRLOCK).args(["sandbox", "create", name, "--home"]).arg(home.path()).output().unwrap();
+        assert!(output.status.success(), "sandbox create {name}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    // In process, before any server: the CLI opens the home itself.
+    sandbox_cli("auth-early");
+    let server = Server::start(home.path());
+    // While the server owns the home: through its socket, as the home's owner.
+    sandbox_cli("auth-late");
+    let admin = server.admin_token();
+    let tenant = make_token(home.path(), "tenant");
+    assert_eq!(names(&server, &admin).await, ["auth-early", "auth-late"]);
+    assert!(names(&server, &tenant).await.is_empty(), "a tenant sees sandboxes the CLI made");
+    for name in ["auth-early", "auth-late"] {
+        let info: Value = server
+            .request(Method::GET, &format!("/sandboxes/{name}"), Some(&admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(info["owner"], Value::Null, "{info}");
+        let hidden = answer(server.request(Method::GET, &format!("/sandboxes/{name}"), Some(&tenant))).await;
+        assert_eq!(hidden.status, StatusCode::NOT_FOUND);
+    }
+    // What a tenant makes carries its token's id as its owner.
+    assert_eq!(create(&server, &tenant, "auth-tenant").await.status, StatusCode::CREATED);
+    let info: Value = server
+        .request(Method::GET, "/sandboxes/auth-tenant", Some(&tenant))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(tenant.contains(info["owner"].as_str().unwrap()), "{info}");
 }

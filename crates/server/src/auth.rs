@@ -8,7 +8,10 @@
 //! that passes carries its [`Caller`].
 //!
 //! A token is a tenant: it sees only the sandboxes made with it (their
-//! `owner` is its id). An admin token sees every sandbox. What the CLI makes in process belongs to no tenant. Handlers that name a sandbox take [`Scope`] and look it up with
+//! `owner` is its id). An admin token sees every sandbox. A request through
+//! the home's own Unix socket ([`crate::LocalCaller`]) is the home's owner:
+//! admin, and what it makes belongs to no tenant, like what the CLI makes in
+//! process. Handlers that name a sandbox take [`Scope`] and look it up with
 //! [`Scope::sandbox`], the one lookup that applies this; another tenant's
 //! sandbox is answered exactly as one that does not exist.
 
@@ -25,7 +28,7 @@ use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::{ApiError, AppState, Code};
+use crate::{ApiError, AppState, Code, LocalCaller};
 
 /// The file in the home where `airlock serve` writes the admin token it makes
 /// on first start (mode [`ADMIN_TOKEN_MODE`]).
@@ -135,6 +138,9 @@ impl IntoResponse for Refusal {
 fn identify(state: &AppState, extensions: &Extensions, headers: &HeaderMap) -> Result<Caller, Refusal> {
     if let Some(caller) = extensions.get::<Caller>() {
         return Ok(caller.clone());
+    }
+    if extensions.get::<LocalCaller>().is_some() {
+        return Ok(Caller::local());
     }
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {

@@ -70,13 +70,6 @@ impl HomeArgs {
             }
         }
     }
-
-    async fn open(&self, command: &str) -> Result<Runtime> {
-        match self.reach(command).await? {
-            Home::Local(runtime) => Ok(runtime),
-            Home::Served(_) => bail!("this command does not go through a server yet"),
-        }
-    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -567,21 +560,52 @@ async fn files_remote(api: &ApiClient, args: FilesArgs) -> Result<ExitCode> {
 }
 
 pub async fn usage(args: UsageArgs) -> Result<ExitCode> {
-    let runtime = args.home.open("usage").await?;
     let since = match &args.since {
         Some(text) => Some(SystemTime::now() - parse_duration(text)?),
         None => None,
     };
-    let usage = runtime.usage(&UsageQuery { sandbox: args.name.clone(), since, until: None })?;
-    let seconds = |d: Duration| d.as_secs_f64();
-    println!("executions       {}", usage.total.executions);
-    println!(
-        "cpu seconds      {:.6} (isolate {:.6}, container {:.6})",
-        usage.cpu_seconds,
-        seconds(usage.isolate.cpu_time),
-        seconds(usage.container.cpu_time)
-    );
-    println!("wall seconds     {:.6}", seconds(usage.total.wall_time));
-    println!("cost             ${:.8} at ${} per vCPU-second", usage.cost_usd, usage.price_per_vcpu_second);
+    // (executions, cpu seconds, isolate cpu, container cpu, wall seconds, cost, price)
+    let figures = match args.home.reach("usage").await? {
+        Home::Local(runtime) => {
+            let usage = runtime.usage(&UsageQuery { sandbox: args.name.clone(), since, until: None })?;
+            let seconds = |d: Duration| d.as_secs_f64();
+            (
+                usage.total.executions,
+                usage.cpu_seconds,
+                seconds(usage.isolate.cpu_time),
+                seconds(usage.container.cpu_time),
+                seconds(usage.total.wall_time),
+                usage.cost_usd,
+                usage.price_per_vcpu_second,
+            )
+        }
+        Home::Served(api) => {
+            let mut query = Vec::new();
+            if let Some(name) = &args.name {
+                query.push(format!("sandbox={}", encode_path(name).replace('/', "%2F")));
+            }
+            if let Some(since) = since {
+                let millis = since.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+                query.push(format!("since_ms={millis}"));
+            }
+            let path = if query.is_empty() { "/usage".to_string() } else { format!("/usage?{}", query.join("&")) };
+            let usage = api.json(Method::GET, &path, None).await?;
+            let number = |value: &Value| value.as_f64().unwrap_or_default();
+            (
+                usage["total"]["executions"].as_u64().unwrap_or_default(),
+                number(&usage["cpu_seconds"]),
+                number(&usage["isolate"]["cpu_seconds"]),
+                number(&usage["container"]["cpu_seconds"]),
+                number(&usage["total"]["wall_seconds"]),
+                number(&usage["cost_usd"]),
+                number(&usage["price_per_vcpu_second"]),
+            )
+        }
+    };
+    let (executions, cpu, isolate, container, wall, cost, price) = figures;
+    println!("executions       {executions}");
+    println!("cpu seconds      {cpu:.6} (isolate {isolate:.6}, container {container:.6})");
+    println!("wall seconds     {wall:.6}");
+    println!("cost             ${cost:.8} at ${price} per vCPU-second");
     Ok(ExitCode::SUCCESS)
 }

@@ -175,6 +175,9 @@ async fn the_cli_works_through_the_server_that_owns_the_home() {
     let long: Value = long_run.await.unwrap().unwrap().json().await.unwrap();
     assert_eq!(long["stdout"], "still-here\n", "{long}");
 
+    let usage = succeeded(&airlock(home, &["usage", "from-cli"]));
+    let executions: u64 = usage.lines().next().unwrap().split_whitespace().last().unwrap().parse().unwrap();
+    assert!(executions >= 3, "the exec and two evaluations: {usage}");
     succeeded(&airlock(home, &["sandbox", "rm", "from-cli"]));
     succeeded(&airlock(home, &["sandbox", "rm", "busy"]));
     served.stop();

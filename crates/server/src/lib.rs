@@ -141,10 +141,10 @@ where
     }
 }
 
-/// After the server stops, how long the process still runs its background
-/// tasks: the container tier sends the kill of a dropped command from a task
-/// (a `Drop` cannot wait), and a process that exited at once would lose it.
-pub const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
+/// After the server stops, how long it waits at most for the containers'
+/// agents to confirm the kills of the commands it dropped: a `Drop` only
+/// queues its kill, and a process that exited at once would lose it.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 /// The API's routes, all under `/v1` (each needs a bearer token, see
 /// [`auth`]), and the operations routes at the root.
@@ -212,7 +212,9 @@ pub async fn serve(
     };
     // Dropped here: whatever still runs is cancelled, then its kills get out.
     drop(server);
-    tokio::time::sleep(SHUTDOWN_FLUSH).await;
+    if !airlock_container::settle_agent_links(SHUTDOWN_FLUSH).await {
+        tracing::warn!("a container did not confirm the kill of a dropped command within {SHUTDOWN_FLUSH:?}");
+    }
     result
 }
 

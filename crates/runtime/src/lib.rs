@@ -28,6 +28,7 @@ mod error;
 mod events;
 pub mod files;
 mod home_lock;
+mod preview;
 mod router;
 mod runtime;
 mod sandbox;
@@ -47,6 +48,7 @@ pub use events::{
 };
 pub use home_lock::{API_SOCKET_FILE, LOCK_FILE};
 pub use files::{FILE_OP_TIMEOUT, FileEntry, FileKind, MAX_CONCURRENT_FILE_OPS, MAX_FILE_BYTES, MAX_LIST_ENTRIES};
+pub use preview::{ExposedPort, NewExposure, PREVIEW_TOKEN_BYTES};
 pub use router::{Route, route};
 pub use runtime::{
     DATABASE_FILE, DEFAULT_PRICE_PER_VCPU_SECOND, IDLE_SWEEP_INTERVAL, PRIVATE_DIR_MODE, RUNTIME_WARM_CONTEXTS,

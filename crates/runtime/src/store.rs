@@ -22,8 +22,9 @@ use crate::error::{Error, Result};
 /// the same home) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Version 1: sandboxes and executions. Version 2 adds, without touching what
-/// is there: the sandboxes' `owner` column and the `tokens` table.
-const SCHEMA_VERSION: i64 = 2;
+/// is there: the sandboxes' `owner` column and the `tokens` table. Version 3
+/// adds the `previews` table (exposed ports).
+const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1, as it was made: kept so that a new home passes through the same
 /// migrations as an old one.
@@ -63,6 +64,19 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_at_ms INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_live_name ON tokens (name) WHERE revoked_at_ms IS NULL;
+";
+
+/// Version 3's new table: a sandbox's exposed ports (preview URLs), with the
+/// SHA-256 of each one's preview token (never the token). Rows go with their
+/// sandbox ([`Store::delete`]).
+const SCHEMA_PREVIEWS: &str = "
+CREATE TABLE IF NOT EXISTS previews (
+    sandbox_id TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (sandbox_id, port)
+);
 ";
 
 /// Opens `path` in WAL mode and brings its schema to [`SCHEMA_VERSION`], in
@@ -106,6 +120,7 @@ fn migrate(connection: &Connection, path: &Path) -> Result<()> {
         connection.execute_batch("ALTER TABLE sandboxes ADD COLUMN owner TEXT").map_err(Error::store(path))?;
     }
     connection.execute_batch(SCHEMA_TOKENS).map_err(Error::store(path))?;
+    connection.execute_batch(SCHEMA_PREVIEWS).map_err(Error::store(path))?;
     connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(Error::store(path))?;
     Ok(())
 }
@@ -254,9 +269,61 @@ impl Store {
         Ok(records)
     }
 
+    /// Removes a sandbox and its exposed ports, in one transaction.
     pub fn delete(&self, id: SandboxId) -> Result<()> {
-        self.lock().execute("DELETE FROM sandboxes WHERE id = ?1", params![id.to_string()]).map_err(self.err())?;
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        transaction.execute("DELETE FROM previews WHERE sandbox_id = ?1", params![id.to_string()]).map_err(self.err())?;
+        transaction.execute("DELETE FROM sandboxes WHERE id = ?1", params![id.to_string()]).map_err(self.err())?;
+        transaction.commit().map_err(self.err())?;
         Ok(())
+    }
+
+    /// Records `port` of sandbox `id` as exposed, with the SHA-256 of its
+    /// preview token; an earlier exposure of the port is replaced (its token
+    /// stops working).
+    pub(crate) fn expose(&self, id: SandboxId, port: u16, hash: &[u8], created_at: SystemTime) -> Result<()> {
+        self.lock()
+            .execute(
+                "INSERT INTO previews (sandbox_id, port, hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (sandbox_id, port) DO UPDATE SET hash = excluded.hash, created_at_ms = excluded.created_at_ms",
+                params![id.to_string(), port, hash, millis(created_at)],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Forgets the exposure of `port`; `Ok(false)` when it was not exposed.
+    pub(crate) fn unexpose(&self, id: SandboxId, port: u16) -> Result<bool> {
+        let removed = self
+            .lock()
+            .execute("DELETE FROM previews WHERE sandbox_id = ?1 AND port = ?2", params![id.to_string(), port])
+            .map_err(self.err())?;
+        Ok(removed > 0)
+    }
+
+    /// The exposed ports of sandbox `id`, with when each was exposed, by port.
+    pub(crate) fn exposed(&self, id: SandboxId) -> Result<Vec<(u16, SystemTime)>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached("SELECT port, created_at_ms FROM previews WHERE sandbox_id = ?1 ORDER BY port")
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map(params![id.to_string()], |row| Ok((row.get::<_, u16>(0)?, from_millis(row.get(1)?))))
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(self.err())
+    }
+
+    /// Whether `port` of sandbox `id` is exposed with a token whose SHA-256
+    /// is `hash` (compared in constant time).
+    pub(crate) fn preview_allows(&self, id: SandboxId, port: u16, hash: &[u8]) -> Result<bool> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached("SELECT hash FROM previews WHERE sandbox_id = ?1 AND port = ?2")
+            .map_err(self.err())?;
+        let stored: Option<Vec<u8>> =
+            statement.query_row(params![id.to_string(), port], |row| row.get(0)).optional().map_err(self.err())?;
+        Ok(stored.is_some_and(|stored| same_digest(&stored, hash)))
     }
 
     pub fn set_state(&self, id: SandboxId, state: SandboxState) -> Result<()> {
@@ -556,7 +623,7 @@ fn same_digest(a: &[u8], b: &[u8]) -> bool {
 
 /// `bytes` bytes from the OS's random source (getrandom(2), waiting until it
 /// is seeded), as lower-case hex.
-fn random_hex(bytes: usize) -> Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String> {
     let mut buffer = vec![0u8; bytes];
     let mut filled = 0;
     while filled < buffer.len() {
@@ -757,6 +824,41 @@ mod tests {
                 assert!(!bytes.windows(secret_part.len()).any(|w| w == secret_part), "a secret was stored");
             }
         }
+    }
+
+    /// Exposed ports: kept by hash, replaced on re-exposure, revocable, gone
+    /// with their sandbox, and there after reopening (a version 2 home gains the table).
+    #[test]
+    fn previews_are_kept_replaced_revoked_and_go_with_their_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute_batch("ALTER TABLE sandboxes ADD COLUMN owner TEXT").unwrap();
+        old.execute_batch(SCHEMA_TOKENS).unwrap();
+        old.execute_batch("PRAGMA user_version = 2").unwrap();
+        drop(old);
+        let store = Store::open(&path).unwrap();
+        let sandbox = record("web");
+        assert!(store.insert(&sandbox).unwrap());
+        let (first, second) = (Sha256::digest(b"one").to_vec(), Sha256::digest(b"two").to_vec());
+        store.expose(sandbox.id, 8000, &first, SystemTime::now()).unwrap();
+        assert!(store.preview_allows(sandbox.id, 8000, &first).unwrap());
+        assert!(!store.preview_allows(sandbox.id, 8000, &second).unwrap());
+        assert!(!store.preview_allows(sandbox.id, 8001, &first).unwrap());
+        store.expose(sandbox.id, 8000, &second, SystemTime::now()).unwrap();
+        assert!(!store.preview_allows(sandbox.id, 8000, &first).unwrap(), "re-exposing replaces the token");
+        store.expose(sandbox.id, 3000, &first, SystemTime::now()).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let ports: Vec<u16> = store.exposed(sandbox.id).unwrap().into_iter().map(|(port, _)| port).collect();
+        assert_eq!(ports, [3000, 8000]);
+        assert!(store.unexpose(sandbox.id, 3000).unwrap());
+        assert!(!store.unexpose(sandbox.id, 3000).unwrap());
+        assert!(!store.preview_allows(sandbox.id, 3000, &first).unwrap());
+        store.delete(sandbox.id).unwrap();
+        assert!(store.exposed(sandbox.id).unwrap().is_empty());
+        assert!(!store.preview_allows(sandbox.id, 8000, &second).unwrap());
     }
 
     #[test]

@@ -35,12 +35,13 @@ mod files;
 mod local;
 mod ops;
 mod processes;
+mod preview;
 mod pty;
 pub mod problem;
 mod sandboxes;
 
 pub use auth::{ADMIN_TOKEN_FILE, AdminToken, Caller, RequireAdmin, Scope, ensure_admin_token};
-pub use ops::ServerOptions;
+pub use ops::{DEFAULT_PREVIEW_DOMAIN, ServerOptions};
 pub use local::{LocalCaller, bind_local, serve_local};
 pub use problem::{ApiError, Code, PROBLEM_JSON, Problem};
 
@@ -164,6 +165,7 @@ pub fn app(state: AppState) -> Router {
         .merge(processes::routes())
         .merge(pty::routes())
         .merge(events::routes())
+        .merge(preview::routes())
         .merge(ops::routes())
         // Every `/v1` route, and only those: a request without a live token
         // is refused here, before any handler (health and metrics are outside).
@@ -171,10 +173,14 @@ pub fn app(state: AppState) -> Router {
     let router = Router::new()
         .nest("/v1", v1)
         .merge(ops::root_routes())
+        .merge(preview::root_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES));
-    ops::instrument(router, &state).with_state(state)
+    // A preview host (`<port>-<sandbox>-<token>.<domain>`) goes to its sandbox before any route.
+    ops::instrument(router, &state)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), preview::by_host))
+        .with_state(state)
 }
 
 async fn not_found() -> ApiError {

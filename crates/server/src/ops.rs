@@ -94,7 +94,13 @@ pub struct ServerOptions {
     /// The Docker engine `/readyz` asks. Default: the runtime's default
     /// (`$AIRLOCK_DOCKER_SOCKET`, else `/var/run/docker.sock`).
     pub docker_socket: PathBuf,
+    /// The domain of host-form preview URLs (`<port>-<sandbox>-<token>.<domain>`).
+    /// Default: [`DEFAULT_PREVIEW_DOMAIN`].
+    pub preview_domain: String,
 }
+
+/// The default preview domain: `*.localhost` resolves to loopback in browsers.
+pub const DEFAULT_PREVIEW_DOMAIN: &str = "localhost";
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -105,6 +111,7 @@ impl Default for ServerOptions {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             execution_timeout: DEFAULT_EXECUTION_TIMEOUT,
             docker_socket: EngineOptions::default().socket,
+            preview_domain: DEFAULT_PREVIEW_DOMAIN.to_string(),
         }
     }
 }
@@ -118,6 +125,11 @@ pub(crate) struct Ops {
 }
 
 impl Ops {
+    /// The domain of host-form preview URLs.
+    pub(crate) fn preview_domain(&self) -> &str {
+        &self.options.preview_domain
+    }
+
     pub(crate) fn new(options: ServerOptions) -> Self {
         let admission =
             Admission::new(options.max_concurrent_evaluations, options.max_queued_evaluations, options.max_queue_wait);
@@ -150,7 +162,9 @@ impl Ops {
         let transfer = route.split('/').any(|segment| matches!(segment, "files" | "events" | "pty" | "logs" | "stdin"));
         // Health and readiness bound each of their checks themselves.
         let probe = matches!(route, "/healthz" | "/readyz");
-        if upgrade || streaming || transfer || probe {
+        // A proxied dev server may stream; previews bound their own wait for a head.
+        let preview = route.starts_with("/preview/");
+        if upgrade || streaming || transfer || probe || preview {
             return None;
         }
         if matches!(route, "/v1/run" | "/v1/sandboxes/{name}/exec" | "/v1/sandboxes/{name}/code") {
@@ -760,6 +774,7 @@ mod tests {
         assert!(ops.timeout_for("/v1/sandboxes/{name}/events", &plain).is_none());
         assert!(ops.timeout_for("/v1/sandboxes/{name}/processes/{id}/logs", &plain).is_none());
         assert!(ops.timeout_for("/readyz", &plain).is_none());
+        assert!(ops.timeout_for("/preview/{sandbox}/{port}/{token}/{*rest}", &plain).is_none());
         assert_eq!(ops.timeout_for("/metrics", &plain).unwrap().0, "request_timeout");
     }
 

@@ -59,7 +59,7 @@ fn refused() -> Response {
 }
 
 /// `POST /v1/sandboxes/{name}/ports`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExposePort {
     /// The port inside the sandbox (1 to 65535), on its loopback.
@@ -67,7 +67,7 @@ pub(crate) struct ExposePort {
 }
 
 /// A port just exposed: the only answer that carries its token.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize)]
 pub(crate) struct Exposure {
     port: u16,
     /// Host form: `http://<port>-<sandbox>-<token>.<preview domain>[:<server port>]/`.
@@ -79,7 +79,7 @@ pub(crate) struct Exposure {
 }
 
 /// An exposed port in a list (its token is not kept, so not shown).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize)]
 pub(crate) struct ExposedPort {
     port: u16,
     /// When it was exposed, in milliseconds since the Unix epoch.

@@ -59,7 +59,8 @@ impl Server {
         });
         let first = receiver.recv_timeout(Duration::from_secs(120)).expect("the server starts");
         let base = first.trim().strip_prefix("airlock: listening on ").unwrap_or_else(|| panic!("{first:?}")).to_string();
-        let base = if base.starts_with("http") { base } else { format!("http://{base}") };
+        // Printed as `http://ADDRESS/v1`; kept here as the server's root.
+        let base = base.trim_end_matches('/').trim_end_matches("/v1").to_string();
         Self { child, base }
     }
 
@@ -182,9 +183,12 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
     assert_eq!(exposure["url"], format!("http://{host}/"));
     assert_eq!(exposure["path_url"], format!("http://{}/preview/{SANDBOX}/{PORT}/{token}/", server.authority()));
 
-    // Path form, with the API's token and a cookie: the sandbox sees neither.
+    // The URL exactly as handed out reaches the dev server (its own 404 for `/`).
     let path_url = exposure["path_url"].as_str().unwrap().to_string();
-    until_served(&format!("{path_url}headers")).await;
+    let root = until_served(&path_url).await;
+    assert_eq!(root.status(), StatusCode::NOT_FOUND);
+    assert_eq!(root.text().await.unwrap(), "{}", "the dev server's own answer");
+    // Path form, with the API's token and a cookie: the sandbox sees neither.
     let response = http
         .get(format!("{path_url}headers?q=1"))
         .bearer_auth(&admin)

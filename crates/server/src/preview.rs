@@ -97,6 +97,8 @@ pub(crate) fn routes() -> Router<AppState> {
 pub(crate) fn root_routes() -> Router<AppState> {
     Router::new()
         .route("/preview/{sandbox}/{port}/{token}", any(by_path))
+        // The URL as handed out (an empty rest, which the wildcard does not match).
+        .route("/preview/{sandbox}/{port}/{token}/", any(by_path))
         .route("/preview/{sandbox}/{port}/{token}/{*rest}", any(by_path))
 }
 

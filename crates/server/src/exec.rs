@@ -33,7 +33,7 @@ use crate::auth::Scope;
 use crate::{ApiError, AppState, Code, SSE_KEEP_ALIVE, StrictJson};
 
 /// `POST /v1/sandboxes/{name}/exec`: the runtime's `ExecRequest`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExecBody {
     command: String,
@@ -51,7 +51,7 @@ pub(crate) struct ExecBody {
 }
 
 /// How a stream's bytes are written in a JSON answer.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub(crate) enum Encoding {
     #[serde(rename = "utf-8")]
     Utf8,
@@ -68,12 +68,13 @@ fn encode(bytes: Vec<u8>) -> (String, Encoding) {
 
 /// The answer to an exec, as JSON or as the `exit` event's data (which
 /// carries no output: that went out as events).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ExecAnswer {
     /// The command's own exit status; `null` when it did not exit by itself.
     exit_code: Option<i32>,
     /// How it ended: `{"kind":"exited","code":N}`, `{"kind":"limit-exceeded","limit":..,"value":..}`
     /// (a deadline is `"limit":"deadline"`), or `{"kind":"crashed","message":..}`.
+    #[schema(value_type = Object)]
     termination: Termination,
     #[serde(skip_serializing_if = "Option::is_none")]
     stdout: Option<String>,
@@ -87,6 +88,7 @@ pub(crate) struct ExecAnswer {
     stderr_truncated: bool,
     wall_time_ms: u64,
     cpu_time_ms: u64,
+    #[schema(value_type = Object)]
     placement: Placement,
 }
 
@@ -283,10 +285,11 @@ fn next_drained(mut chunks: mpsc::UnboundedReceiver<OutputChunk>, last: Event) -
 }
 
 /// `POST /v1/sandboxes/{name}/code`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CodeBody {
     /// `python` or `javascript` (`js`); optional with a context (it has its own).
+    #[schema(value_type = Option<String>)]
     language: Option<Language>,
     code: String,
     /// A context made by `POST /contexts`: state is kept between calls.
@@ -294,7 +297,7 @@ pub(crate) struct CodeBody {
 }
 
 /// The answer to code.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct CodeAnswer {
     result: ResultView,
     stdout: String,
@@ -305,6 +308,7 @@ pub(crate) struct CodeAnswer {
     stderr_truncated: bool,
     wall_time_ms: u64,
     cpu_time_ms: u64,
+    #[schema(value_type = Object)]
     placement: Placement,
 }
 
@@ -333,16 +337,20 @@ impl CodeAnswer {
 /// `needs-escalation` (with `escalation`), `limit-exceeded` (with `limit`) or
 /// `crashed` (with `message`). Its own shape, so an error's own `kind` (the
 /// exception type) never collides with the result's.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub(crate) struct ResultView {
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Value>)]
     value: Option<airlock_core::EvalValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     error: Option<airlock_core::CodeError>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     escalation: Option<airlock_core::EscalationReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     limit: Option<airlock_core::LimitExceeded>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
@@ -401,9 +409,10 @@ fn refuse_engine_capacity(result: &EvalResult) -> Result<(), ApiError> {
 
 /// `POST /v1/run`: code in a fresh interpreter, with a fresh empty workspace
 /// that is removed afterwards; no sandbox is made or kept.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RunBody {
+    #[schema(value_type = String)]
     language: Language,
     code: String,
     /// Deadline in seconds (fractions allowed); default 30.
@@ -434,15 +443,17 @@ pub(crate) async fn run(
 }
 
 /// `POST /v1/sandboxes/{name}/contexts`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ContextBody {
+    #[schema(value_type = String)]
     language: Language,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ContextCreated {
     id: String,
+    #[schema(value_type = String)]
     language: Language,
 }
 

@@ -163,7 +163,7 @@ pub(crate) async fn delete(
 }
 
 /// `POST /v1/sandboxes/{name}/mkdir`: makes the directory and any missing parents.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MkdirBody {
     path: String,
@@ -180,7 +180,7 @@ pub(crate) async fn mkdir(
 }
 
 /// `POST /v1/sandboxes/{name}/rename`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RenameBody {
     from: String,

@@ -33,6 +33,7 @@ mod events;
 mod exec;
 mod files;
 mod local;
+pub mod openapi;
 mod ops;
 mod processes;
 mod preview;
@@ -162,6 +163,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/{name}/mkdir", post(files::mkdir))
         .route("/sandboxes/{name}/rename", post(files::rename))
         .route("/run", post(exec::run))
+        .route("/openapi.json", get(openapi::document))
         .merge(processes::routes())
         .merge(pty::routes())
         .merge(events::routes())

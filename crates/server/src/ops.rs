@@ -376,8 +376,8 @@ pub(crate) fn root_routes() -> Router<AppState> {
     Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics))
 }
 
-#[derive(Debug, Serialize)]
-struct Health {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Health {
     status: &'static str,
 }
 
@@ -387,8 +387,8 @@ async fn healthz() -> Json<Health> {
 }
 
 /// One readiness check.
-#[derive(Debug, Serialize)]
-struct Check {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Check {
     ready: bool,
     detail: String,
 }
@@ -402,8 +402,8 @@ impl Check {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct Readiness {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Readiness {
     ready: bool,
     /// The registry can be read.
     store: Check,
@@ -473,8 +473,8 @@ struct UsageParams {
     until_ms: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
-struct TotalsView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct TotalsView {
     executions: u64,
     cpu_seconds: f64,
     wall_seconds: f64,
@@ -490,8 +490,8 @@ impl From<UsageTotals> for TotalsView {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct UsageView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct UsageView {
     sandbox: Option<String>,
     since_ms: Option<u64>,
     until_ms: Option<u64>,

@@ -51,7 +51,7 @@ pub(crate) fn routes() -> Router<AppState> {
 
 /// `POST /v1/sandboxes/{name}/processes`: exec's request, without a
 /// deadline (a background process runs until it exits or is killed).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StartBody {
     command: String,
@@ -87,7 +87,7 @@ impl StartBody {
 }
 
 /// A process as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ProcessView {
     id: String,
     command: Vec<String>,
@@ -148,8 +148,8 @@ async fn show(state: Scope, Path((name, id)): Path<(String, String)>) -> Result<
     Ok(Json(find(&state.sandbox(&name)?, &id).await?.into()))
 }
 
-#[derive(Debug, Serialize)]
-struct Killed {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Killed {
     /// The processes that were running and were killed, with all they started.
     killed: Vec<String>,
 }
@@ -171,15 +171,15 @@ async fn kill(state: Scope, Path((name, id)): Path<(String, String)>) -> Result<
 }
 
 /// `POST .../signal`: `{"signal": "TERM"}`, `"SIGTERM"` or `15`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SignalBody {
+pub(crate) struct SignalBody {
     signal: SignalSpec,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum SignalSpec {
+pub(crate) enum SignalSpec {
     Number(i64),
     Name(String),
 }
@@ -245,8 +245,8 @@ struct LogsQuery {
 
 /// The output of a process from an offset, as far as it is now (at most
 /// [`PROCESS_LOG_BYTES`] and a chunk: `next_offset` says where to go on).
-#[derive(Debug, Serialize)]
-struct LogsAnswer {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct LogsAnswer {
     /// Where the output asked for begins.
     offset: u64,
     /// Where to resume: the offset just past the output returned.
@@ -261,8 +261,8 @@ struct LogsAnswer {
     exit_code: Option<i32>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
-enum Encoding {
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub(crate) enum Encoding {
     #[serde(rename = "utf-8")]
     Utf8,
     #[serde(rename = "base64")]

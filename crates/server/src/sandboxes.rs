@@ -11,12 +11,13 @@ use crate::auth::Scope;
 use crate::{ApiError, Code, StrictJson};
 
 /// `POST /v1/sandboxes`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateSandbox {
     name: String,
     /// Every field has a default; unknown fields are refused here too.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     config: Option<SandboxConfig>,
 }
 

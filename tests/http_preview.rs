@@ -58,7 +58,8 @@ impl Server {
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
         });
         let first = receiver.recv_timeout(Duration::from_secs(120)).expect("the server starts");
-        let base = first.trim().strip_prefix("airlock: listening on ").unwrap_or_else(|| panic!("{first:?}")).to_string();
+        let base =
+            first.trim().strip_prefix("airlock: listening on ").unwrap_or_else(|| panic!("{first:?}")).to_string();
         // Printed as `http://ADDRESS/v1`; kept here as the server's root.
         let base = base.trim_end_matches('/').trim_end_matches("/v1").to_string();
         Self { child, base }
@@ -154,10 +155,22 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
     let api = |server: &Server, path: &str| format!("{}/v1{path}", server.base);
     let http = client();
 
-    let created = http.post(api(&server, "/sandboxes")).bearer_auth(&admin).json(&json!({ "name": SANDBOX })).send().await.unwrap();
+    let created = http
+        .post(api(&server, "/sandboxes"))
+        .bearer_auth(&admin)
+        .json(&json!({ "name": SANDBOX }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let script = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/preview/dev_server.py")).unwrap();
-    let put = http.put(api(&server, &format!("/sandboxes/{SANDBOX}/files/dev_server.py"))).bearer_auth(&admin).body(script).send().await.unwrap();
+    let put = http
+        .put(api(&server, &format!("/sandboxes/{SANDBOX}/files/dev_server.py")))
+        .bearer_auth(&admin)
+        .body(script)
+        .send()
+        .await
+        .unwrap();
     assert!(put.status().is_success(), "{}", put.status());
     let started = http
         .post(api(&server, &format!("/sandboxes/{SANDBOX}/processes")))
@@ -169,10 +182,17 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
     assert_eq!(started.status(), StatusCode::CREATED, "{}", started.text().await.unwrap());
 
     // Before exposure, the path form refuses.
-    let early = http.get(format!("{}/preview/{SANDBOX}/{PORT}/{}/headers", server.base, "0".repeat(32))).send().await.unwrap();
+    let early =
+        http.get(format!("{}/preview/{SANDBOX}/{PORT}/{}/headers", server.base, "0".repeat(32))).send().await.unwrap();
     assert_eq!(early.status(), StatusCode::NOT_FOUND);
 
-    let exposed = http.post(api(&server, &format!("/sandboxes/{SANDBOX}/ports"))).bearer_auth(&admin).json(&json!({ "port": PORT })).send().await.unwrap();
+    let exposed = http
+        .post(api(&server, &format!("/sandboxes/{SANDBOX}/ports")))
+        .bearer_auth(&admin)
+        .json(&json!({ "port": PORT }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(exposed.status(), StatusCode::CREATED);
     let exposure: Value = exposed.json().await.unwrap();
     let token = exposure["token"].as_str().unwrap().to_string();
@@ -209,13 +229,8 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
     assert_eq!(seen(&answer, "host"), [format!("localhost:{PORT}")]);
 
     // Host form: the preview host on a request to the server's address.
-    let response = http
-        .get(format!("{}/headers", server.base))
-        .header("host", &host)
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        http.get(format!("{}/headers", server.base)).header("host", &host).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.headers().get("set-cookie").is_none(), "no cookie with a Domain beyond the preview's host");
     let text = response.text().await.unwrap();
@@ -227,7 +242,8 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
 
     // A body streams up and back.
     let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 % 256) as u8).collect();
-    let response = http.post(format!("{}/echo", server.base)).header("host", &host).body(body.clone()).send().await.unwrap();
+    let response =
+        http.post(format!("{}/echo", server.base)).header("host", &host).body(body.clone()).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.bytes().await.unwrap().to_vec(), body);
 
@@ -252,17 +268,29 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
             response.text().await.unwrap()
         }
     };
-    let wrong = if token.starts_with('a') { format!("b{}", &token[1..]) } else { format!("a{}", &token[1..]) };
+    let wrong = match token.strip_prefix('a') {
+        Some(rest) => format!("b{rest}"),
+        None => format!("a{}", &token[1..]),
+    };
     let unexposed = refusal(format!("{}/preview/{SANDBOX}/8001/{token}/headers", server.base), None).await;
     let bad_token = refusal(format!("{}/preview/{SANDBOX}/{PORT}/{wrong}/headers", server.base), None).await;
     let no_sandbox = refusal(format!("{}/preview/no-such-box/{PORT}/{token}/headers", server.base), None).await;
-    let bad_host = refusal(format!("{}/headers", server.base), Some(format!("{PORT}-{SANDBOX}-{wrong}.localhost"))).await;
+    let bad_host =
+        refusal(format!("{}/headers", server.base), Some(format!("{PORT}-{SANDBOX}-{wrong}.localhost"))).await;
     assert_eq!(unexposed, bad_token);
     assert_eq!(unexposed, no_sandbox);
     assert_eq!(unexposed, bad_host);
 
     // Listed (without the token), only with an API token.
-    let listed: Value = http.get(api(&server, &format!("/sandboxes/{SANDBOX}/ports"))).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    let listed: Value = http
+        .get(api(&server, &format!("/sandboxes/{SANDBOX}/ports")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["port"], PORT);
     assert!(!listed.to_string().contains(&token));
@@ -279,15 +307,26 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
     assert_eq!(response.status(), StatusCode::OK);
 
     // Revoked: both forms refuse at once, with the same body as ever.
-    let revoked = http.delete(api(&server, &format!("/sandboxes/{SANDBOX}/ports/{PORT}"))).bearer_auth(&admin).send().await.unwrap();
+    let revoked = http
+        .delete(api(&server, &format!("/sandboxes/{SANDBOX}/ports/{PORT}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
     let after = refusal(format!("{}/preview/{SANDBOX}/{PORT}/{token}/headers", server.base), None).await;
     assert_eq!(after, unexposed);
     let after = refusal(format!("{}/headers", server.base), Some(host)).await;
     assert_eq!(after, unexposed);
-    let again = http.delete(api(&server, &format!("/sandboxes/{SANDBOX}/ports/{PORT}"))).bearer_auth(&admin).send().await.unwrap();
+    let again = http
+        .delete(api(&server, &format!("/sandboxes/{SANDBOX}/ports/{PORT}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), StatusCode::NOT_FOUND);
 
-    let destroyed = http.delete(api(&server, &format!("/sandboxes/{SANDBOX}"))).bearer_auth(&admin).send().await.unwrap();
+    let destroyed =
+        http.delete(api(&server, &format!("/sandboxes/{SANDBOX}"))).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(destroyed.status(), StatusCode::NO_CONTENT);
 }

@@ -273,7 +273,9 @@ impl Store {
     pub fn delete(&self, id: SandboxId) -> Result<()> {
         let mut connection = self.lock();
         let transaction = connection.transaction().map_err(self.err())?;
-        transaction.execute("DELETE FROM previews WHERE sandbox_id = ?1", params![id.to_string()]).map_err(self.err())?;
+        transaction
+            .execute("DELETE FROM previews WHERE sandbox_id = ?1", params![id.to_string()])
+            .map_err(self.err())?;
         transaction.execute("DELETE FROM sandboxes WHERE id = ?1", params![id.to_string()]).map_err(self.err())?;
         transaction.commit().map_err(self.err())?;
         Ok(())

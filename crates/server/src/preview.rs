@@ -141,10 +141,8 @@ pub(crate) async fn unexpose(state: Scope, Path((name, port)): Path<(String, u16
 /// The two URLs of an exposure, on the server the API request reached (the
 /// port of its `Host`).
 fn urls(headers: &HeaderMap, domain: &str, name: &str, port: u16, token: &str) -> (String, String) {
-    let authority = headers
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|host| host.parse::<Authority>().ok());
+    let authority =
+        headers.get(header::HOST).and_then(|value| value.to_str().ok()).and_then(|host| host.parse::<Authority>().ok());
     let server_port = authority.as_ref().and_then(Authority::port_u16).map(|p| format!(":{p}")).unwrap_or_default();
     let url = format!("http://{port}-{name}-{token}.{domain}{server_port}/");
     let path = format!("{PATH_PREFIX}/{name}/{port}/{token}/");
@@ -276,12 +274,10 @@ async fn relay(
     let upgrade = wants_upgrade(request.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
-    let mut outgoing = axum::http::Request::builder()
-        .method(parts.method)
-        .uri(target)
-        .version(Version::HTTP_11)
-        .body(body)
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, "this request cannot be forwarded"))?;
+    let mut outgoing =
+        axum::http::Request::builder().method(parts.method).uri(target).version(Version::HTTP_11).body(body).map_err(
+            |_| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, "this request cannot be forwarded"),
+        )?;
     *outgoing.headers_mut() = request_headers(&parts.headers, upgrade, form, port);
 
     let head = async {
@@ -419,7 +415,9 @@ fn response_headers(headers: &HeaderMap, switching: bool, form: Form) -> HeaderM
         for cookie in cookies {
             let scoped = cookie
                 .to_str()
-                .map(|text| text.split(';').skip(1).any(|attribute| attribute.trim().to_ascii_lowercase().starts_with("domain")))
+                .map(|text| {
+                    text.split(';').skip(1).any(|attribute| attribute.trim().to_ascii_lowercase().starts_with("domain"))
+                })
                 .unwrap_or(true);
             if !scoped {
                 kept.append(header::SET_COOKIE, cookie);
@@ -472,7 +470,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(header::SET_COOKIE, HeaderValue::from_static("own=1; Path=/"));
         headers.append(header::SET_COOKIE, HeaderValue::from_static("wide=1; Domain=localhost"));
-        let host: Vec<_> = response_headers(&headers, false, Form::Host).get_all(header::SET_COOKIE).iter().cloned().collect();
+        let host: Vec<_> =
+            response_headers(&headers, false, Form::Host).get_all(header::SET_COOKIE).iter().cloned().collect();
         assert_eq!(host, ["own=1; Path=/"]);
         assert!(response_headers(&headers, false, Form::Path).get(header::SET_COOKIE).is_none());
     }

@@ -330,3 +330,92 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
         http.delete(api(&server, &format!("/sandboxes/{SANDBOX}"))).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(destroyed.status(), StatusCode::NO_CONTENT);
 }
+
+/// An exposure survives the sandbox's sleep, and a preview request wakes it:
+/// the answer is the sandbox's (`502` while nothing listens, since sleeping
+/// stopped the dev server), never the refusal, and the same URL serves the
+/// dev server once it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_request_wakes_a_sleeping_sandbox_and_its_exposure_is_kept() {
+    require_docker();
+    let home = home();
+    let server = Server::start(home.path());
+    let admin = admin_token(home.path());
+    let http = client();
+    let api = |path: &str| format!("{}/v1{path}", server.base);
+    let name = "preview-sleepy";
+    let created = http
+        .post(api("/sandboxes"))
+        .bearer_auth(&admin)
+        .json(&json!({ "name": name, "config": { "idle_timeout": 2 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED, "{}", created.text().await.unwrap());
+    let ran = http
+        .post(api(&format!("/sandboxes/{name}/exec")))
+        .bearer_auth(&admin)
+        .json(&json!({ "command": "sh", "args": ["-c", "true"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ran.status(), StatusCode::OK);
+    let exposed: Value = http
+        .post(api(&format!("/sandboxes/{name}/ports")))
+        .bearer_auth(&admin)
+        .json(&json!({ "port": PORT }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let path_url = exposed["path_url"].as_str().unwrap().to_string();
+    let state = || async {
+        let info: Value = http
+            .get(api(&format!("/sandboxes/{name}")))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        info["state"].as_str().unwrap().to_string()
+    };
+    let started = Instant::now();
+    while state().await != "sleeping" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the sandbox never slept");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let woken = http.get(format!("{path_url}headers")).send().await.unwrap();
+    assert_eq!(woken.status(), StatusCode::BAD_GATEWAY, "the exposure is kept; nothing listens yet");
+    assert_eq!(state().await, "active", "a preview request wakes the sandbox");
+
+    let script = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/preview/dev_server.py")).unwrap();
+    let put = http
+        .put(api(&format!("/sandboxes/{name}/files/dev_server.py")))
+        .bearer_auth(&admin)
+        .body(script)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let started = http
+        .post(api(&format!("/sandboxes/{name}/processes")))
+        .bearer_auth(&admin)
+        .json(&json!({ "command": "python3", "args": ["/workspace/dev_server.py", PORT.to_string()] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), StatusCode::CREATED);
+    let served = until_served(&format!("{path_url}headers")).await;
+    assert_eq!(served.status(), StatusCode::OK);
+
+    // Destroying the sandbox ends the exposure.
+    let destroyed = http.delete(api(&format!("/sandboxes/{name}"))).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(destroyed.status(), StatusCode::NO_CONTENT);
+    let gone = http.get(format!("{path_url}headers")).send().await.unwrap();
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+}

@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// The runtime's home directory. Default: $AIRLOCK_HOME, else the per-user data directory.
     #[arg(long, value_name = "DIR")]
     home: Option<PathBuf>,
+    /// The domain of host-form preview URLs (`<port>-<sandbox>-<token>.<DOMAIN>`):
+    /// a wildcard DNS name that reaches this server. `*.localhost` is loopback in browsers.
+    #[arg(long, value_name = "DOMAIN", default_value = airlock_server::DEFAULT_PREVIEW_DOMAIN)]
+    preview_domain: String,
 }
 
 /// Runs the server on its own multi-threaded async runtime until SIGTERM or ctrl-c.
@@ -32,6 +36,13 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let domain = &args.preview_domain;
+    let valid = |label: &str| {
+        !label.is_empty() && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if !domain.split('.').all(valid) {
+        anyhow::bail!("--preview-domain {domain:?}: use lower-case DNS labels (letters, digits, '-') joined by '.'");
+    }
     runtime.block_on(async {
         let home = args.home.clone().unwrap_or_else(default_home);
         let mut options = RuntimeOptions::new(&home);
@@ -66,7 +77,13 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         // Before saying so: a SIGTERM sent as soon as it is read stops the server cleanly.
         let shutdown = airlock_server::shutdown_signal();
         println!("airlock: listening on http://{address}/v1");
-        let state = airlock_server::AppState::new(runtime);
+        let options =
+            airlock_server::ServerOptions { preview_domain: args.preview_domain.clone(), ..Default::default() };
+        let state = airlock_server::AppState::with_options(
+            runtime,
+            airlock::wasm::interpreter::default_interpreter_dir(),
+            options,
+        );
         tokio::spawn(airlock_server::serve_local(local, state.clone()));
         let served = airlock_server::serve(listener, state, shutdown).await;
         let _ = std::fs::remove_file(&socket);

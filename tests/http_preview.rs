@@ -36,9 +36,14 @@ struct Server {
 
 impl Server {
     fn start(home: &Path) -> Self {
+        Self::start_with(home, &[])
+    }
+
+    fn start_with(home: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(AIRLOCK)
             .args(["serve", "--listen", "127.0.0.1:0", "--home"])
             .arg(home)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -339,7 +344,7 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
 async fn a_preview_request_wakes_a_sleeping_sandbox_and_its_exposure_is_kept() {
     require_docker();
     let home = home();
-    let server = Server::start(home.path());
+    let server = Server::start_with(home.path(), &["--preview-domain", "preview.test"]);
     let admin = admin_token(home.path());
     let http = client();
     let api = |path: &str| format!("{}/v1{path}", server.base);
@@ -412,6 +417,15 @@ async fn a_preview_request_wakes_a_sleeping_sandbox_and_its_exposure_is_kept() {
     assert_eq!(started.status(), StatusCode::CREATED);
     let served = until_served(&format!("{path_url}headers")).await;
     assert_eq!(served.status(), StatusCode::OK);
+    // The host form on the server's own preview domain (`--preview-domain`).
+    let token = exposed["token"].as_str().unwrap();
+    let host = format!("{PORT}-{name}-{token}.preview.test:{}", server.port());
+    assert_eq!(exposed["url"], format!("http://{host}/"));
+    let served = http.get(format!("{}/headers", server.base)).header("host", &host).send().await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    let other_domain = format!("{PORT}-{name}-{token}.localhost:{}", server.port());
+    let refused = http.get(format!("{}/headers", server.base)).header("host", other_domain).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND, "only the configured domain is a preview");
 
     // Destroying the sandbox ends the exposure.
     let destroyed = http.delete(api(&format!("/sandboxes/{name}"))).bearer_auth(&admin).send().await.unwrap();

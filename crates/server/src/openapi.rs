@@ -215,23 +215,23 @@ fn delete_context() {}
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/files", tag = "files",
     params(
         ("name" = String, Path, description = "The sandbox's name"),
-        ("list" = Option<String>, Query, description = "List the directory (`?list=recursive` for the whole tree)"),
+        ("list" = Option<String>, Query, description = "List the directory (any value; its entries, not recursive)"),
         ("stat" = Option<String>, Query, description = "The entry's metadata"),
     ),
-    responses((status = 200, description = "The workspace root: its listing (`?list`) or its entry (`?stat`)", body = Object)))]
+    responses((status = 200, description = "The workspace root: its listing (`?list`) or its entry (`?stat`)", body = ListingOrEntry)))]
 fn list_root() {}
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/files/{path}", tag = "files",
     params(
         ("name" = String, Path, description = "The sandbox's name"),
         ("path" = String, Path, description = "A path relative to the workspace"),
-        ("list" = Option<String>, Query, description = "List the directory (`?list=recursive` for the whole tree)"),
+        ("list" = Option<String>, Query, description = "List the directory (any value; its entries, not recursive)"),
         ("stat" = Option<String>, Query, description = "The entry's metadata"),
         ("Range" = Option<String>, Header, description = "One byte range, `bytes=a-b`"),
     ),
     responses(
         (status = 200, description = "The file's bytes, or with `?list`/`?stat` its listing or entry as JSON",
-            content((Vec<u8> = "application/octet-stream"), (Object = "application/json"))),
+            content((Vec<u8> = "application/octet-stream"), (ListingOrEntry = "application/json"))),
         (status = 206, description = "The range asked for", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 409, description = "Not a file (a directory)", body = Problem, content_type = "application/problem+json"),
         (status = 416, description = "The range cannot be satisfied", body = Problem, content_type = "application/problem+json"),
@@ -242,7 +242,7 @@ fn get_file() {}
     params(("name" = String, Path, description = "The sandbox's name"), ("path" = String, Path, description = "A path relative to the workspace")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes, streamed"),
     responses(
-        (status = 200, description = "The file was written (its entry)", body = Object),
+        (status = 200, description = "The file was written (its entry)", body = EntryDoc),
         (status = 409, description = "A directory is in the way", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "The sandbox's disk quota is used up", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -258,7 +258,7 @@ fn delete_file() {}
 #[utoipa::path(post, path = "/v1/sandboxes/{name}/mkdir", tag = "files", request_body = MkdirBody,
     params(("name" = String, Path, description = "The sandbox's name")),
     responses(
-        (status = 201, description = "The directory exists (its entry)", body = Object),
+        (status = 201, description = "The directory exists (its entry)", body = EntryDoc),
         (status = 409, description = "A file is in the way", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not a JSON body", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -267,7 +267,7 @@ fn mkdir() {}
 #[utoipa::path(post, path = "/v1/sandboxes/{name}/rename", tag = "files", request_body = RenameBody,
     params(("name" = String, Path, description = "The sandbox's name")),
     responses(
-        (status = 200, description = "Renamed (the entry at its new path)", body = Object),
+        (status = 200, description = "Renamed (the entry at its new path)", body = EntryDoc),
         (status = 409, description = "The target is in the way", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not a JSON body", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -469,3 +469,39 @@ fn preview_root() {}
         (status = 502, description = "Nothing answers on the port", body = Problem, content_type = "application/problem+json"),
     ))]
 fn preview_rest() {}
+
+/// One workspace entry (the runtime's `FileEntry`; links are not followed).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = FileEntry)]
+struct EntryDoc {
+    name: String,
+    kind: EntryKindDoc,
+    size: u64,
+    /// Permission bits.
+    mode: u32,
+    /// Last modification, in milliseconds since the Unix epoch.
+    modified_ms: i64,
+}
+
+/// What a workspace entry is.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = FileKind)]
+enum EntryKindDoc {
+    File,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+    Unknown,
+}
+
+/// `?list`: the directory's entries; `?stat`: the one entry.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum ListingOrEntry {
+    Listing(Vec<EntryDoc>),
+    Entry(EntryDoc),
+}

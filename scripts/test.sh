@@ -34,3 +34,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> tests"
 cargo test --workspace --all-targets --locked --no-fail-fast
 cargo test --workspace --doc --locked
+
+echo "==> schemathesis against /v1/openapi.json"
+scripts/schemathesis.sh

@@ -7,6 +7,8 @@
 //! - a WebSocket echoes through the preview;
 //! - the dev server never sees the Authorization header, nor (path form) the
 //!   API origin's cookies, and cannot set a cookie beyond its own host;
+//! - a hostile answer (a huge head, too many headers, a body cut short) is
+//!   refused or cut, and the server goes on;
 //! - an unexposed port, a wrong token and an unknown sandbox get the same 404 body;
 //! - the exposure survives a restart of the server; revoking it ends it at once.
 //!
@@ -251,6 +253,18 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
         http.post(format!("{}/echo", server.base)).header("host", &host).body(body.clone()).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.bytes().await.unwrap().to_vec(), body);
+
+    // A hostile answer: a head too large or with too many headers is a 502;
+    // a body cut short ends the client's answer in an error; the server goes on.
+    for hostile in ["huge-head", "many-headers"] {
+        let response = http.get(format!("{path_url}{hostile}")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "{hostile}");
+    }
+    let cut = http.get(format!("{path_url}cut")).send().await.unwrap();
+    assert_eq!(cut.status(), StatusCode::OK);
+    assert!(cut.bytes().await.is_err(), "a body cut short is not passed off as whole");
+    let after = http.get(format!("{path_url}headers")).send().await.unwrap();
+    assert_eq!(after.status(), StatusCode::OK);
 
     // WebSocket echo, path form and host form.
     let ws_path = format!("ws://{}/preview/{SANDBOX}/{PORT}/{token}/ws", server.authority());

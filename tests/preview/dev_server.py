@@ -1,6 +1,8 @@
 # A dev server for tests/http_preview.rs, run inside a sandbox (Python stdlib only):
 # GET /headers answers with the request's headers as JSON; POST /echo answers with
-# its body; GET /ws with a WebSocket handshake echoes every frame back.
+# its body; GET /ws with a WebSocket handshake echoes every frame back. Hostile
+# answers: GET /huge-head (a 100 KiB header), /many-headers (500 headers), /cut
+# (promises 1000 bytes, sends 10, closes).
 import base64, hashlib, json, struct, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,6 +34,17 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.flush()
             self.echo_frames()
+            self.close_connection = True
+        elif self.path == "/huge-head":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 100_000 + b"\r\ncontent-length: 0\r\n\r\n")
+            self.close_connection = True
+        elif self.path == "/many-headers":
+            lines = b"".join(b"x-h%d: 1\r\n" % i for i in range(500))
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n" + lines + b"content-length: 0\r\n\r\n")
+            self.close_connection = True
+        elif self.path == "/cut":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+            self.wfile.flush()
             self.close_connection = True
         else:
             self.answer(404, b"{}")

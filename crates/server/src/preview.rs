@@ -39,8 +39,9 @@ use tracing::Instrument;
 use crate::auth::Scope;
 use crate::{ApiError, AppState, Code, StrictJson};
 
-/// Largest head (status line and headers) a sandbox's answer may have; the
-/// proxy's read buffer. Protects the server's memory from a hostile upstream.
+/// Largest head (status line and headers) a sandbox's answer may have (and
+/// of its chunked trailers), and the proxy's read buffer. Protects the
+/// server's memory from a hostile upstream.
 pub const MAX_UPSTREAM_HEAD_BYTES: usize = 64 * 1024;
 /// Most headers a sandbox's answer may carry (hyper's parser refuses more).
 pub const MAX_UPSTREAM_HEADERS: usize = 100;
@@ -287,6 +288,7 @@ async fn relay(
         })?;
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(MAX_UPSTREAM_HEAD_BYTES)
+            .max_header_size(MAX_UPSTREAM_HEAD_BYTES)
             .max_headers(MAX_UPSTREAM_HEADERS)
             .handshake(TokioIo::new(stream))
             .await

@@ -10,6 +10,7 @@
 //! - a hostile answer (a huge head, too many headers, a body cut short) is
 //!   refused or cut, and the server goes on;
 //! - an unexposed port, a wrong token and an unknown sandbox get the same 404 body;
+//! - another tenant cannot expose, list or revoke (`404`);
 //! - the exposure survives a restart of the server; revoking it ends it at once.
 //!
 //! Needs the Docker engine, and fails without it.
@@ -315,6 +316,20 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
     assert!(!listed.to_string().contains(&token));
     let anonymous = http.get(api(&server, &format!("/sandboxes/{SANDBOX}/ports"))).send().await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+
+    // Another tenant's token cannot expose, list or revoke: the sandbox is not there for it.
+    let made =
+        Command::new(AIRLOCK).args(["token", "create", "preview-tenant", "--home"]).arg(home.path()).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let tenant = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    let ports = api(&server, &format!("/sandboxes/{SANDBOX}/ports"));
+    let exposing = http.post(&ports).bearer_auth(&tenant).json(&json!({ "port": 8001 })).send().await.unwrap();
+    assert_eq!(exposing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(http.get(&ports).bearer_auth(&tenant).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    let revoking = http.delete(format!("{ports}/{PORT}")).bearer_auth(&tenant).send().await.unwrap();
+    assert_eq!(revoking.status(), StatusCode::NOT_FOUND);
+    let still = http.get(format!("{path_url}headers")).send().await.unwrap();
+    assert_eq!(still.status(), StatusCode::OK, "the tenant revoked nothing");
 
     // A restart of the server keeps the exposure.
     server.stop();

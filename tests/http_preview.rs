@@ -331,6 +331,15 @@ async fn a_dev_server_in_a_sandbox_is_served_through_both_url_forms_and_survives
     let still = http.get(format!("{path_url}headers")).send().await.unwrap();
     assert_eq!(still.status(), StatusCode::OK, "the tenant revoked nothing");
 
+    // A port that is not a port is a problem answer.
+    let bad = http.delete(format!("{ports}/http")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(bad.headers()["content-type"], "application/problem+json");
+    let bad = http.post(&ports).bearer_auth(&admin).json(&json!({ "port": 0 })).send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let bad = http.post(&ports).bearer_auth(&admin).json(&json!({ "port": 8000, "host": "x" })).send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST, "unknown fields are refused");
+
     // A restart of the server keeps the exposure.
     server.stop();
     let server = Server::start(home.path());

@@ -131,8 +131,13 @@ pub(crate) async fn list(state: Scope, Path(name): Path<String>) -> Result<Json<
     ))
 }
 
-pub(crate) async fn unexpose(state: Scope, Path((name, port)): Path<(String, u16)>) -> Result<StatusCode, ApiError> {
-    if state.sandbox(&name)?.unexpose_port(port)? {
+pub(crate) async fn unexpose(state: Scope, Path((name, port)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    let sandbox = state.sandbox(&name)?;
+    // Parsed here, not by the extractor: a bad port is a problem answer too.
+    let port: u16 = port.parse().map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, "the port must be a number from 1 to 65535")
+    })?;
+    if sandbox.unexpose_port(port)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("port {port} is not exposed")))

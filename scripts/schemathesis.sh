@@ -17,7 +17,7 @@ export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1
 
 SCHEMATHESIS_VERSION=4.32.5
 EXAMPLES=${SCHEMATHESIS_EXAMPLES:-15}
-MAX_TIME=${SCHEMATHESIS_MAX_TIME:-150}
+MAX_TIME=${SCHEMATHESIS_MAX_TIME:-110}
 VENV=target/schemathesis-venv
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"

@@ -30,8 +30,26 @@ cargo build --locked --quiet --bin airlock
 HOME_DIR=$(mktemp -d -t airlock-schemathesis-XXXXXX)
 OUT="$HOME_DIR.out"
 SERVER=
+ADDRESS=
+TOKEN=
 cleanup() {
     if [ -n "$SERVER" ] && kill -0 "$SERVER" 2>/dev/null; then
+        # The sandboxes schemathesis made are destroyed through the API first, so no
+        # container outlives the home that is removed below.
+        if [ -n "$ADDRESS" ] && [ -n "$TOKEN" ]; then
+            "$VENV/bin/python" - "http://$ADDRESS/v1/sandboxes" "$TOKEN" <<'PY' || true
+import json, sys, urllib.parse, urllib.request as u
+base, token = sys.argv[1], sys.argv[2]
+opener = u.build_opener(u.ProxyHandler({}))
+headers = {"Authorization": "Bearer " + token}
+with opener.open(u.Request(base, headers=headers), timeout=30) as answer:
+    sandboxes = json.load(answer)
+for sandbox in sandboxes:
+    name = urllib.parse.quote(sandbox["name"], safe="")
+    opener.open(u.Request(base + "/" + name, method="DELETE", headers=headers), timeout=60).close()
+print(f"scripts/schemathesis.sh: destroyed the {len(sandboxes)} sandboxes schemathesis made", file=sys.stderr)
+PY
+        fi
         kill -TERM "$SERVER"
         wait "$SERVER" || true
     fi
@@ -41,7 +59,6 @@ trap cleanup EXIT
 
 target/debug/airlock serve --listen 127.0.0.1:0 --home "$HOME_DIR" >"$OUT" 2>&1 &
 SERVER=$!
-ADDRESS=
 for _ in $(seq 1 600); do
     ADDRESS=$(sed -n 's|^airlock: listening on http://\([^/]*\)/v1$|\1|p' "$OUT")
     [ -n "$ADDRESS" ] && break

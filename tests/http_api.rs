@@ -758,3 +758,46 @@ async fn serve_stops_on_sigterm_ending_open_streams_with_an_error_event() {
         assert!(!String::from_utf8_lossy(&ps.stdout).contains("sleep 999"), "the command outlived the server");
     }
 }
+
+/// An open stream keeps its sandbox awake past its idle timeout, and the
+/// sandbox sleeps once the stream is over; `keep_alive` keeps one awake idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_keeps_its_sandbox_awake_and_keep_alive_is_honoured() {
+    require_docker();
+    let created = post("/sandboxes", json!({ "name": "http-awake", "config": { "idle_timeout": 1 } })).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let kept = post("/sandboxes", json!({ "name": "http-kept", "config": { "idle_timeout": 1, "keep_alive": true } })).await;
+    assert_eq!(kept.status(), StatusCode::CREATED);
+    let ids: Vec<String> = ["http-awake", "http-kept"]
+        .iter()
+        .map(|name| async move { client().get(url(&format!("/sandboxes/{name}"))).send().await.unwrap() })
+        .collect::<futures_util::stream::FuturesOrdered<_>>()
+        .then(|response| async move { response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string() })
+        .collect()
+        .await;
+    let _cleanup = Cleanup(ids);
+    let state = |name: &'static str| async move {
+        let info: Value = client().get(url(&format!("/sandboxes/{name}"))).send().await.unwrap().json().await.unwrap();
+        info["state"].as_str().unwrap().to_string()
+    };
+    // Both get a container (a command), then one runs a silent command four idle timeouts long.
+    assert_eq!(post("/sandboxes/http-kept/exec", json!({ "command": "true" })).await.status(), StatusCode::OK);
+    let body = json!({ "command": "bash", "args": ["-c", "sleep 4; echo done"] });
+    let stream = tokio::spawn(async move { Events::new(exec_stream("http-awake", body).send().await.unwrap()).collect().await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state("http-awake").await, "active", "slept under an open stream");
+    let (out, _, last) = stream.await.unwrap();
+    assert_eq!(out, b"done\n");
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].0, "exit", "{last:?}");
+    assert_eq!(serde_json::from_str::<Value>(&last[0].1).unwrap()["exit_code"], 0);
+    // Over, the stream no longer holds it: it sleeps; the keep-alive one never does.
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while state("http-awake").await != "sleeping" {
+        assert!(Instant::now() < give_up, "never slept after its stream ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(state("http-kept").await, "active", "a keep_alive sandbox slept");
+    destroy("http-awake").await;
+    destroy("http-kept").await;
+}

@@ -91,7 +91,7 @@ done
 "$VENV/bin/schemathesis" run "http://$ADDRESS/v1/openapi.json" \
     --url "http://$ADDRESS" \
     -H "Authorization: Bearer $TOKEN" \
-    --checks not_a_server_error,response_schema_conformance,status_code_conformance \
+    --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
     --max-examples "$EXAMPLES" \
     --max-time "$MAX_TIME" \
     --request-timeout 30 \

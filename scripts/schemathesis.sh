@@ -98,5 +98,6 @@ done
     --workers 2 \
     --seed 7870 \
     --generation-deterministic \
+    --generation-database none \
     --exclude-path-regex '^/v1/sandboxes/\{name\}/(pty|events)$|^/preview/' \
     --no-color

@@ -56,6 +56,8 @@ PY
     rm -rf "$HOME_DIR" "$OUT"
 }
 trap cleanup EXIT
+# A signal to this script (a timeout, ctrl-c) still stops the server and removes the home.
+trap 'exit 143' TERM INT
 
 target/debug/airlock serve --listen 127.0.0.1:0 --home "$HOME_DIR" >"$OUT" 2>&1 &
 SERVER=$!

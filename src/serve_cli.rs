@@ -11,6 +11,9 @@ use anyhow::{Context, Result};
 /// Worker threads of the server's async runtime (the isolate engine and the
 /// file operations have their own bounded pools).
 const SERVE_WORKER_THREADS: usize = 4;
+/// After the server has stopped, how long blocking work (an interpreter still
+/// compiling, a file operation) may go on before the process exits anyway.
+const BLOCKING_WORK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long `serve` waits for a CLI command that holds the home to finish.
 const SERVE_HOME_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -43,7 +46,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     if !domain.split('.').all(valid) {
         anyhow::bail!("--preview-domain {domain:?}: use lower-case DNS labels (letters, digits, '-') joined by '.'");
     }
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let home = args.home.clone().unwrap_or_else(default_home);
         let mut options = RuntimeOptions::new(&home);
         options.home_role = "airlock serve".to_string();
@@ -90,5 +93,9 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         served.context("serving")?;
         eprintln!("airlock: stopped");
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Work still on the blocking pool (an interpreter compiling, a file
+    // operation) is not waited for past this: a stopped server exits.
+    runtime.shutdown_timeout(BLOCKING_WORK_GRACE);
+    served
 }

@@ -59,7 +59,7 @@ pub(crate) enum Encoding {
     Base64,
 }
 
-fn encode(bytes: Vec<u8>) -> (String, Encoding) {
+pub(crate) fn encode(bytes: Vec<u8>) -> (String, Encoding) {
     match String::from_utf8(bytes) {
         Ok(text) => (text, Encoding::Utf8),
         Err(error) => (BASE64.encode(error.as_bytes()), Encoding::Base64),

@@ -20,7 +20,7 @@ use airlock_core::{ExecRequest, OutputStream, StdinSource};
 use airlock_runtime::Sandbox;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Scope;
+use crate::exec::{Encoding, encode, wants_events};
 use crate::{ApiError, AppState, Code, SSE_KEEP_ALIVE, StrictJson};
 
 /// How long killing one process waits for its exit to be seen before it
@@ -259,30 +260,6 @@ pub(crate) struct LogsAnswer {
     stderr_encoding: Encoding,
     state: &'static str,
     exit_code: Option<i32>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub(crate) enum Encoding {
-    #[serde(rename = "utf-8")]
-    Utf8,
-    #[serde(rename = "base64")]
-    Base64,
-}
-
-fn encode(bytes: Vec<u8>) -> (String, Encoding) {
-    match String::from_utf8(bytes) {
-        Ok(text) => (text, Encoding::Utf8),
-        Err(error) => (BASE64.encode(error.as_bytes()), Encoding::Base64),
-    }
-}
-
-fn wants_events(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|item| item.split(';').next().is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream")))
 }
 
 async fn logs(

@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 
 use airlock::wasm::interpreter::{build_tree_interpreter_dir, set_fallback_interpreter_dir};
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 
 /// (file name, unpacked size, zstd bytes) for each carried component; empty
 /// when the binary was built before the guests.
 const CARRIED: &[(&str, usize, &[u8])] = include!(concat!(env!("OUT_DIR"), "/carried_interpreters.rs"));
+/// Names this build's set of components (build.rs hashes them), so a newer
+/// binary unpacks beside an older one.
+const CARRIED_DIGEST: &str = include!(concat!(env!("OUT_DIR"), "/carried_digest.rs"));
 
 /// Makes the carried interpreters the fallback interpreter directory, unpacking
 /// them on first use. A no-op when a build tree provides them or the binary
@@ -23,7 +25,7 @@ pub fn install() -> Result<()> {
     if CARRIED.is_empty() || build_tree_interpreter_dir().is_some() {
         return Ok(());
     }
-    let dir = cache_root().join("interpreters").join(carried_digest());
+    let dir = cache_root().join("interpreters").join(CARRIED_DIGEST);
     unpack_into(&dir).with_context(|| format!("unpacking the interpreters into {}", dir.display()))?;
     set_fallback_interpreter_dir(dir);
     Ok(())
@@ -38,17 +40,6 @@ fn cache_root() -> PathBuf {
         .map(|cache| cache.join("airlock"))
         .or_else(|| var("HOME").map(|home| home.join(".cache").join("airlock")))
         .unwrap_or_else(airlock::runtime::default_home)
-}
-
-/// Names this build's set of components, so a newer binary unpacks beside an older one.
-fn carried_digest() -> String {
-    let mut digest = Sha256::new();
-    for (name, size, packed) in CARRIED {
-        digest.update(name.as_bytes());
-        digest.update(size.to_le_bytes());
-        digest.update(packed);
-    }
-    digest.finalize().iter().take(8).map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Unpacks every carried component into `dir` unless it is there already.

@@ -12,6 +12,7 @@ mod exec;
 pub mod limits;
 mod names;
 mod needs;
+pub mod network;
 mod tier;
 mod workspace;
 
@@ -22,5 +23,6 @@ pub use exec::{ExecOutcome, ExecRequest, OutputChunk, OutputSender, OutputStream
 pub use limits::{Limit, LimitExceeded, Limits, LimitsError};
 pub use names::{MAX_NAME_LEN, NameError, SandboxId, SandboxName};
 pub use needs::Needs;
+pub use network::{DenyReason, HeaderRule, HostPattern, HostRule, NetworkPolicy, PolicyError, Verdict};
 pub use tier::{BoxFuture, Tier, TierKind};
 pub use workspace::{WORKSPACE_GUEST_PATH, Workspace};

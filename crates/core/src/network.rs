@@ -12,6 +12,19 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+/// Where a sandbox container sees its egress directory (bind-mounted
+/// read-only from the host): the proxy's socket and the trust bundle.
+pub const EGRESS_GUEST_DIR: &str = "/run/airlock/egress";
+/// The egress proxy's Unix socket, in the egress directory.
+pub const EGRESS_SOCKET_FILE: &str = "proxy.sock";
+/// The system's CA certificates plus the runtime's egress CA (PEM), in the
+/// egress directory; `SSL_CERT_FILE` and its kin point here.
+pub const EGRESS_CA_BUNDLE_FILE: &str = "ca-bundle.pem";
+/// The loopback port inside a container where the agent presents the proxy
+/// socket as TCP (`HTTP_PROXY=http://127.0.0.1:<port>`): squid's port, the
+/// one proxies conventionally use, and one dev servers rarely take.
+pub const EGRESS_PROXY_PORT: u16 = 3128;
+
 /// Allowed-host rules one policy may hold: bounds the work of every decision.
 pub const MAX_ALLOW_RULES: usize = 256;
 /// Denied-host patterns one policy may hold.

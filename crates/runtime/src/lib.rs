@@ -27,6 +27,7 @@ mod disk;
 mod error;
 mod events;
 pub mod files;
+mod git;
 mod home_lock;
 mod preview;
 mod router;
@@ -45,6 +46,9 @@ pub use disk::{
 pub use error::{Error, Result};
 pub use events::{
     COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, MAX_WATCHED_DIRECTORIES, SandboxEvent,
+};
+pub use git::{
+    DEFAULT_GIT_CHECKOUT_DEADLINE, GitCheckout, GitCheckoutOutcome, MAX_GIT_BRANCH_LEN, MAX_GIT_DEPTH, MAX_GIT_DIR_LEN, MAX_GIT_URL_LEN,
 };
 pub use home_lock::{API_SOCKET_FILE, LOCK_FILE};
 pub use files::{FILE_OP_TIMEOUT, FileEntry, FileKind, MAX_CONCURRENT_FILE_OPS, MAX_FILE_BYTES, MAX_LIST_ENTRIES};

@@ -163,11 +163,11 @@ impl Sandbox {
         request.limits = self.config().limits;
         request.limits.deadline = checkout.timeout.unwrap_or(DEFAULT_GIT_CHECKOUT_DEADLINE);
         let run = self.exec(request.clone()).await?;
-        let commit = if run.outcome.exit_code == Some(0) {
+        let commit = if run.outcome.exit_code() == Some(0) {
             let mut head = ExecRequest::new("git").args(["-C", target.as_str(), "rev-parse", "HEAD"]);
             head.limits = request.limits;
             let head = self.exec(head).await?;
-            (head.outcome.exit_code == Some(0))
+            (head.outcome.exit_code() == Some(0))
                 .then(|| String::from_utf8_lossy(&head.outcome.stdout).trim().to_owned())
                 .filter(|commit| !commit.is_empty())
         } else {

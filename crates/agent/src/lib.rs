@@ -13,5 +13,10 @@
 //! and holds the command's whole process tree (see `main.rs`). The host still
 //! treats every byte the agent sends back as untrusted (frame sizes are
 //! capped, unknown runs ignored).
+//!
+//! When the host mounts an egress directory into the container, the agent
+//! also relays `127.0.0.1:3128` inside the container to the host's egress
+//! proxy socket (see [`egress`]).
 
+pub mod egress;
 pub mod protocol;

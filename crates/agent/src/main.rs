@@ -8,7 +8,8 @@
 //! that drops to the requested user for the command only and holds the
 //! command's whole tree (`tree.rs`), however it forks.
 //!
-//! Threads: the main one reads requests and never blocks on a command; each
+//! Threads: the main one reads requests and never blocks on a command; the
+//! egress relay (when the sandbox has egress) has one of its own; each
 //! command gets a waiter, output readers and, when it takes input, a stdin
 //! writer. Killing runs on the main thread and forks nothing, so it works
 //! while a fork bomb holds every free pid.
@@ -87,6 +88,11 @@ fn main() {
         shepherd::run(args);
     }
     harden();
+    // After harden: the relay's thread inherits its credentials. It runs apart
+    // from the request loop below, which never waits on it.
+    if let Err(error) = airlock_agent::egress::start_if_configured() {
+        eprintln!("airlock-agent: egress relay not started: {error}");
+    }
     let replies = Replies { out: Arc::new(Mutex::new(io::stdout())) };
     let state = State::default();
     let mut stdin = io::stdin().lock();

@@ -52,8 +52,12 @@ pub const NO_REMAP_ADVICE: &str = "the docker engine does not remap user namespa
      --userns-remap=default (or \"userns-remap\": \"default\" in /etc/docker/daemon.json), then run \
      `airlock setup` again: a remapping engine keeps its own images, so the base image is built once more";
 /// Arguments runsc is registered with: gVisor's own network stack off, since
-/// sandboxes have no network; the sentry then has only loopback.
-pub const RUNSC_RUNTIME_ARGS: &[&str] = &["--network=none"];
+/// sandboxes have no network; the sentry then has only loopback. And
+/// `--host-uds=open`: a sandbox may connect to (never create) a host Unix
+/// socket bind-mounted into it, which is how it reaches the egress proxy
+/// (gVisor refuses host sockets by default). Only sockets mounted into the
+/// container are visible to it, and Airlock mounts only the proxy's.
+pub const RUNSC_RUNTIME_ARGS: &[&str] = &["--network=none", "--host-uds=open"];
 
 /// Which OCI runtime a container runs under.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -186,7 +190,21 @@ impl DockerEngine {
                 // Never restarted here: that would stop every container it runs.
                 tracing::warn!("{NO_REMAP_ADVICE}");
             }
-            if !options.with_runsc || engine.has_runtime(ContainerRuntime::Runsc) || !options.set_up {
+            if !options.with_runsc || !options.set_up {
+                return Ok(engine);
+            }
+            if engine.has_runtime(ContainerRuntime::Runsc) {
+                // Registered, perhaps by an older Airlock with other arguments
+                // (no --host-uds: no egress under gVisor). Brought up to date
+                // in place and reloaded; running containers keep their runtime.
+                if options.socket == Path::new(DEFAULT_DOCKER_SOCKET)
+                    && !runsc_registered_as_wanted(&options.daemon_config)
+                {
+                    check_can_set_up()?;
+                    if register_runsc(&options.daemon_config)? {
+                        reload_dockerd()?;
+                    }
+                }
                 return Ok(engine);
             }
             // Running, but without runsc: install and register it, then ask dockerd to reload.
@@ -483,9 +501,25 @@ pub(crate) fn install_missing(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Adds runsc to the `runtimes` of Docker's daemon configuration, keeping
-/// everything else in it. Nothing is written when it is already there.
-fn register_runsc(config_path: &Path) -> Result<()> {
+/// Whether Docker's daemon configuration registers runsc exactly as
+/// [`register_runsc`] would (same path, same [`RUNSC_RUNTIME_ARGS`]).
+fn runsc_registered_as_wanted(config_path: &Path) -> bool {
+    let Some(runsc) = which("runsc") else { return false };
+    let Some(config) = fs::read_to_string(config_path).ok().and_then(|text| serde_json::from_str::<Value>(&text).ok())
+    else {
+        return false;
+    };
+    config.get("runtimes").and_then(|runtimes| runtimes.get("runsc")) == Some(&wanted_runsc_entry(&runsc))
+}
+
+fn wanted_runsc_entry(runsc: &Path) -> Value {
+    serde_json::json!({ "path": runsc, "runtimeArgs": RUNSC_RUNTIME_ARGS })
+}
+
+/// Adds runsc to the `runtimes` of Docker's daemon configuration, or brings
+/// its entry up to date, keeping everything else in it. Nothing is written
+/// when it is already there as wanted; returns whether the file changed.
+fn register_runsc(config_path: &Path) -> Result<bool> {
     let runsc = which("runsc").ok_or_else(|| Error::Setup("runsc is not installed".into()))?;
     let mut config: Map<String, Value> = match fs::read_to_string(config_path) {
         Ok(text) if !text.trim().is_empty() => serde_json::from_str(&text).map_err(|e| {
@@ -495,20 +529,21 @@ fn register_runsc(config_path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Map::new(),
         Err(e) => return Err(Error::io(format!("reading {}", config_path.display()))(e)),
     };
-    let wanted = serde_json::json!({ "path": runsc, "runtimeArgs": RUNSC_RUNTIME_ARGS });
+    let wanted = wanted_runsc_entry(&runsc);
     let runtimes = config.entry("runtimes").or_insert_with(|| Value::Object(Map::new()));
     let Value::Object(runtimes) = runtimes else {
         return Err(Error::Setup(format!("`runtimes` in {} is not an object", config_path.display())));
     };
     if runtimes.get("runsc") == Some(&wanted) {
-        return Ok(());
+        return Ok(false);
     }
     runtimes.insert("runsc".into(), wanted);
     if let Some(parent) = config_path.parent() {
         fs::create_dir_all(parent).map_err(Error::io(format!("creating {}", parent.display())))?;
     }
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Setup(e.to_string()))?;
-    fs::write(config_path, text).map_err(Error::io(format!("writing {}", config_path.display())))
+    fs::write(config_path, text).map_err(Error::io(format!("writing {}", config_path.display())))?;
+    Ok(true)
 }
 
 /// Starts `dockerd` in its own session so that it outlives this process. A
@@ -611,10 +646,37 @@ mod tests {
         assert_eq!(config["log-level"], "warn");
         assert_eq!(config["runtimes"]["other"]["path"], "/bin/other");
         assert_eq!(config["runtimes"]["runsc"]["runtimeArgs"][0], "--network=none");
+        assert_eq!(config["runtimes"]["runsc"]["runtimeArgs"][1], "--host-uds=open");
+        assert!(runsc_registered_as_wanted(&path));
         let modified = fs::metadata(&path).unwrap().modified().unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        register_runsc(&path).unwrap();
+        assert!(!register_runsc(&path).unwrap(), "a second call reported a change");
         assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), modified, "a second call rewrote the file");
+    }
+
+    #[test]
+    fn an_older_runsc_entry_gains_host_uds_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.json");
+        assert!(which("runsc").is_some(), "runsc is not installed: run `airlock setup` (scripts/test.sh does)");
+        let runsc = which("runsc").unwrap();
+        let old = serde_json::json!({
+            "userns-remap": "default",
+            "runtimes": { "runsc": { "path": runsc, "runtimeArgs": ["--network=none"] } }
+        });
+        fs::write(&path, old.to_string()).unwrap();
+        assert!(!runsc_registered_as_wanted(&path));
+        assert!(register_runsc(&path).unwrap(), "the older entry was not updated");
+        let config: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(config["userns-remap"], "default");
+        let args: Vec<&str> = config["runtimes"]["runsc"]["runtimeArgs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(args, ["--network=none", "--host-uds=open"]);
+        assert!(runsc_registered_as_wanted(&path));
     }
 
     #[test]

@@ -55,9 +55,27 @@ impl Default for ImageRecipe {
             suite: "bookworm".into(),
             variant: "minbase".into(),
             mirror: "http://deb.debian.org/debian".into(),
-            packages: ["bash", "git", "python3", "nodejs", "npm", "curl", "ca-certificates", "procps"]
-                .map(String::from)
-                .to_vec(),
+            packages: [
+                "bash",
+                "git",
+                "python3",
+                "nodejs",
+                "npm",
+                "curl",
+                "ca-certificates",
+                "procps",
+                // pip and venv: package installs go through the egress proxy.
+                "python3-pip",
+                "python3-venv",
+                // The data stack code-interpreter users expect.
+                "python3-numpy",
+                "python3-pandas",
+                "python3-matplotlib",
+                "python3-scipy",
+                "python3-pil",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use airlock_container::{ContainerResources, ContainerRuntime};
 use airlock_core::Limits;
+pub use airlock_core::NetworkPolicy;
 use airlock_core::limits::format_size;
 use serde::{Deserialize, Serialize};
 
@@ -47,19 +48,55 @@ pub enum TierPreference {
     Container,
 }
 
-/// Where a sandbox may connect. Deny-all is the only policy today; the egress
-/// work narrows it per host without changing where it lives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum NetworkPolicy {
-    #[default]
-    DenyAll,
+/// A sandbox's policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Where the sandbox may connect, and with which credentials (secrets by
+    /// name). Deny-all by default. Changed on a live sandbox with
+    /// [`crate::Runtime::set_network_policy`]; this field is the policy the
+    /// sandbox was created with (its record, [`crate::Sandbox::info`], keeps
+    /// the current one). A config stored before per-host policies existed
+    /// says `"deny-all"` here, and is read as the empty policy.
+    #[serde(deserialize_with = "network::deserialize")]
+    pub network: NetworkPolicy,
 }
 
-/// A sandbox's policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Policy {
-    pub network: NetworkPolicy,
+/// The policy field, as written now (an object) or before per-host policies
+/// (the string `"deny-all"`).
+mod network {
+    use airlock_core::NetworkPolicy;
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+    /// The one value the old one-variant enum was stored as.
+    const LEGACY_DENY_ALL: &str = "deny-all";
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NetworkPolicy, D::Error> {
+        deserializer.deserialize_any(Either)
+    }
+
+    struct Either;
+
+    impl<'de> Visitor<'de> for Either {
+        type Value = NetworkPolicy;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a network policy object (or the legacy string \"deny-all\")")
+        }
+
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<NetworkPolicy, E> {
+            if value == LEGACY_DENY_ALL {
+                Ok(NetworkPolicy::deny_all())
+            } else {
+                Err(E::invalid_value(de::Unexpected::Str(value), &self))
+            }
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<NetworkPolicy, A::Error> {
+            NetworkPolicy::deserialize(de::value::MapAccessDeserializer::new(map))
+        }
+    }
 }
 
 /// Everything a sandbox is configured with. Every field has a default.
@@ -117,6 +154,7 @@ impl SandboxConfig {
     pub fn validate(&self) -> crate::Result<()> {
         self.limits.validate().map_err(airlock_core::Error::from)?;
         self.resources.validate()?;
+        self.policy.network.validate()?;
         if self.idle_timeout < MIN_IDLE_TIMEOUT {
             return Err(crate::Error::Invalid {
                 what: "idle timeout",
@@ -206,5 +244,38 @@ mod tests {
         }
         let read: SandboxConfig = serde_json::from_value(stored).unwrap();
         assert_eq!(read, SandboxConfig::default());
+    }
+
+    #[test]
+    fn a_config_stored_with_the_legacy_deny_all_string_reads_as_the_empty_policy() {
+        let mut stored = serde_json::to_value(SandboxConfig::default()).unwrap();
+        stored["policy"] = serde_json::json!({ "network": "deny-all" });
+        let read: SandboxConfig = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(read.policy.network, NetworkPolicy::deny_all());
+        // Written back, it is the object form, and reads again the same.
+        let written = serde_json::to_value(&read).unwrap();
+        assert_eq!(written["policy"]["network"], serde_json::json!({}));
+        assert_eq!(serde_json::from_value::<SandboxConfig>(written).unwrap(), read);
+        // Any other string, and unknown fields in the object, are refused.
+        stored["policy"] = serde_json::json!({ "network": "allow-all" });
+        assert!(serde_json::from_value::<SandboxConfig>(stored.clone()).is_err());
+        stored["policy"] = serde_json::json!({ "network": { "allow": [], "bogus": 1 } });
+        assert!(serde_json::from_value::<SandboxConfig>(stored).is_err());
+    }
+
+    #[test]
+    fn a_config_with_a_policy_round_trips_and_an_invalid_policy_fails_validation() {
+        let policy: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "allow": [{ "host": "*.github.com", "ports": [443], "headers": [{ "name": "Authorization", "secret": "gh", "prefix": "Bearer " }] }],
+            "deny": ["evil.github.com"],
+        }))
+        .unwrap();
+        let config = SandboxConfig { policy: Policy { network: policy }, ..SandboxConfig::default() };
+        config.validate().unwrap();
+        let text = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<SandboxConfig>(&text).unwrap(), config);
+        let mut bad = config.clone();
+        bad.policy.network.allow[0].ports = vec![0];
+        assert!(matches!(bad.validate(), Err(crate::Error::Policy(airlock_core::PolicyError::Port))));
     }
 }

@@ -65,6 +65,17 @@ pub enum Error {
     /// nothing was started, and what the sandbox already has is untouched.
     #[error("sandbox limit {limit} reached: {held} of {max} {what} in use")]
     SandboxLimit { limit: &'static str, what: &'static str, held: usize, max: usize },
+    /// A network policy was refused (nothing was applied); the message names
+    /// the rule and the reason.
+    #[error("invalid network policy: {0}")]
+    Policy(#[from] airlock_core::PolicyError),
+    /// A secret was named (by a policy, or to remove it) that the runtime's
+    /// secret store does not hold.
+    #[error("no secret named {0:?}")]
+    NoSuchSecret(String),
+    /// A secret cannot be removed while a sandbox's network policy refers to it.
+    #[error("secret {name:?} is used by the network policy of {}; change those policies first", .sandboxes.join(", "))]
+    SecretInUse { name: String, sandboxes: Vec<String> },
     /// Another process owns the home (`holder` says which, from its lock file).
     #[error("the home {home} is in use by {holder}; one process owns a home at a time (use its API, or wait)")]
     HomeInUse { home: PathBuf, holder: String },

@@ -29,16 +29,24 @@ mod events;
 pub mod files;
 mod git;
 mod home_lock;
+mod policy;
 mod preview;
 mod router;
 mod runtime;
 mod sandbox;
+mod secrets;
 mod store;
 
 pub use config::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONTEXTS, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_PTYS, MAX_CONTEXTS_LIMIT,
     MAX_PROCESSES_LIMIT, MAX_PTYS_LIMIT, MIN_IDLE_TIMEOUT, NetworkPolicy, Policy, SandboxConfig, TierPreference,
 };
+/// The network policy's vocabulary (from `airlock-core`).
+pub use airlock_core::network::{
+    DEFAULT_PORTS, HeaderRule, HostPattern, HostRule, MAX_ALLOW_RULES, MAX_DENY_RULES, MAX_HEADER_RULES, PolicyError,
+    validate_secret_name,
+};
+pub use secrets::{MAX_SECRET_BYTES, MAX_SECRETS, SecretInfo, Secrets};
 pub use disk::{
     DEFAULT_DISK_BYTES, DEFAULT_IMAGE_SHARE_PERCENT, DISK_IMAGE_FILE, DiskOptions, DiskStatus, IMAGE_MOUNT_OPTIONS,
     MAX_DEFAULT_IMAGE_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES, MIN_IMAGE_BYTES, QuotaMode, install_disk_tools,

@@ -66,6 +66,12 @@ pub struct RuntimeOptions {
     pub home_lock_wait: Duration,
     /// What a process refused the home is told owns it (such as "airlock serve").
     pub home_role: String,
+    /// Hosts no sandbox may reach, whatever its own network policy allows
+    /// (such as a cloud metadata name): added to the deny list of every
+    /// sandbox's policy in force ([`Runtime::network_policy_watch`]). Empty by
+    /// default. There is no runtime-wide allow ceiling: a sandbox's allow
+    /// list is bounded only by this list and the proxy's own refusals.
+    pub network_deny: Vec<airlock_core::HostPattern>,
 }
 
 impl RuntimeOptions {
@@ -84,6 +90,7 @@ impl RuntimeOptions {
             disk: DiskOptions::default(),
             home_lock_wait: Duration::ZERO,
             home_role: "an embedding program".to_string(),
+            network_deny: Vec::new(),
         }
     }
 }
@@ -358,9 +365,15 @@ impl Runtime {
             path: workspace.display().to_string(),
             source,
         })?;
-        if !self.inner.store.insert(&record)? {
-            let _ = self.inner.disk.remove_sandbox_dir(&self.sandbox_dir(record.id));
-            return Ok(None);
+        // Not inserted (the name is taken, or its policy names a missing
+        // secret): nothing is left behind.
+        match self.inner.store.insert(&record) {
+            Ok(true) => {}
+            other => {
+                let _ = self.inner.disk.remove_sandbox_dir(&self.sandbox_dir(record.id));
+                other?;
+                return Ok(None);
+            }
         }
         self.load(record).map(Some)
     }
@@ -388,7 +401,8 @@ impl Runtime {
             Some(inner) => inner.clone(),
             None => {
                 let workspace = self.workspace_dir(record.id);
-                let inner = Arc::new(SandboxInner::new(record, &workspace)?);
+                let network = Arc::new(self.effective_policy(&record.config.policy.network));
+                let inner = Arc::new(SandboxInner::new(record, &workspace, network)?);
                 sandboxes.insert(inner.id, inner.clone());
                 inner
             }

@@ -92,10 +92,20 @@ pub(crate) struct SandboxInner {
     events: broadcast::Sender<SandboxEvent>,
     /// The workspace's inotify watch, alive while a subscriber is.
     watch: Mutex<Weak<WorkspaceWatch>>,
+    /// The network policy in force (the sandbox's own, with the runtime's
+    /// denied hosts added), published to the egress proxy and the isolates'
+    /// HTTP hook. The lock is held while a new policy is stored and sent, so
+    /// two changes are published in the order they were stored.
+    pub(crate) network: Mutex<tokio::sync::watch::Sender<Arc<airlock_core::NetworkPolicy>>>,
 }
 
 impl SandboxInner {
-    pub fn new(record: SandboxRecord, workspace_dir: &Path) -> Result<Self> {
+    /// `network` is the policy in force at first (see [`crate::Runtime::network_policy_watch`]).
+    pub fn new(
+        record: SandboxRecord,
+        workspace_dir: &Path,
+        network: Arc<airlock_core::NetworkPolicy>,
+    ) -> Result<Self> {
         let workspace = Workspace::create(workspace_dir)?;
         let dir = WorkspaceDir::open(workspace.host_path())?;
         Ok(Self {
@@ -118,7 +128,13 @@ impl SandboxInner {
             last_active: Mutex::new(Instant::now()),
             events: broadcast::channel(EVENT_BUFFER).0,
             watch: Mutex::new(Weak::new()),
+            network: Mutex::new(tokio::sync::watch::Sender::new(network)),
         })
+    }
+
+    /// The sandbox's record as it is now (its current network policy included).
+    pub(crate) fn record(&self) -> std::sync::MutexGuard<'_, SandboxRecord> {
+        lock(&self.record)
     }
 
     pub fn container_id(&self) -> Option<String> {

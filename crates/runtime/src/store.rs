@@ -23,8 +23,9 @@ use crate::error::{Error, Result};
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Version 1: sandboxes and executions. Version 2 adds, without touching what
 /// is there: the sandboxes' `owner` column and the `tokens` table. Version 3
-/// adds the `previews` table (exposed ports).
-const SCHEMA_VERSION: i64 = 3;
+/// adds the `previews` table (exposed ports). Version 4 adds the `secrets`
+/// table (the egress credentials; see `secrets.rs`).
+const SCHEMA_VERSION: i64 = 4;
 
 /// Version 1, as it was made: kept so that a new home passes through the same
 /// migrations as an old one.
@@ -79,6 +80,19 @@ CREATE TABLE IF NOT EXISTS previews (
 );
 ";
 
+/// Version 4's new table: the runtime's secrets (credentials the egress
+/// proxy adds to requests), by name. The value is kept as given: the home is
+/// private to the runtime's user ([`crate::PRIVATE_DIR_MODE`]) and no
+/// sandbox directory holds it. Deleted rows are overwritten (`secure_delete`).
+const SCHEMA_SECRETS: &str = "
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+";
+
 /// Opens `path` in WAL mode and brings its schema to [`SCHEMA_VERSION`], in
 /// one immediate transaction (two processes opening one home at once migrate
 /// it once). Migrations only add: a home made by an older Airlock opens with
@@ -91,7 +105,9 @@ fn open_connection(path: &Path) -> Result<Connection> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Store { path: path.to_path_buf(), reason: format!("journal mode is {mode}, not WAL") });
     }
-    connection.execute_batch("PRAGMA synchronous = NORMAL;").map_err(Error::store(path))?;
+    // secure_delete: a removed or replaced secret's bytes are overwritten in
+    // the database file, not left in a free page.
+    connection.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA secure_delete = ON;").map_err(Error::store(path))?;
     connection.execute_batch("BEGIN IMMEDIATE").map_err(Error::store(path))?;
     match migrate(&connection, path) {
         Ok(()) => connection.execute_batch("COMMIT").map_err(Error::store(path))?,
@@ -121,6 +137,7 @@ fn migrate(connection: &Connection, path: &Path) -> Result<()> {
     }
     connection.execute_batch(SCHEMA_TOKENS).map_err(Error::store(path))?;
     connection.execute_batch(SCHEMA_PREVIEWS).map_err(Error::store(path))?;
+    connection.execute_batch(SCHEMA_SECRETS).map_err(Error::store(path))?;
     connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(Error::store(path))?;
     Ok(())
 }
@@ -222,11 +239,16 @@ impl Store {
         Error::store(&self.path)
     }
 
-    /// Adds a sandbox; `Ok(false)` when the name is taken.
+    /// Adds a sandbox; `Ok(false)` when the name is taken. Refused with
+    /// [`Error::NoSuchSecret`] when its network policy names a secret the
+    /// store does not hold (checked in the same transaction).
     pub fn insert(&self, record: &SandboxRecord) -> Result<bool> {
         let config = serde_json::to_string(&record.config)
             .map_err(|e| Error::Invalid { what: "sandbox config", reason: e.to_string() })?;
-        let inserted = self.lock().execute(
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        require_secrets(&transaction, &record.config, &self.path)?;
+        let inserted = transaction.execute(
             "INSERT INTO sandboxes (id, name, created_at_ms, config, state, escalated, container_id, owner)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (name) DO NOTHING",
             params![
@@ -240,7 +262,90 @@ impl Store {
                 record.owner
             ],
         );
-        Ok(inserted.map_err(self.err())? == 1)
+        let inserted = inserted.map_err(Error::store(&self.path))? == 1;
+        transaction.commit().map_err(self.err())?;
+        Ok(inserted)
+    }
+
+    /// Replaces the stored configuration of sandbox `id` (a new network
+    /// policy), after checking in the same transaction that every secret it
+    /// names exists. `Ok(false)` when the sandbox is gone.
+    pub(crate) fn set_config(&self, id: SandboxId, config: &SandboxConfig) -> Result<bool> {
+        let text = serde_json::to_string(config)
+            .map_err(|e| Error::Invalid { what: "sandbox config", reason: e.to_string() })?;
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        require_secrets(&transaction, config, &self.path)?;
+        let updated = transaction
+            .execute("UPDATE sandboxes SET config = ?2 WHERE id = ?1", params![id.to_string(), text])
+            .map_err(Error::store(&self.path))?;
+        transaction.commit().map_err(self.err())?;
+        Ok(updated == 1)
+    }
+
+    /// Stores `value` as the secret `name` (replacing its value, keeping when
+    /// it was first made).
+    pub(crate) fn set_secret(&self, name: &str, value: &str, now: SystemTime) -> Result<()> {
+        self.lock()
+            .execute(
+                "INSERT INTO secrets (name, value, created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                params![name, value, millis(now)],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The value of secret `name`.
+    pub(crate) fn secret(&self, name: &str) -> Result<Option<String>> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT value FROM secrets WHERE name = ?1").map_err(self.err())?;
+        statement.query_row(params![name], |row| row.get(0)).optional().map_err(self.err())
+    }
+
+    /// Every secret's name, when it was made and when its value last changed (never a value), by name.
+    pub(crate) fn secrets(&self) -> Result<Vec<(String, SystemTime, SystemTime)>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached("SELECT name, created_at_ms, updated_at_ms FROM secrets ORDER BY name")
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, from_millis(row.get(1)?), from_millis(row.get(2)?))))
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(self.err())
+    }
+
+    /// Removes secret `name`; `Ok(false)` when there is none. Refused with
+    /// [`Error::SecretInUse`] while a sandbox's stored policy names it
+    /// (checked in the same transaction as the removal).
+    pub(crate) fn remove_secret(&self, name: &str) -> Result<bool> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        let mut users = Vec::new();
+        {
+            let mut statement =
+                transaction.prepare_cached("SELECT name, config FROM sandboxes ORDER BY name").map_err(self.err())?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))
+                .map_err(Error::store(&self.path))?;
+            for row in rows {
+                let (sandbox, config) = row.map_err(Error::store(&self.path))?;
+                let config: SandboxConfig = serde_json::from_str(&config).map_err(|e| Error::Invalid {
+                    what: "registry row",
+                    reason: format!("config of {sandbox}: {e}"),
+                })?;
+                if config.policy.network.secret_names().any(|used| used == name) {
+                    users.push(sandbox);
+                }
+            }
+        }
+        if !users.is_empty() {
+            return Err(Error::SecretInUse { name: name.to_string(), sandboxes: users });
+        }
+        let removed = transaction.execute("DELETE FROM secrets WHERE name = ?1", params![name]).map_err(self.err())?;
+        transaction.commit().map_err(Error::store(&self.path))?;
+        Ok(removed > 0)
     }
 
     pub fn by_name(&self, name: &SandboxName) -> Result<Option<SandboxRecord>> {
@@ -614,6 +719,21 @@ fn check_token_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Fails with [`Error::NoSuchSecret`] (the first missing one) unless every
+/// secret `config`'s network policy names is in the store.
+fn require_secrets(connection: &Connection, config: &SandboxConfig, path: &Path) -> Result<()> {
+    let mut statement = connection
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM secrets WHERE name = ?1)")
+        .map_err(Error::store(path))?;
+    for name in config.policy.network.secret_names() {
+        let exists: bool = statement.query_row(params![name], |row| row.get(0)).map_err(Error::store(path))?;
+        if !exists {
+            return Err(Error::NoSuchSecret(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
 /// Equal digests, in time that does not depend on where they differ.
 fn same_digest(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -861,6 +981,69 @@ mod tests {
         store.delete(sandbox.id).unwrap();
         assert!(store.exposed(sandbox.id).unwrap().is_empty());
         assert!(!store.preview_allows(sandbox.id, 8000, &second).unwrap());
+    }
+
+    /// A version 3 home (before secrets and per-host policies), whose
+    /// sandbox config says `"network": "deny-all"`, opens: the sandbox reads
+    /// with the empty policy, and the home gains the secrets table.
+    #[test]
+    fn a_version_3_home_with_a_legacy_deny_all_config_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute_batch("ALTER TABLE sandboxes ADD COLUMN owner TEXT").unwrap();
+        old.execute_batch(SCHEMA_TOKENS).unwrap();
+        old.execute_batch(SCHEMA_PREVIEWS).unwrap();
+        old.execute_batch("PRAGMA user_version = 3").unwrap();
+        let mut config = serde_json::to_value(SandboxConfig::default()).unwrap();
+        config["policy"] = serde_json::json!({ "network": "deny-all" });
+        let id = SandboxId::new();
+        old.execute(
+            "INSERT INTO sandboxes (id, name, created_at_ms, config, state) VALUES (?1, 'legacy', 5, ?2, 'active')",
+            params![id.to_string(), config.to_string()],
+        )
+        .unwrap();
+        drop(old);
+
+        let store = Store::open(&path).unwrap();
+        let found = store.by_name(&SandboxName::new("legacy").unwrap()).unwrap().unwrap();
+        assert_eq!(found.config.policy.network, airlock_core::NetworkPolicy::deny_all());
+        assert!(store.secrets().unwrap().is_empty());
+        store.set_secret("tok", "v1", SystemTime::now()).unwrap();
+        assert_eq!(store.secret("tok").unwrap().as_deref(), Some("v1"));
+    }
+
+    /// A policy naming a missing secret is not stored (insert or update); a
+    /// secret a stored policy names cannot be removed.
+    #[test]
+    fn policies_name_only_stored_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("airlock.db")).unwrap();
+        let mut sandbox = record("user");
+        let policy: airlock_core::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "allow": [{ "host": "api.test", "headers": [{ "name": "Authorization", "secret": "tok" }] }]
+        }))
+        .unwrap();
+        sandbox.config.policy.network = policy.clone();
+        assert!(matches!(store.insert(&sandbox), Err(Error::NoSuchSecret(name)) if name == "tok"));
+        assert!(store.by_name(&sandbox.name).unwrap().is_none(), "stored with a missing secret");
+        store.set_secret("tok", "v1", SystemTime::now()).unwrap();
+        assert!(store.insert(&sandbox).unwrap());
+        match store.remove_secret("tok") {
+            Err(Error::SecretInUse { name, sandboxes }) => {
+                assert_eq!((name.as_str(), sandboxes), ("tok", vec!["user".to_string()]))
+            }
+            other => panic!("expected secret-in-use, got {other:?}"),
+        }
+        assert_eq!(store.secret("tok").unwrap().as_deref(), Some("v1"));
+        let mut cleared = sandbox.config.clone();
+        cleared.policy.network = airlock_core::NetworkPolicy::deny_all();
+        assert!(store.set_config(sandbox.id, &cleared).unwrap());
+        assert!(store.remove_secret("tok").unwrap());
+        assert!(!store.remove_secret("tok").unwrap());
+        assert!(matches!(store.set_config(sandbox.id, &sandbox.config), Err(Error::NoSuchSecret(_))));
+        assert_eq!(store.by_name(&sandbox.name).unwrap().unwrap().config, cleared, "a refused update changed the row");
     }
 
     #[test]

@@ -1,0 +1,166 @@
+//! A sandbox's proxy endpoint: its directory, socket and trust bundle, and
+//! the accept loop.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use airlock_core::network::{EGRESS_CA_BUNDLE_FILE, EGRESS_SOCKET_FILE, NetworkPolicy};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::proxy::{self, Sandbox};
+use crate::{Egress, EgressError};
+
+/// A sandbox's running proxy. Dropping it (or [`ProxyHandle::shutdown`])
+/// stops accepting and ends every open connection and tunnel. The socket
+/// file is left in place (the next bind replaces it).
+#[derive(Debug)]
+pub struct ProxyHandle {
+    task: JoinHandle<()>,
+    socket: PathBuf,
+    bundle: PathBuf,
+}
+
+impl ProxyHandle {
+    /// The socket the sandbox connects to (`dir/proxy.sock`).
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The trust bundle written for the sandbox (`dir/ca-bundle.pem`).
+    pub fn ca_bundle_path(&self) -> &Path {
+        &self.bundle
+    }
+
+    /// Stops accepting and ends open connections and tunnels now.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        // The accept task owns every connection task (a JoinSet): aborting it
+        // drops the set, which aborts them all.
+        self.task.abort();
+    }
+}
+
+impl Egress {
+    /// Starts sandbox `sandbox`'s proxy (the id is used in logs and
+    /// decisions). Creates `dir` (0755) if missing; binds `dir/proxy.sock`
+    /// (mode 0666, so a container's remapped uid can connect), replacing a
+    /// stale socket or a symlink there without following it (any other file
+    /// there is an error); writes `dir/ca-bundle.pem` (the host's bundle plus
+    /// the runtime CA) atomically; and spawns the accept loop on the current
+    /// tokio runtime. `policy` is read for every request.
+    ///
+    /// `dir` should be owned by the runtime and writable by nobody else (it is
+    /// mounted read-only into the container).
+    pub fn bind_sandbox(
+        &self,
+        sandbox: String,
+        dir: &Path,
+        policy: watch::Receiver<Arc<NetworkPolicy>>,
+    ) -> Result<ProxyHandle, EgressError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| EgressError::NoRuntime)?;
+        let io_error = |what: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| EgressError::Io { what, path, source }
+        };
+        match fs::symlink_metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(EgressError::NotADirectory { path: dir.to_owned() }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(io_error("creating the egress directory", dir))?;
+            }
+            Err(source) => return Err(EgressError::Io { what: "inspecting", path: dir.to_owned(), source }),
+        }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_error("setting the mode of", dir))?;
+
+        let mut bundle_text = self.inner.system_bundle.clone().unwrap_or_default();
+        if !bundle_text.is_empty() && !bundle_text.ends_with('\n') {
+            bundle_text.push('\n');
+        }
+        bundle_text.push_str(self.inner.ca.cert_pem());
+        let bundle = dir.join(EGRESS_CA_BUNDLE_FILE);
+        crate::ca::write_atomically(dir, &bundle, bundle_text.as_bytes(), 0o644)?;
+
+        let socket = dir.join(EGRESS_SOCKET_FILE);
+        match fs::symlink_metadata(&socket) {
+            Ok(meta) if meta.file_type().is_socket() || meta.file_type().is_symlink() => {
+                // unlink removes the entry itself, never a symlink's target.
+                fs::remove_file(&socket).map_err(io_error("removing the stale socket", &socket))?;
+            }
+            Ok(meta) => {
+                let kind = if meta.is_dir() { "a directory" } else if meta.is_file() { "a regular file" } else { "a special file" };
+                return Err(EgressError::SocketPathOccupied { path: socket, kind });
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(EgressError::Io { what: "inspecting", path: socket, source }),
+        }
+        // bind(2) creates the socket and fails if anything appeared meanwhile; it never follows a symlink.
+        let std_listener = std::os::unix::net::UnixListener::bind(&socket).map_err(io_error("binding", &socket))?;
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).map_err(io_error("setting the mode of", &socket))?;
+        std_listener.set_nonblocking(true).map_err(io_error("configuring", &socket))?;
+        let listener = {
+            let _guard = runtime.enter();
+            UnixListener::from_std(std_listener).map_err(io_error("registering", &socket))?
+        };
+
+        let limit = self.inner.config.max_connections_per_sandbox;
+        let sandbox = Arc::new(Sandbox { id: sandbox, egress: self.inner.clone(), policy });
+        let task = runtime.spawn(accept_loop(listener, sandbox, Arc::new(Semaphore::new(limit)), limit));
+        Ok(ProxyHandle { task, socket, bundle })
+    }
+}
+
+async fn accept_loop(listener: UnixListener, sandbox: Arc<Sandbox>, slots: Arc<Semaphore>, limit: usize) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let sandbox = sandbox.clone();
+                        connections.spawn(async move {
+                            proxy::serve_connection(sandbox, stream).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(sandbox = %sandbox.id, limit, "egress connection refused: too many open connections");
+                        connections.spawn(refuse_busy(stream, limit));
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(sandbox = %sandbox.id, %error, "egress accept failed");
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            // Reap finished connection tasks so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn refuse_busy(mut stream: UnixStream, limit: usize) {
+    let body = format!(
+        "the sandbox already has {limit} connections open through its egress proxy (the limit); close some and retry\n"
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Bounded: a client that never reads cannot hold this task.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use airlock_core::WORKSPACE_GUEST_PATH;
+use airlock_core::network::EGRESS_GUEST_DIR;
 use bollard::models::ContainerStateStatusEnum;
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
@@ -90,8 +91,11 @@ impl ContainerSandbox {
             return Err(Error::NoSuchImage(spec.image.clone()));
         }
         if spec.runtime == ContainerRuntime::Runsc {
-            // runsc's gofer opens the workspace as the remapped root.
+            // runsc's gofer opens the workspace (and the egress directory) as the remapped root.
             engine.check_remapped_root_can_reach(&spec.workspace)?;
+            if let Some(dir) = &spec.egress_dir {
+                engine.check_remapped_root_can_reach(dir)?;
+            }
         }
         hand_workspace_to_user(engine, &spec)?;
         let agent = agent_host_path()?;
@@ -139,16 +143,17 @@ impl ContainerSandbox {
             what: "container",
             reason: format!("{container_id} has no {SANDBOX_LABEL} label: not Airlock's"),
         })?;
-        let workspace = host
-            .binds
-            .unwrap_or_default()
-            .iter()
-            .find_map(|bind| {
+        let binds = host.binds.unwrap_or_default();
+        let bind_source = |target: &str| {
+            binds.iter().find_map(|bind| {
                 let mut parts = bind.split(':');
                 let source = parts.next()?;
-                (parts.next()? == WORKSPACE_GUEST_PATH).then(|| PathBuf::from(source))
+                (parts.next()? == target).then(|| PathBuf::from(source))
             })
+        };
+        let workspace = bind_source(WORKSPACE_GUEST_PATH)
             .ok_or_else(|| Error::Invalid { what: "container", reason: format!("{container_id} has no workspace") })?;
+        let egress_dir = bind_source(EGRESS_GUEST_DIR);
         let runtime = host.runtime.as_deref().unwrap_or("runc").parse().unwrap_or(ContainerRuntime::Runc);
         let defaults = ContainerResources::default();
         let resources = ContainerResources {
@@ -175,6 +180,7 @@ impl ContainerSandbox {
             labels: extra_labels,
             disk_bytes: host.storage_opt.as_ref().and_then(|opts| opts.get("size")).and_then(|size| size.parse().ok()),
             layer_home: moved.as_ref().map(|moved| moved.home.clone()),
+            egress_dir,
         };
         let container_id = inspected.id.unwrap_or_else(|| container_id.to_string());
         Ok(Self::from_parts(engine.clone(), container_id, spec, runs_agent, paused, moved))

@@ -2,13 +2,17 @@
 //! (DESIGN.md decision 4): no network interface, every capability dropped but a
 //! short list kept for a reason, `no-new-privileges`, Docker's default seccomp
 //! profile, pids/memory/CPU limits, a non-root user, the workspace at
-//! `/workspace`, and Airlock's label.
+//! `/workspace`, and Airlock's label. With egress, the host's egress directory
+//! (the proxy's socket and the trust bundle) is mounted read-only and the
+//! usual proxy and CA variables point into it; the container still has no
+//! network interface.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use airlock_core::WORKSPACE_GUEST_PATH;
 use airlock_core::limits::{GIB, MIB, format_size};
+use airlock_core::network::{EGRESS_CA_BUNDLE_FILE, EGRESS_GUEST_DIR, EGRESS_PROXY_PORT};
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 
 use crate::agent::AGENT_GUEST_PATH;
@@ -39,6 +43,34 @@ pub const KEPT_CAPABILITIES: &[(&str, &str)] = &[
     ("SETGID", "the group half of the switch above"),
     ("KILL", "the agent, root, kills the trees of commands that run as the sandbox user, a uid it does not share"),
 ];
+
+/// Variables that name the egress proxy, set in a container with egress.
+/// Both spellings: curl reads only the lower-case `http_proxy`, other tools
+/// only the upper-case names.
+pub const EGRESS_PROXY_VARIABLES: &[&str] = &["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"];
+/// Variables that keep the container's own loopback off the proxy.
+pub const EGRESS_NO_PROXY_VARIABLES: &[&str] = &["NO_PROXY", "no_proxy"];
+/// What [`EGRESS_NO_PROXY_VARIABLES`] hold: a dev server inside the sandbox
+/// is reached directly.
+pub const EGRESS_NO_PROXY: &str = "localhost,127.0.0.1,::1";
+/// Variables through which the usual tools (OpenSSL and everything on it,
+/// Node, Python's requests, pip, git, curl) find the trust bundle with the
+/// runtime's egress CA in it.
+pub const EGRESS_CA_VARIABLES: &[&str] =
+    &["SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO", "CURL_CA_BUNDLE"];
+
+/// The environment a container with egress gives every command it runs
+/// (exec, background processes and terminals alike; a command's own
+/// environment still wins): the proxy at the agent's relay on loopback and
+/// the trust bundle in the egress directory.
+pub fn egress_environment() -> Vec<(String, String)> {
+    let proxy = format!("http://127.0.0.1:{EGRESS_PROXY_PORT}");
+    let bundle = format!("{EGRESS_GUEST_DIR}/{EGRESS_CA_BUNDLE_FILE}");
+    let proxies = EGRESS_PROXY_VARIABLES.iter().map(|name| ((*name).to_string(), proxy.clone()));
+    let no_proxy = EGRESS_NO_PROXY_VARIABLES.iter().map(|name| ((*name).to_string(), EGRESS_NO_PROXY.to_string()));
+    let bundles = EGRESS_CA_VARIABLES.iter().map(|name| ((*name).to_string(), bundle.clone()));
+    proxies.chain(no_proxy).chain(bundles).collect()
+}
 
 /// Default memory of a sandbox container (RAM; swap is not allowed).
 pub const DEFAULT_CONTAINER_MEMORY_BYTES: u64 = GIB;
@@ -136,6 +168,14 @@ pub struct SandboxSpec {
     /// container's writable layer (see [`LAYER_LABEL`]): how the disk quota
     /// covers the layer when the engine cannot limit it (overlay2 on ext4).
     pub layer_home: Option<PathBuf>,
+    /// The sandbox's egress directory on the host (holding the proxy's
+    /// socket and the trust bundle), mounted read-only at
+    /// `EGRESS_GUEST_DIR`; the proxy variables ([`egress_environment`]) are
+    /// set and the agent relays `127.0.0.1:EGRESS_PROXY_PORT` to the socket.
+    /// `None` (the default): no egress at all, nothing listens, no variables.
+    /// Fixed when the container is created; the policy behind the proxy is
+    /// not, and can change while it runs.
+    pub egress_dir: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -151,7 +191,15 @@ impl SandboxSpec {
             labels: HashMap::new(),
             disk_bytes: None,
             layer_home: None,
+            egress_dir: None,
         }
+    }
+
+    /// Gives the container egress through the host directory `dir` (see
+    /// [`SandboxSpec::egress_dir`]).
+    pub fn egress(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.egress_dir = Some(dir.into());
+        self
     }
 
     /// Caps the writable layer (see [`SandboxSpec::disk_bytes`]).
@@ -209,6 +257,14 @@ impl SandboxSpec {
         if self.workspace.to_str().is_none_or(|path| path.contains(':')) {
             return Err(Error::Workspace { path: self.workspace.clone(), reason: "must be UTF-8 without ':'".into() });
         }
+        if let Some(dir) = &self.egress_dir
+            && (!dir.is_absolute() || !dir.is_dir() || dir.to_str().is_none_or(|path| path.contains(':')))
+        {
+            return Err(Error::Invalid {
+                what: "egress directory",
+                reason: format!("{}: use an existing directory, by an absolute UTF-8 path without ':'", dir.display()),
+            });
+        }
         Ok(())
     }
 
@@ -222,6 +278,19 @@ impl SandboxSpec {
             labels.insert(LAYER_LABEL.into(), home.into());
         }
         let memory = i64::try_from(self.resources.memory_bytes).unwrap_or(i64::MAX);
+        // The agent's environment is every command's (exec, processes,
+        // terminals), under each command's own: the egress variables go here.
+        let mut env = vec![format!("HOME=/home/{}", crate::image::SANDBOX_USER), "LANG=C.UTF-8".into()];
+        let mut binds = vec![
+            format!("{}:{WORKSPACE_GUEST_PATH}:rw", self.workspace.display()),
+            format!("{}:{AGENT_GUEST_PATH}:ro", agent.display()),
+        ];
+        if let Some(dir) = &self.egress_dir {
+            // Read-only: the sandbox can use the socket (connect needs no
+            // write access to the mount) but never replace it or the bundle.
+            binds.push(format!("{}:{EGRESS_GUEST_DIR}:ro", dir.display()));
+            env.extend(egress_environment().into_iter().map(|(name, value)| format!("{name}={value}")));
+        }
         ContainerCreateBody {
             image: Some(self.image.clone()),
             // docker-init (tini) is PID 1 and reaps orphans; the agent under it
@@ -238,11 +307,11 @@ impl SandboxSpec {
             user: Some("0:0".into()),
             working_dir: Some(WORKSPACE_GUEST_PATH.into()),
             hostname: Some("sandbox".into()),
-            env: Some(vec![format!("HOME=/home/{}", crate::image::SANDBOX_USER), "LANG=C.UTF-8".into()]),
+            env: Some(env),
             labels: Some(labels),
             network_disabled: Some(true),
             host_config: Some(HostConfig {
-                // No interface but loopback: the only way out is none at all (or, later, the egress socket).
+                // No interface but loopback: the only way out is the egress socket, when mounted.
                 network_mode: Some("none".into()),
                 cap_drop: Some(vec!["ALL".into()]),
                 cap_add: Some(KEPT_CAPABILITIES.iter().map(|(cap, _)| (*cap).to_string()).collect()),
@@ -254,10 +323,7 @@ impl SandboxSpec {
                 // Equal to memory: no swap, so the memory cap is the real cap.
                 memory_swap: Some(memory),
                 nano_cpus: Some(i64::from(self.resources.cpu_millis) * 1_000_000),
-                binds: Some(vec![
-                    format!("{}:{WORKSPACE_GUEST_PATH}:rw", self.workspace.display()),
-                    format!("{}:{AGENT_GUEST_PATH}:ro", agent.display()),
-                ]),
+                binds: Some(binds),
                 // Command output goes to the host over the agent's stream, never to a log file.
                 log_config: Some(HostConfigLogConfig { typ: Some("none".into()), config: None }),
                 runtime: Some(self.runtime.name().into()),
@@ -308,6 +374,55 @@ mod tests {
         assert_eq!(config.open_stdin, Some(true), "the agent takes requests on stdin");
         assert_eq!(host.log_config.unwrap().typ.as_deref(), Some("none"), "output must not reach a log file");
         assert!(host.port_bindings.is_none() && host.publish_all_ports.is_none());
+    }
+
+    #[test]
+    fn egress_mounts_its_directory_read_only_and_sets_the_variables() {
+        let agent = Path::new("/agent");
+        let plain = spec().container_config(agent);
+        assert_eq!(plain.host_config.as_ref().unwrap().binds.as_ref().unwrap().len(), 2, "no egress mount unasked");
+        assert!(
+            !plain
+                .env
+                .unwrap()
+                .iter()
+                .any(|var| var.contains("PROXY") || var.contains("proxy") || var.contains("CERT")),
+            "proxy variables without egress"
+        );
+
+        let dir = std::env::temp_dir();
+        let with = spec().egress(&dir);
+        with.validate().unwrap();
+        let config = with.container_config(agent);
+        let host = config.host_config.unwrap();
+        assert_eq!(host.network_mode.as_deref(), Some("none"), "egress gives no network");
+        assert_eq!(config.network_disabled, Some(true));
+        assert!(host.binds.unwrap().contains(&format!("{}:/run/airlock/egress:ro", dir.display())));
+        let env = config.env.unwrap();
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            assert!(env.contains(&format!("{name}=http://127.0.0.1:3128")), "{name} missing from {env:?}");
+        }
+        for name in ["NO_PROXY", "no_proxy"] {
+            assert!(env.contains(&format!("{name}=localhost,127.0.0.1,::1")), "{name} missing from {env:?}");
+        }
+        for name in [
+            "SSL_CERT_FILE",
+            "NODE_EXTRA_CA_CERTS",
+            "REQUESTS_CA_BUNDLE",
+            "PIP_CERT",
+            "GIT_SSL_CAINFO",
+            "CURL_CA_BUNDLE",
+        ] {
+            assert!(env.contains(&format!("{name}=/run/airlock/egress/ca-bundle.pem")), "{name} missing from {env:?}");
+        }
+    }
+
+    #[test]
+    fn an_egress_directory_must_exist_be_absolute_and_mountable() {
+        for bad in ["relative/egress", "/no/such/airlock/egress", "/tmp/a:b"] {
+            let error = spec().egress(bad).validate().unwrap_err().to_string();
+            assert!(error.contains("egress directory"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod events;
 mod exec;
 mod files;
 mod local;
+mod network;
 pub mod openapi;
 mod ops;
 mod processes;
@@ -168,6 +169,7 @@ pub fn app(state: AppState) -> Router {
         .merge(pty::routes())
         .merge(events::routes())
         .merge(preview::routes())
+        .merge(network::routes())
         .merge(ops::routes())
         // Every `/v1` route, and only those: a request without a live token
         // is refused here, before any handler (health and metrics are outside).

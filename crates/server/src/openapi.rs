@@ -34,6 +34,7 @@ use utoipa::{Modify, OpenApi};
 use crate::PROBLEM_JSON;
 use crate::exec::{CodeAnswer, CodeBody, ContextBody, ContextCreated, ExecAnswer, ExecBody, RunBody};
 use crate::files::{MkdirBody, RenameBody};
+use crate::network::{NetworkPolicyDoc, SecretBody, SecretView};
 use crate::ops::{Health, Readiness, UsageView};
 use crate::problem::Problem;
 use crate::processes::{Killed, LogsAnswer, ProcessView, SignalBody, StartBody};
@@ -69,6 +70,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         write_stdin, close_stdin, signal_process,
         pty, events, expose_port, list_ports, unexpose_port, preview, preview_root, preview_rest,
         usage, openapi_json, healthz, readyz, metrics,
+        get_network, put_network, list_secrets, put_secret, delete_secret,
     ),
     components(schemas(Problem)),
     modifiers(&Security),
@@ -78,6 +80,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "files", description = "The sandbox's workspace"),
         (name = "processes", description = "Background processes"),
         (name = "previews", description = "Ports exposed as preview URLs"),
+        (name = "network", description = "A sandbox's outbound network policy, and the runtime's secrets (admin)"),
         (name = "operations", description = "Health, readiness, metrics, usage and this document"),
     )
 )]
@@ -505,3 +508,45 @@ enum ListingOrEntry {
     Listing(Vec<EntryDoc>),
     Entry(EntryDoc),
 }
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/network", tag = "network",
+    params(("name" = String, Path, description = "The sandbox's name")),
+    responses((status = 200, description = "The sandbox's network policy (deny-all is `{}`)", body = NetworkPolicyDoc)))]
+fn get_network() {}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{name}/network", tag = "network", request_body = NetworkPolicyDoc,
+    params(("name" = String, Path, description = "The sandbox's name")),
+    responses(
+        (status = 200, description = "The policy is in force from the sandbox's next request (the policy as stored)", body = NetworkPolicyDoc),
+        (status = 403, description = "The policy names a secret, and the token is not an admin's", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not a JSON body", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a valid policy, or it names a secret that does not exist (`invalid-policy`); nothing changed",
+            body = Problem, content_type = "application/problem+json"),
+    ))]
+fn put_network() {}
+
+#[utoipa::path(get, path = "/v1/secrets", tag = "network",
+    responses(
+        (status = 200, description = "The runtime's secrets: names and times, never values (an admin token)", body = Vec<SecretView>),
+        (status = 403, description = "The token is not an admin's", body = Problem, content_type = "application/problem+json"),
+    ))]
+fn list_secrets() {}
+
+#[utoipa::path(put, path = "/v1/secrets/{name}", tag = "network", request_body = SecretBody,
+    params(("name" = String, Path, description = "The secret's name (1-64 of a-z, 0-9, '-', '_', '.')")),
+    responses(
+        (status = 204, description = "Stored (a value there before is replaced; the next request that uses it gets the new one)"),
+        (status = 403, description = "The token is not an admin's", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not a JSON body", body = Problem, content_type = "application/problem+json"),
+    ))]
+fn put_secret() {}
+
+#[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "network",
+    params(("name" = String, Path, description = "The secret's name")),
+    responses(
+        (status = 204, description = "The secret is gone"),
+        (status = 403, description = "The token is not an admin's", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such secret", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A sandbox's network policy names it (the detail says which)", body = Problem, content_type = "application/problem+json"),
+    ))]
+fn delete_secret() {}

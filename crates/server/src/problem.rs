@@ -60,6 +60,9 @@ pub enum Code {
     Timeout,
     /// The server is shutting down; the operation was cancelled.
     ShuttingDown,
+    /// A network policy that is refused (`422`): not a valid policy, or it
+    /// names a secret the runtime does not hold. Nothing was changed.
+    InvalidPolicy,
     /// The server's own fault; details are in its log, not in the answer.
     Internal,
 }
@@ -85,6 +88,7 @@ impl Code {
             Code::Unavailable => "unavailable",
             Code::Timeout => "timeout",
             Code::ShuttingDown => "shutting-down",
+            Code::InvalidPolicy => "invalid-policy",
             Code::Internal => "internal",
         }
     }
@@ -109,6 +113,7 @@ impl Code {
             Code::Unavailable => "unavailable",
             Code::Timeout => "timed out",
             Code::ShuttingDown => "shutting down",
+            Code::InvalidPolicy => "invalid network policy",
             Code::Internal => "internal error",
         }
     }
@@ -273,6 +278,11 @@ impl From<airlock_runtime::Error> for ApiError {
             E::SandboxLimit { limit, .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, Code::Limit, error.to_string()).with_limit(limit)
             }
+            // Neither names a host path: the rule, or the secret's name.
+            E::Policy(_) | E::NoSuchSecret(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, Code::InvalidPolicy, error.to_string())
+            }
+            E::SecretInUse { .. } => Self::new(StatusCode::CONFLICT, Code::Conflict, error.to_string()),
             E::Core(core) => from_core(core),
             E::Container(container) => from_container(container),
             // The registry, the home's disk, host file errors: they name host paths.

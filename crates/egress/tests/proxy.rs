@@ -1,5 +1,6 @@
 //! The egress proxy end to end, on loopback only: upstreams on 127.0.0.1,
 //! a sandbox proxy bound in a temporary directory, clients on its socket.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may
 
 mod common;
 

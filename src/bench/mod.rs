@@ -1,0 +1,234 @@
+//! `airlock bench`: a documented suite run through the paths users take —
+//! the library (`airlock::Runtime`) in process, and the HTTP API served in
+//! this process on loopback — with a terminal table, JSON and a Markdown
+//! report with SVG charts. What each case measures: `airlock bench --list`
+//! and docs/BENCHMARKS.md ("airlock bench").
+
+mod http;
+mod report;
+mod stats;
+mod suite;
+mod svg;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use airlock::container::{ContainerRuntime, DockerEngine, EngineOptions};
+use airlock::runtime::{Runtime, RuntimeOptions};
+use anyhow::{Context, Result, bail};
+
+use report::{Machine, Report, SCHEMA_VERSION, Status};
+use suite::{CASES, Case, Plan, Suite};
+
+/// Worker threads of the bench's async runtime (as `airlock serve` uses):
+/// the in-process server and the concurrent callers share them.
+const BENCH_WORKER_THREADS: usize = 4;
+/// How long the container engine may take to answer whether runsc is there.
+const ENGINE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Fewer repetitions and fewer cases (under two minutes on two cores).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these cases (comma-separated; `--list` names them).
+    #[arg(long, value_name = "CASE,...", value_delimiter = ',')]
+    only: Vec<String>,
+    /// List the cases and what each measures, then exit.
+    #[arg(long)]
+    list: bool,
+    /// Also write the results as JSON (schema version 1, docs/BENCHMARKS.md).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Also write report.md and SVG charts into this directory.
+    #[arg(long, value_name = "DIR")]
+    markdown: Option<PathBuf>,
+    /// The runtime's home. Default: a fresh temporary directory, removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Timed repetitions of every case (default: per case; fewer with --quick).
+    #[arg(long, value_name = "N")]
+    repetitions: Option<usize>,
+    /// Untimed warm-up repetitions before every case's timed ones.
+    #[arg(long, value_name = "N")]
+    warmup: Option<usize>,
+    /// Sandboxes per time-to-interactive mode (ComputeSDK runs 100; default 20, 5 with --quick).
+    #[arg(long, value_name = "N")]
+    tti_count: Option<usize>,
+    /// Also run the peers (`docker run`, `docker exec`, the wasmtime CLI).
+    #[arg(long)]
+    peers: bool,
+    /// The WebAssembly guest of the wasm cases (it must print `hello, <args>`).
+    /// Default: guests/out/hello.wasm of the build tree.
+    #[arg(long, value_name = "FILE")]
+    guest: Option<PathBuf>,
+}
+
+/// The cases a run takes, in suite order; an unknown name is an error naming the valid ones.
+fn select(args: &BenchArgs) -> Result<Vec<&'static Case>> {
+    if !args.only.is_empty() {
+        for name in &args.only {
+            if !CASES.iter().any(|case| case.name == name.trim()) {
+                let valid: Vec<&str> = CASES.iter().map(|case| case.name).collect();
+                bail!("unknown case {:?}; valid cases: {}", name.trim(), valid.join(", "));
+            }
+        }
+        return Ok(CASES.iter().filter(|case| args.only.iter().any(|name| name.trim() == case.name)).collect());
+    }
+    Ok(CASES.iter().filter(|case| (!args.quick || case.quick) && (!case.peer || args.peers)).collect())
+}
+
+/// Runs `airlock bench` on its own multi-threaded async runtime.
+pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if args.list {
+        for case in CASES {
+            let marks = match (case.quick, case.peer) {
+                (_, true) => " [--peers]",
+                (true, false) => " [quick]",
+                _ => "",
+            };
+            println!("{:<20} {:<14} {}{}", case.name, case.group, case.about, marks);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cases = select(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(BENCH_WORKER_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args, cases))
+}
+
+fn default_guest() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guests").join("out").join("hello.wasm");
+    path.is_file().then_some(path)
+}
+
+async fn runsc_registered() -> Result<bool, String> {
+    let options = EngineOptions::default();
+    match tokio::time::timeout(ENGINE_PROBE_TIMEOUT, DockerEngine::connect(&options.socket)).await {
+        Ok(Ok(engine)) => Ok(engine.has_runtime(ContainerRuntime::Runsc)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {ENGINE_PROBE_TIMEOUT:?}")),
+    }
+}
+
+async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
+    let started = Instant::now();
+    let started_at_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let (home, _scratch) = match &args.home {
+        Some(home) => (home.clone(), None),
+        None => {
+            let scratch = tempfile::Builder::new().prefix("airlock-bench-").tempdir().context("making a home")?;
+            (scratch.path().to_path_buf(), Some(scratch))
+        }
+    };
+    let mut options = RuntimeOptions::new(&home);
+    // Compiled guests are kept where the CLI keeps them, so a run does not
+    // compile the interpreters again (they are compiled once, untimed, below).
+    if let Some(cache) = airlock::wasm::default_cache_dir() {
+        options.isolates.cache_dir = Some(cache);
+    }
+    options.home_role = "airlock bench".into();
+    let runtime = Runtime::open(options).await.with_context(|| format!("opening the runtime at {}", home.display()))?;
+    let runsc = runsc_registered().await;
+    let machine = Machine::describe(matches!(runsc, Ok(true)));
+
+    eprintln!("airlock bench: preparing (interpreters compiled or loaded from the cache, untimed)");
+    let warm = runtime.sandbox_with(
+        "bench-prepare",
+        airlock::runtime::SandboxConfig { tier: airlock::runtime::TierPreference::Isolate, ..Default::default() },
+    );
+    match warm.await {
+        Ok(sandbox) => {
+            for language in [airlock::Language::JavaScript, airlock::Language::Python] {
+                if let Err(e) = sandbox.code(language, "1").await {
+                    eprintln!("airlock bench: warning: preparing {language:?}: {e}");
+                }
+            }
+            let _ = runtime.destroy_sandbox(&sandbox).await;
+        }
+        Err(e) => eprintln!("airlock bench: warning: preparing: {e}"),
+    }
+
+    let needs_server = cases.iter().any(|case| case.group == "tti" || case.group == "http-overhead");
+    let server = if needs_server {
+        match http::Server::start(&runtime).await {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("airlock bench: error: the HTTP server did not start: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let plan =
+        Plan { quick: args.quick, repetitions: args.repetitions, warmup: args.warmup, tti_count: args.tti_count };
+    let guest = args.guest.clone().or_else(default_guest);
+    let mut suite = Suite::new(runtime.clone(), server, plan, guest, runsc);
+    let mut results = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        eprintln!(
+            "airlock bench: [{}/{}] {} ({:.0} s so far)",
+            index + 1,
+            cases.len(),
+            case.name,
+            started.elapsed().as_secs_f64()
+        );
+        let case_started = Instant::now();
+        for result in suite.run(case).await {
+            let summary = match (&result.status, &result.stats) {
+                (Status::Ok, Some(stats)) => format!("median {} ms", report::format_ms(stats.median_ms)),
+                (_, _) => result.reason.clone().unwrap_or_default(),
+            };
+            eprintln!(
+                "airlock bench:     {} {:?}: {} ({:.1} s)",
+                result.name,
+                result.status,
+                summary,
+                case_started.elapsed().as_secs_f64()
+            );
+            results.push(result);
+        }
+    }
+    if let Some(server) = suite.server.take() {
+        server.stop().await;
+    }
+    let mut machine = machine;
+    machine.load_average_end = report::load_average();
+    let report = Report {
+        schema_version: SCHEMA_VERSION,
+        airlock_version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: report::commit(),
+        started_at_unix_ms,
+        duration_s: started.elapsed().as_secs_f64(),
+        quick: args.quick,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine,
+        results,
+        comparisons: std::mem::take(&mut suite.comparisons),
+    };
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+        eprintln!("airlock bench: wrote {}", path.display());
+    }
+    if let Some(dir) = &args.markdown {
+        report.write_markdown(dir)?;
+        eprintln!("airlock bench: wrote {}", dir.join("report.md").display());
+    }
+    drop(suite);
+    drop(runtime);
+    let failed: Vec<&str> =
+        report.results.iter().filter(|r| r.status == Status::Failed).map(|r| r.name.as_str()).collect();
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("airlock bench: error: {} result(s) failed: {}", failed.len(), failed.join(", "));
+        Ok(ExitCode::FAILURE)
+    }
+}

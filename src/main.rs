@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod carried;
+mod policy_cli;
 mod remote;
 mod sandbox_cli;
 mod serve_cli;
@@ -70,6 +71,11 @@ enum Command {
     Usage(sandbox_cli::UsageArgs),
     /// Serve the runtime as an HTTP API under /v1 (docs/API.md, "HTTP API").
     Serve(serve_cli::ServeArgs),
+    /// Show and change a sandbox's outbound network policy (deny-all by default).
+    Policy(policy_cli::PolicyArgs),
+    /// Store, list and remove the secrets network policies add to requests (values never shown).
+    #[command(subcommand)]
+    Secret(policy_cli::SecretCommand),
     /// Make, list and revoke the HTTP API's bearer tokens (kept hashed in the runtime's home).
     #[command(subcommand)]
     Token(token_cli::TokenCommand),
@@ -189,6 +195,8 @@ fn main() -> ExitCode {
             Command::Code(args) => sandbox_cli::code(args).await,
             Command::Files(args) => sandbox_cli::files(args).await,
             Command::Usage(args) => sandbox_cli::usage(args).await,
+            Command::Policy(args) => policy_cli::policy(args).await,
+            Command::Secret(command) => policy_cli::secret(command).await,
             Command::Serve(_) => bail!("serve runs on its own async runtime"),
             Command::Token(_) => bail!("token runs without an async runtime"),
         }

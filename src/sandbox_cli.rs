@@ -34,7 +34,7 @@ const HOME_LOOK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A home as the CLI reaches it: opened in this process, or through the
 /// server that owns it.
-enum Home {
+pub(crate) enum Home {
     Local(Runtime),
     Served(ApiClient),
 }
@@ -46,7 +46,7 @@ impl HomeArgs {
 
     /// Through the server that owns the home if one answers on its socket;
     /// else opened here, once another CLI process that holds it is done.
-    async fn reach(&self, command: &str) -> Result<Home> {
+    pub(crate) async fn reach(&self, command: &str) -> Result<Home> {
         let home = self.path();
         let started = std::time::Instant::now();
         loop {

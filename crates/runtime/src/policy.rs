@@ -86,3 +86,39 @@ impl Runtime {
         effective
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskOptions, QuotaMode, RuntimeOptions};
+
+    async fn open(home: &std::path::Path) -> Runtime {
+        let mut options = RuntimeOptions::new(home);
+        options.disk = DiskOptions { quotas: QuotaMode::Off, ..DiskOptions::default() };
+        options.reconcile = false;
+        options.network_deny = vec![airlock_core::HostPattern::new("169.254.169.254").unwrap()];
+        Runtime::open(options).await.unwrap()
+    }
+
+    /// A home whose sandbox was stored as `"network": "deny-all"` (schema 3)
+    /// opens: the sandbox has the empty policy; a new one set on it is
+    /// stored in the new form and is there after reopening.
+    #[tokio::test]
+    async fn a_sandbox_stored_with_the_legacy_deny_all_opens_and_takes_a_new_policy() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(home.path().join("sandboxes")).unwrap();
+        crate::store::fixtures::version_3_home_with_legacy_sandbox(&home.path().join("airlock.db"), "legacy");
+        let runtime = open(home.path()).await;
+        assert_eq!(runtime.network_policy("legacy").unwrap(), NetworkPolicy::deny_all());
+        // In force: the runtime's denied host on top of the sandbox's own (empty) policy.
+        let watch = runtime.network_policy_watch("legacy").unwrap();
+        assert_eq!(watch.borrow().deny.iter().map(|p| p.as_str()).collect::<Vec<_>>(), ["169.254.169.254"]);
+        let policy: NetworkPolicy =
+            serde_json::from_value(serde_json::json!({ "allow": [{ "host": "pypi.org" }] })).unwrap();
+        runtime.set_network_policy("legacy", policy.clone()).unwrap();
+        drop((watch, runtime));
+        let runtime = open(home.path()).await;
+        assert_eq!(runtime.network_policy("legacy").unwrap(), policy);
+        assert_eq!(runtime.get("legacy").unwrap().unwrap().info().config.policy.network, policy);
+    }
+}

@@ -787,6 +787,34 @@ fn decode((id, name, created_at, config, state, escalated, container_id, owner):
     })
 }
 
+/// Homes as older Airlocks made them, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A version 3 registry at `path` (before secrets and per-host policies)
+    /// holding one sandbox named `name` whose config says `"network": "deny-all"`,
+    /// as the one-variant enum of that time was stored. Returns its id.
+    pub fn version_3_home_with_legacy_sandbox(path: &Path, name: &str) -> SandboxId {
+        let old = Connection::open(path).unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute_batch("ALTER TABLE sandboxes ADD COLUMN owner TEXT").unwrap();
+        old.execute_batch(SCHEMA_TOKENS).unwrap();
+        old.execute_batch(SCHEMA_PREVIEWS).unwrap();
+        old.execute_batch("PRAGMA user_version = 3").unwrap();
+        let mut config = serde_json::to_value(SandboxConfig::default()).unwrap();
+        config["policy"] = serde_json::json!({ "network": "deny-all" });
+        let id = SandboxId::new();
+        old.execute(
+            "INSERT INTO sandboxes (id, name, created_at_ms, config, state) VALUES (?1, ?2, 5, ?3, 'active')",
+            params![id.to_string(), name, config.to_string()],
+        )
+        .unwrap();
+        id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -990,21 +1018,7 @@ mod tests {
     fn a_version_3_home_with_a_legacy_deny_all_config_opens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("airlock.db");
-        let old = Connection::open(&path).unwrap();
-        old.execute_batch(SCHEMA).unwrap();
-        old.execute_batch("ALTER TABLE sandboxes ADD COLUMN owner TEXT").unwrap();
-        old.execute_batch(SCHEMA_TOKENS).unwrap();
-        old.execute_batch(SCHEMA_PREVIEWS).unwrap();
-        old.execute_batch("PRAGMA user_version = 3").unwrap();
-        let mut config = serde_json::to_value(SandboxConfig::default()).unwrap();
-        config["policy"] = serde_json::json!({ "network": "deny-all" });
-        let id = SandboxId::new();
-        old.execute(
-            "INSERT INTO sandboxes (id, name, created_at_ms, config, state) VALUES (?1, 'legacy', 5, ?2, 'active')",
-            params![id.to_string(), config.to_string()],
-        )
-        .unwrap();
-        drop(old);
+        fixtures::version_3_home_with_legacy_sandbox(&path, "legacy");
 
         let store = Store::open(&path).unwrap();
         let found = store.by_name(&SandboxName::new("legacy").unwrap()).unwrap().unwrap();

@@ -43,8 +43,8 @@ pub use config::{
 };
 /// The network policy's vocabulary (from `airlock-core`).
 pub use airlock_core::network::{
-    DEFAULT_PORTS, HeaderRule, HostPattern, HostRule, MAX_ALLOW_RULES, MAX_DENY_RULES, MAX_HEADER_RULES, PolicyError,
-    validate_secret_name,
+    DEFAULT_PORTS, DenyReason, HeaderRule, HostPattern, HostRule, MAX_ALLOW_RULES, MAX_DENY_RULES, MAX_HEADER_RULES,
+    PolicyError, Verdict, validate_secret_name,
 };
 pub use secrets::{MAX_SECRET_BYTES, MAX_SECRETS, SecretInfo, Secrets};
 pub use disk::{

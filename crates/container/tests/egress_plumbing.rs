@@ -459,3 +459,31 @@ fn the_agent_and_core_agree_on_the_egress_layout() {
     assert_eq!(airlock_agent::egress::EGRESS_GUEST_DIR, airlock_core::network::EGRESS_GUEST_DIR);
     assert_eq!(airlock_agent::egress::EGRESS_SOCKET_FILE, airlock_core::network::EGRESS_SOCKET_FILE);
 }
+
+/// The base image has what installs need (pip, venv) and the data stack,
+/// and pip goes through the proxy by the variables alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_has_pip_venv_and_the_data_stack_and_pip_uses_the_proxy() {
+    let test = TestSandbox::new(ContainerRuntime::Runc, true).await;
+    let proxy = FakeProxy::start(test.egress(), "one");
+    let out = test
+        .bash(
+            "set -e; python3 -m venv /tmp/venv && /tmp/venv/bin/pip --version >/dev/null && \
+             python3 -c 'import numpy, pandas, matplotlib, scipy, PIL; print(\"stack-ok\")'",
+        )
+        .await;
+    assert_eq!(out.stdout_text(), "stack-ok\n", "{}", show(&out));
+    let out = test
+        .bash(
+            "/tmp/venv/bin/pip download --disable-pip-version-check --no-deps --retries 0 --timeout 20 \
+             -d /tmp/dl http://pypi.test/packages/demo-1.0.tar.gz",
+        )
+        .await;
+    assert_ne!(out.exit_code(), Some(0), "the fake proxy serves no package: {}", show(&out));
+    assert!(
+        proxy.seen().iter().any(|line| line == "GET http://pypi.test/packages/demo-1.0.tar.gz HTTP/1.1"),
+        "pip did not go through the proxy: {:?}\n{}",
+        proxy.seen(),
+        show(&out)
+    );
+}

@@ -103,6 +103,7 @@ async fn proxied(setup_socket: &std::path::Path) -> SendRequest<Empty<Bytes>> {
 async fn fetch(sender: &mut SendRequest<Empty<Bytes>>, port: u16, path: &str, proxied: bool) -> usize {
     let uri = if proxied { format!("http://127.0.0.1:{port}{path}") } else { path.to_owned() };
     let request = Request::get(uri).header("host", format!("127.0.0.1:{port}")).body(Empty::new()).unwrap();
+    sender.ready().await.unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();

@@ -220,6 +220,19 @@ async fn a_tenant_cannot_read_or_change_another_tenants_policy_nor_name_secrets(
     let answer = call(&shared.alice, Method::POST, "/sandboxes", Some(at_creation)).await;
     problem(&answer, StatusCode::FORBIDDEN, "forbidden");
     assert_eq!(call(&shared.alice, Method::GET, "/sandboxes/net-alice-2", None).await.0, StatusCode::NOT_FOUND);
+    // Nor name an address, which is what lets the proxy reach loopback, the
+    // host's networks or the metadata service.
+    for reaching in [
+        json!({ "allow": [{ "host": "169.254.169.254" }] }),
+        json!({ "allow": [{ "host": "[::1]", "ports": [7870] }] }),
+        json!({ "allow": [{ "host": "db.test", "connect_to": "127.0.0.1:5432" }] }),
+    ] {
+        let answer = call(&shared.alice, Method::PUT, &network("net-alice"), Some(reaching.clone())).await;
+        problem(&answer, StatusCode::FORBIDDEN, "forbidden");
+        // An admin may.
+        assert_eq!(call(&shared.admin, Method::PUT, &network("net-alice"), Some(reaching)).await.0, StatusCode::OK);
+    }
+    call(&shared.admin, Method::PUT, &network("net-alice"), Some(own.clone())).await;
     assert_eq!(call(&shared.alice, Method::GET, &network("net-alice"), None).await, (StatusCode::OK, own));
 }
 

@@ -11,7 +11,9 @@
 //! /v1/secrets/{name}` need an admin token. For the same reason only an admin
 //! may set a policy that names a secret (`403` for a tenant): a header rule
 //! sends the secret's value to the host it names, so a tenant that could
-//! write one could send any secret to a host of its own.
+//! write one could send any secret to a host of its own. Nor may a tenant
+//! name an address (an IP-literal host, `connect_to`): that is what lets the
+//! proxy dial loopback, private networks and the metadata service.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -39,16 +41,30 @@ fn invalid_policy(detail: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, Code::InvalidPolicy, detail)
 }
 
-/// Refuses a tenant a policy that names secrets (see the module's comment).
-pub(crate) fn check_secret_rights(caller: &Caller, policy: &NetworkPolicy) -> Result<(), ApiError> {
-    match policy.secret_names().next() {
-        Some(secret) if !caller.is_admin() => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            Code::Forbidden,
-            format!("only an admin token may set a policy that names a secret (this one names {secret:?})"),
-        )),
-        _ => Ok(()),
+/// What only an admin may put in a policy (see the module's comment): a
+/// header rule (it sends a secret's value to the host it names), and an
+/// address (an IP-literal host or `connect_to`), since naming an address is
+/// what lets the proxy dial loopback, the host's private networks or the
+/// metadata service, which it otherwise refuses. `403` for a tenant.
+pub(crate) fn check_tenant_policy(caller: &Caller, policy: &NetworkPolicy) -> Result<(), ApiError> {
+    if caller.is_admin() {
+        return Ok(());
     }
+    let refuse = |what: String| {
+        Err(ApiError::new(StatusCode::FORBIDDEN, Code::Forbidden, format!("only an admin token may set {what}")))
+    };
+    if let Some(secret) = policy.secret_names().next() {
+        return refuse(format!("a policy that names a secret (this one names {secret:?})"));
+    }
+    for rule in &policy.allow {
+        if rule.connect_to.is_some() {
+            return refuse(format!("a rule with connect_to (the rule for {})", rule.host));
+        }
+        if rule.host.address().is_some() {
+            return refuse(format!("a rule for an IP address ({})", rule.host));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn get_policy(state: Scope, Path(name): Path<String>) -> Result<Json<NetworkPolicy>, ApiError> {
@@ -64,7 +80,7 @@ pub(crate) async fn put_policy(
     // Parsed here rather than by the extractor: a body that is JSON but not a
     // policy is a 422 that says why (serde's message names the field).
     let policy: NetworkPolicy = serde_json::from_value(body).map_err(|error| invalid_policy(error.to_string()))?;
-    check_secret_rights(state.caller(), &policy)?;
+    check_tenant_policy(state.caller(), &policy)?;
     sandbox.set_network_policy(policy)?;
     Ok(Json(sandbox.network_policy()))
 }

@@ -33,7 +33,7 @@ pub(crate) async fn create(
     // Checked before the name is looked up: the answer to a bad config does
     // not depend on whether the name is taken.
     config.validate()?;
-    crate::network::check_secret_rights(state.caller(), &config.policy.network)?;
+    crate::network::check_tenant_policy(state.caller(), &config.policy.network)?;
     match state.runtime().create_sandbox(&request.name, config, state.caller().owner()).await? {
         Some(sandbox) => Ok((StatusCode::CREATED, Json(sandbox.info()))),
         None => Err(ApiError::new(

@@ -41,19 +41,16 @@ fn forbidden_v6(address: Ipv6Addr) -> bool {
     if let Some(v4) = address.to_ipv4_mapped() {
         return forbidden_v4(v4);
     }
-    let embedded = Ipv4Addr::new(
-        (segments[6] >> 8) as u8,
-        segments[6] as u8,
-        (segments[7] >> 8) as u8,
-        segments[7] as u8,
-    );
+    let embedded =
+        Ipv4Addr::new((segments[6] >> 8) as u8, segments[6] as u8, (segments[7] >> 8) as u8, segments[7] as u8);
     // IPv4-compatible ::a.b.c.d (deprecated) and NAT64 64:ff9b::/96.
     if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return forbidden_v4(embedded);
     }
     // 6to4 2002:AABB:CCDD::/48 embeds an IPv4 address in its second and third segments.
     if segments[0] == 0x2002 {
-        let v4 = Ipv4Addr::new((segments[1] >> 8) as u8, segments[1] as u8, (segments[2] >> 8) as u8, segments[2] as u8);
+        let v4 =
+            Ipv4Addr::new((segments[1] >> 8) as u8, segments[1] as u8, (segments[2] >> 8) as u8, segments[2] as u8);
         return forbidden_v4(v4);
     }
     false
@@ -101,9 +98,16 @@ mod tests {
 
     #[test]
     fn public_addresses_are_not() {
-        for address in
-            ["1.1.1.1", "8.8.8.8", "172.32.0.1", "100.128.0.1", "192.0.2.1", "2606:4700::1111", "::ffff:1.1.1.1", "2002:0101:0101::1"]
-        {
+        for address in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "192.0.2.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "2002:0101:0101::1",
+        ] {
             assert!(!forbidden(address), "{address} should be allowed");
         }
     }

@@ -104,17 +104,23 @@ impl EgressCa {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_text = read_optional(&key_path)?;
         let cert_text = read_optional(&cert_path)?;
-        let damaged = |path: &Path, reason: &str| EgressError::CaDamaged { path: path.to_owned(), reason: reason.to_owned() };
+        let damaged =
+            |path: &Path, reason: &str| EgressError::CaDamaged { path: path.to_owned(), reason: reason.to_owned() };
 
         let key = match &key_text {
             Some(text) => {
-                let mode = fs::metadata(&key_path).map_err(io_error("reading the egress CA key", &key_path))?.permissions().mode();
+                let mode = fs::metadata(&key_path)
+                    .map_err(io_error("reading the egress CA key", &key_path))?
+                    .permissions()
+                    .mode();
                 if mode & 0o077 != 0 {
                     return Err(EgressError::CaKeyPermissions { path: key_path, mode: mode & 0o777 });
                 }
                 KeyPair::from_pem(text).map_err(|_| damaged(&key_path, "not a PEM private key"))?
             }
-            None if cert_text.is_some() => return Err(damaged(&key_path, "the certificate exists but its key is missing")),
+            None if cert_text.is_some() => {
+                return Err(damaged(&key_path, "the certificate exists but its key is missing"));
+            }
             None => {
                 let key = KeyPair::generate().map_err(cert_error)?;
                 write_atomically(dir, &key_path, key.serialize_pem().as_bytes(), 0o600)?;
@@ -144,8 +150,8 @@ impl EgressCa {
                 pem
             }
         };
-        let cert_der =
-            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| damaged(&cert_path, "not a PEM certificate"))?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|_| damaged(&cert_path, "not a PEM certificate"))?;
         Ok(Self { cert_pem, cert_der, issuer: Issuer::new(params, key), leaves: Mutex::new(LeafCache::default()) })
     }
 
@@ -229,7 +235,11 @@ pub(crate) fn write_atomically(dir: &Path, path: &Path, contents: &[u8], mode: u
     file.as_file().set_permissions(fs::Permissions::from_mode(mode)).map_err(io_error("setting the mode of"))?;
     file.write_all(contents).map_err(io_error("writing"))?;
     file.as_file().sync_all().map_err(io_error("syncing"))?;
-    file.persist(path).map_err(|error| EgressError::Io { what: "renaming into place", path: path.to_owned(), source: error.error })?;
+    file.persist(path).map_err(|error| EgressError::Io {
+        what: "renaming into place",
+        path: path.to_owned(),
+        source: error.error,
+    })?;
     Ok(())
 }
 

@@ -40,11 +40,16 @@
 //!   request, 502 when upstream fails, 504 when it times out, 503 beyond the
 //!   per-sandbox connection limit, 431 for oversized headers.
 //!
+//! [`Egress::send_request`] applies the same policy, header injection and
+//! dialling to one request handed in directly (for the isolate tier's
+//! outbound HTTP hook), with a typed [`OutboundError`] for refusals.
+//!
 //! Secret values are never logged, never put in an error or a response.
 
 mod addr;
 mod ca;
 mod io;
+mod outbound;
 mod proxy;
 mod socket;
 
@@ -57,6 +62,7 @@ use std::time::Duration;
 pub use addr::is_forbidden;
 use airlock_core::network::DenyReason;
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, EgressCa, MAX_CACHED_LEAVES};
+pub use outbound::{OutboundBody, OutboundError};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 pub use socket::ProxyHandle;
@@ -232,14 +238,15 @@ impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Policy(reason) => write!(f, "{reason}"),
-            Self::ForbiddenAddress(address) => write!(
-                f,
-                "it resolves to {address}, an internal address the sandbox's network policy does not name"
-            ),
+            Self::ForbiddenAddress(address) => {
+                write!(f, "it resolves to {address}, an internal address the sandbox's network policy does not name")
+            }
             Self::MissingSni => f.write_str("the TLS ClientHello names no server (SNI)"),
             Self::SniMismatch => f.write_str("the TLS server name (SNI) differs from the CONNECT host"),
             Self::NotTls => f.write_str("a CONNECT tunnel must carry TLS"),
-            Self::MissingSecret(name) => write!(f, "the secret {name:?} that the policy's header rule needs is not set"),
+            Self::MissingSecret(name) => {
+                write!(f, "the secret {name:?} that the policy's header rule needs is not set")
+            }
             Self::BadRequest => f.write_str("bad request"),
         }
     }
@@ -306,7 +313,9 @@ impl Egress {
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(text) => Some(text),
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-                Err(source) => return Err(EgressError::Io { what: "reading the system CA bundle", path: path.clone(), source }),
+                Err(source) => {
+                    return Err(EgressError::Io { what: "reading the system CA bundle", path: path.clone(), source });
+                }
             },
             None => None,
         };
@@ -327,11 +336,12 @@ impl Egress {
                 roots.add(cert).map_err(|error| root_error(error.to_string()))?;
             }
         }
-        let mut upstream_tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|error| EgressError::Tls(error.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut upstream_tls =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|error| EgressError::Tls(error.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         upstream_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             inner: Arc::new(Inner { config, ca, secrets, sink, upstream_tls: Arc::new(upstream_tls), system_bundle }),

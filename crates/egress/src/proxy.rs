@@ -28,7 +28,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::io::{AbortOnDrop, Activity, BoxError, CountedBody, Metered, Prefixed};
 use crate::{Decision, DecisionSink, Denial, Inner, MAX_CLIENT_HELLO_BYTES, Verdict};
 
-type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 type PendingTunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A sandbox's proxy state shared by its connections.
@@ -49,7 +49,12 @@ impl Sandbox {
 pub(crate) async fn serve_connection(sandbox: Arc<Sandbox>, stream: UnixStream) {
     let activity = Activity::new();
     let idle = sandbox.egress.config.idle_timeout;
-    let conn = Arc::new(Conn { sandbox, activity: activity.clone(), upstream: tokio::sync::Mutex::new(None), tunnel: Mutex::new(None) });
+    let conn = Arc::new(Conn {
+        sandbox,
+        activity: activity.clone(),
+        upstream: tokio::sync::Mutex::new(None),
+        tunnel: Mutex::new(None),
+    });
     let work = async {
         let io = TokioIo::new(Metered::new(stream, activity.clone()));
         let service = {
@@ -77,16 +82,16 @@ pub(crate) async fn serve_connection(sandbox: Arc<Sandbox>, stream: UnixStream) 
 
 /// Where a request goes.
 #[derive(Debug, Clone)]
-struct Target {
+pub(crate) struct Target {
     /// Normalised host (lower case, IPv6 without brackets).
-    host: String,
-    port: u16,
-    tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) tls: bool,
 }
 
 impl Target {
     /// The `Host` header value for this target.
-    fn host_header(&self) -> String {
+    pub(crate) fn host_header(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
         if self.port == default { host } else { format!("{host}:{}", self.port) }
@@ -116,7 +121,7 @@ struct UpstreamConn {
 }
 
 /// Why a request could not be forwarded.
-enum Failure {
+pub(crate) enum Failure {
     Denied(Denial),
     BadGateway(String),
     Timeout(String),
@@ -134,11 +139,11 @@ struct Conn {
 }
 
 /// Reports a decision once, when dropped, with the bytes counted by then.
-struct Report {
-    sink: Arc<dyn DecisionSink>,
-    decision: Option<Decision>,
-    up: Arc<AtomicU64>,
-    down: Arc<AtomicU64>,
+pub(crate) struct Report {
+    pub(crate) sink: Arc<dyn DecisionSink>,
+    pub(crate) decision: Option<Decision>,
+    pub(crate) up: Arc<AtomicU64>,
+    pub(crate) down: Arc<AtomicU64>,
 }
 
 impl Drop for Report {
@@ -152,7 +157,7 @@ impl Drop for Report {
     }
 }
 
-fn log_decision(decision: &Decision) {
+pub(crate) fn log_decision(decision: &Decision) {
     match &decision.verdict {
         Verdict::Allowed => tracing::debug!(
             sandbox = %decision.sandbox, host = %decision.host, port = decision.port, method = ?decision.method,
@@ -175,7 +180,7 @@ fn text_response(status: StatusCode, text: String) -> Response<ProxyBody> {
 
 /// Headers that concern one hop only, never forwarded (RFC 9110 7.6.1),
 /// plus everything addressed to the proxy (`Proxy-*`).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -203,7 +208,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Does a `Host` header (or inner authority) name `target`?
-fn authority_matches(value: &str, target: &Target) -> bool {
+pub(crate) fn authority_matches(value: &str, target: &Target) -> bool {
     let Ok(authority) = value.parse::<Authority>() else {
         return false;
     };
@@ -239,7 +244,13 @@ impl Conn {
     }
 
     /// Reports a refusal at once and builds the answer to the client.
-    fn refuse(&self, target: &Target, method: Option<&str>, failure: Failure, terminated_tls: bool) -> Response<ProxyBody> {
+    fn refuse(
+        &self,
+        target: &Target,
+        method: Option<&str>,
+        failure: Failure,
+        terminated_tls: bool,
+    ) -> Response<ProxyBody> {
         let (status, verdict, text) = match failure {
             Failure::Denied(denial) => {
                 let status = match denial {
@@ -281,7 +292,9 @@ impl Conn {
         let uri = request.uri();
         let authority = match (uri.scheme_str(), uri.authority()) {
             (Some(scheme), Some(authority)) if scheme.eq_ignore_ascii_case("http") => authority.clone(),
-            (Some(_), Some(_)) => return self.bad_request("only http:// URLs are proxied this way; use CONNECT for https"),
+            (Some(_), Some(_)) => {
+                return self.bad_request("only http:// URLs are proxied this way; use CONNECT for https");
+            }
             _ => return self.bad_request("the proxy expects an absolute URL (GET http://host/path)"),
         };
         let raw_host = authority.host();
@@ -304,7 +317,12 @@ impl Conn {
     }
 
     /// Decides one request, sets the rule's headers and forwards it.
-    async fn forward(self: &Arc<Self>, target: Target, request: Request<Incoming>, terminated: bool) -> Response<ProxyBody> {
+    async fn forward(
+        self: &Arc<Self>,
+        target: Target,
+        request: Request<Incoming>,
+        terminated: bool,
+    ) -> Response<ProxyBody> {
         let method = request.method().as_str().to_owned();
         let policy = self.sandbox.policy();
         let rule = match policy.decide(&target.host, target.port, Some(&method)) {
@@ -317,20 +335,8 @@ impl Conn {
 
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        for header_rule in &rule.headers {
-            let Some(secret) = self.sandbox.egress.secrets.secret(&header_rule.secret) else {
-                let denial = Denial::MissingSecret(header_rule.secret.clone());
-                return self.refuse(&target, Some(&method), Failure::Denied(denial), terminated);
-            };
-            let name = HeaderName::from_bytes(header_rule.name.as_bytes());
-            let value = HeaderValue::from_str(&format!("{}{secret}", header_rule.prefix));
-            let (Ok(name), Ok(mut value)) = (name, value) else {
-                let reason = format!("the header rule {:?} does not make a valid header (value withheld)", header_rule.name);
-                return self.refuse(&target, Some(&method), Failure::BadGateway(reason), terminated);
-            };
-            value.set_sensitive(true);
-            parts.headers.remove(&name);
-            parts.headers.insert(name, value);
+        if let Err(failure) = set_rule_headers(&mut parts.headers, &rule, self.sandbox.egress.secrets.as_ref()) {
+            return self.refuse(&target, Some(&method), failure, terminated);
         }
         match HeaderValue::from_str(&target.host_header()) {
             Ok(host) => {
@@ -356,15 +362,22 @@ impl Conn {
         strip_hop_by_hop(&mut parts.headers);
         let mut decision = self.decision(&target, Some(&method), Verdict::Allowed, terminated);
         decision.status = Some(parts.status.as_u16());
-        let report = Report { sink: self.sandbox.egress.sink.clone(), decision: Some(decision), up, down: down.clone() };
+        let report =
+            Report { sink: self.sandbox.egress.sink.clone(), decision: Some(decision), up, down: down.clone() };
         Response::from_parts(parts, CountedBody::with_guard(body, down, Box::new(report)).boxed_unsync())
     }
 
     /// Sends `request` upstream on the kept connection if it reaches the same
     /// place, else on a new one.
-    async fn send(&self, target: &Target, rule: &HostRule, request: Request<ProxyBody>) -> Result<Response<Incoming>, Failure> {
+    async fn send(
+        &self,
+        target: &Target,
+        rule: &HostRule,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, Failure> {
         let config = &self.sandbox.egress.config;
-        let key = UpstreamKey { host: target.host.clone(), port: target.port, tls: target.tls, connect_to: rule.connect_to };
+        let key =
+            UpstreamKey { host: target.host.clone(), port: target.port, tls: target.tls, connect_to: rule.connect_to };
         let mut slot = self.upstream.lock().await;
         let reusable = match slot.as_mut() {
             Some(kept) if kept.key == key && !kept.sender.is_closed() => kept.sender.ready().await.is_ok(),
@@ -393,27 +406,8 @@ impl Conn {
 
     /// Starts HTTP/1.1 (over TLS when the target needs it) on a dialled stream.
     async fn handshake(&self, key: UpstreamKey, target: &Target, stream: TcpStream) -> Result<UpstreamConn, Failure> {
-        let config = &self.sandbox.egress.config;
-        let stream = Metered::new(stream, self.activity.clone());
-        let bad = |what: &str, error: &dyn std::fmt::Display| Failure::BadGateway(format!("{what}: {error}"));
-        let (sender, driver) = if target.tls {
-            let Some(name) = target.server_name() else {
-                return Err(Failure::Denied(Denial::BadRequest));
-            };
-            let connector = TlsConnector::from(self.sandbox.egress.upstream_tls.clone());
-            let tls = match tokio::time::timeout(config.connect_timeout, connector.connect(name, stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => return Err(bad("TLS with upstream failed", &error)),
-                Err(_) => return Err(Failure::Timeout("TLS handshake with upstream".to_owned())),
-            };
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|error| bad("upstream HTTP", &error))?;
-            (sender, tokio::spawn(async move { drop(connection.await) }))
-        } else {
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|error| bad("upstream HTTP", &error))?;
-            (sender, tokio::spawn(async move { drop(connection.await) }))
-        };
+        let (sender, driver) =
+            upstream_http(&self.sandbox.egress, target, Metered::new(stream, self.activity.clone())).await?;
         Ok(UpstreamConn { key, sender, _driver: AbortOnDrop(driver) })
     }
 
@@ -504,8 +498,14 @@ impl Conn {
 
     /// Terminates the client's TLS with a leaf for the host and serves
     /// HTTP/1.1 inside, forwarding each request over TLS to the upstream.
-    async fn terminate<C>(self: Arc<Self>, client: C, hello: Vec<u8>, upstream: TcpStream, target: Target, rule: HostRule)
-    where
+    async fn terminate<C>(
+        self: Arc<Self>,
+        client: C,
+        hello: Vec<u8>,
+        upstream: TcpStream,
+        target: Target,
+        rule: HostRule,
+    ) where
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let config = &self.sandbox.egress.config;
@@ -516,8 +516,11 @@ impl Conn {
                 return;
             }
         };
-        let accepted =
-            tokio::time::timeout(config.handshake_timeout, TlsAcceptor::from(server_config).accept(Prefixed::new(hello, client))).await;
+        let accepted = tokio::time::timeout(
+            config.handshake_timeout,
+            TlsAcceptor::from(server_config).accept(Prefixed::new(hello, client)),
+        )
+        .await;
         let Ok(Ok(tls)) = accepted else {
             tracing::debug!(sandbox = %self.sandbox.id, host = %target.host, "egress TLS handshake with the sandbox failed");
             return;
@@ -554,7 +557,8 @@ impl Conn {
             (Some(value), None) => value.to_str().is_ok_and(|value| authority_matches(value, &target)),
             (Some(_), Some(_)) => false,
         };
-        let uri_agrees = request.uri().authority().is_none_or(|authority| authority_matches(authority.as_str(), &target));
+        let uri_agrees =
+            request.uri().authority().is_none_or(|authority| authority_matches(authority.as_str(), &target));
         if request.method() == Method::CONNECT || !host_agrees || !uri_agrees {
             return self.refuse(&target, Some(&method), Failure::Denied(Denial::BadRequest), true);
         }
@@ -562,10 +566,70 @@ impl Conn {
     }
 }
 
+/// Sets the rule's headers on `headers` from their secrets, replacing any of
+/// the same name. A secret that is not set refuses the request.
+pub(crate) fn set_rule_headers(
+    headers: &mut HeaderMap,
+    rule: &HostRule,
+    secrets: &dyn crate::SecretSource,
+) -> Result<(), Failure> {
+    for header_rule in &rule.headers {
+        let Some(secret) = secrets.secret(&header_rule.secret) else {
+            return Err(Failure::Denied(Denial::MissingSecret(header_rule.secret.clone())));
+        };
+        let name = HeaderName::from_bytes(header_rule.name.as_bytes());
+        let value = HeaderValue::from_str(&format!("{}{secret}", header_rule.prefix));
+        let (Ok(name), Ok(mut value)) = (name, value) else {
+            let reason =
+                format!("the header rule {:?} does not make a valid header (value withheld)", header_rule.name);
+            return Err(Failure::BadGateway(reason));
+        };
+        value.set_sensitive(true);
+        headers.remove(&name);
+        headers.insert(name, value);
+    }
+    Ok(())
+}
+
+/// Starts an HTTP/1.1 client connection on a dialled stream, over verified
+/// TLS (SNI = the host) when the target is HTTPS. Returns the sender and the
+/// task driving the connection.
+pub(crate) async fn upstream_http<S>(
+    egress: &Inner,
+    target: &Target,
+    stream: S,
+) -> Result<(SendRequest<ProxyBody>, tokio::task::JoinHandle<()>), Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = &egress.config;
+    let bad = |what: &str, error: &dyn std::fmt::Display| Failure::BadGateway(format!("{what}: {error}"));
+    if target.tls {
+        let Some(name) = target.server_name() else {
+            return Err(Failure::Denied(Denial::BadRequest));
+        };
+        let connector = TlsConnector::from(egress.upstream_tls.clone());
+        let tls = match tokio::time::timeout(config.connect_timeout, connector.connect(name, stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => return Err(bad("TLS with upstream failed", &error)),
+            Err(_) => return Err(Failure::Timeout("TLS handshake with upstream".to_owned())),
+        };
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|error| bad("upstream HTTP", &error))?;
+        Ok((sender, tokio::spawn(async move { drop(connection.await) })))
+    } else {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| bad("upstream HTTP", &error))?;
+        Ok((sender, tokio::spawn(async move { drop(connection.await) })))
+    }
+}
+
 /// Resolves (or takes the rule's `connect_to`) and dials, refusing internal
 /// addresses the rule does not name. Never dials an address the sandbox chose
 /// except an IP literal its policy allows.
-async fn dial(egress: &Inner, target: &Target, rule: &HostRule) -> Result<TcpStream, Failure> {
+pub(crate) async fn dial(egress: &Inner, target: &Target, rule: &HostRule) -> Result<TcpStream, Failure> {
     let timeout = egress.config.connect_timeout;
     let candidates: Vec<SocketAddr> = if let Some(address) = rule.connect_to {
         vec![address]

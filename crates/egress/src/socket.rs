@@ -97,7 +97,13 @@ impl Egress {
                 fs::remove_file(&socket).map_err(io_error("removing the stale socket", &socket))?;
             }
             Ok(meta) => {
-                let kind = if meta.is_dir() { "a directory" } else if meta.is_file() { "a regular file" } else { "a special file" };
+                let kind = if meta.is_dir() {
+                    "a directory"
+                } else if meta.is_file() {
+                    "a regular file"
+                } else {
+                    "a special file"
+                };
                 return Err(EgressError::SocketPathOccupied { path: socket, kind });
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -105,7 +111,8 @@ impl Egress {
         }
         // bind(2) creates the socket and fails if anything appeared meanwhile; it never follows a symlink.
         let std_listener = std::os::unix::net::UnixListener::bind(&socket).map_err(io_error("binding", &socket))?;
-        fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).map_err(io_error("setting the mode of", &socket))?;
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o666))
+            .map_err(io_error("setting the mode of", &socket))?;
         std_listener.set_nonblocking(true).map_err(io_error("configuring", &socket))?;
         let listener = {
             let _guard = runtime.enter();

@@ -159,7 +159,10 @@ async fn the_metadata_address_is_refused_even_when_every_host_is_allowed() {
     assert_eq!(status, 403);
     let denials = proxy.sink.all();
     assert_eq!(denials.len(), 3);
-    assert!(denials.iter().all(|decision| matches!(decision.verdict, Verdict::Denied(Denial::ForbiddenAddress(_)))), "{denials:?}");
+    assert!(
+        denials.iter().all(|decision| matches!(decision.verdict, Verdict::Denied(Denial::ForbiddenAddress(_)))),
+        "{denials:?}"
+    );
 }
 
 #[tokio::test]
@@ -288,7 +291,10 @@ async fn oversized_headers_are_refused() {
     let mut client = client(&proxy.socket).await;
     let mut request = get(&format!("http://127.0.0.1:{}/", upstream.port()));
     request.headers_mut().insert("x-big", "a".repeat(8000).parse().unwrap());
-    let status = tokio::time::timeout(Duration::from_secs(10), client.send_request(request)).await.unwrap().map(|r| r.status().as_u16());
+    let status = tokio::time::timeout(Duration::from_secs(10), client.send_request(request))
+        .await
+        .unwrap()
+        .map(|r| r.status().as_u16());
     assert!(matches!(status, Ok(431)) || status.is_err(), "{status:?}");
     assert!(upstream.seen().is_empty());
 }
@@ -332,7 +338,8 @@ async fn shutdown_ends_open_tunnels() {
     let mut tls = tls_over(stream, &pki.ca_pem, "upstream.test").await.unwrap();
     proxy.handle.take().unwrap().shutdown();
     let mut buffer = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buffer)).await.expect("the tunnel stayed open");
+    let read =
+        tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buffer)).await.expect("the tunnel stayed open");
     assert!(matches!(read, Ok(0) | Err(_)));
     assert!(tokio::net::UnixStream::connect(&proxy.socket).await.is_err());
 }
@@ -382,4 +389,45 @@ async fn a_symlink_at_the_socket_path_is_not_followed_and_other_files_are_not_re
     let refused = proxy.egress.bind_sandbox("sbx-file".to_owned(), dir.path(), receiver);
     assert!(matches!(refused, Err(EgressError::SocketPathOccupied { .. })));
     assert_eq!(std::fs::read(dir.path().join("proxy.sock")).unwrap(), b"data");
+}
+
+#[tokio::test]
+async fn send_request_applies_the_same_policy_injection_and_address_checks() {
+    let plain = upstream(None).await;
+    let pki = test_pki(&["upstream.test"]);
+    let secure = upstream(Some(pki.server.clone())).await;
+    let mut https_rule = with_token(allow("upstream.test", &[secure.port()]), "Authorization");
+    https_rule.connect_to = Some(secure.addr);
+    let rules =
+        policy(vec![with_token(allow("127.0.0.1", &[plain.port()]), "Authorization"), https_rule, allow("*", &[80])]);
+    let proxy = proxy(rules.clone(), Some(&pki.ca_pem)).await;
+    let request = |url: String| {
+        Request::get(url).header("authorization", "Bearer guest-made-this-up").body(Full::new(Bytes::new())).unwrap()
+    };
+
+    for (url, upstream) in [
+        (format!("http://127.0.0.1:{}/a", plain.port()), &plain),
+        (format!("https://upstream.test:{}/b", secure.port()), &secure),
+    ] {
+        let response = proxy.egress.send_request("sbx-isolate", &rules, request(url)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+        assert_eq!(body, UPSTREAM_BODY.as_bytes());
+        let values: Vec<_> = upstream.seen()[0].headers.get_all("authorization").iter().cloned().collect();
+        assert_eq!(values, [format!("Bearer {SECRET_VALUE}").as_str()]);
+    }
+    let allowed =
+        proxy.sink.wait_for(|decision| decision.verdict == Verdict::Allowed && decision.sandbox == "sbx-isolate").await;
+    assert_eq!(allowed.bytes_down, UPSTREAM_BODY.len() as u64);
+
+    let denied = proxy.egress.send_request("sbx-isolate", &rules, request("http://other.test:8080/".to_owned())).await;
+    let error = denied.unwrap_err();
+    assert!(
+        matches!(error, airlock_egress::OutboundError::Denied { denial: Denial::Policy(DenyReason::Port), .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("other.test") && error.to_string().contains("network policy"), "{error}");
+    let metadata =
+        proxy.egress.send_request("sbx-isolate", &rules, request("http://169.254.169.254/".to_owned())).await;
+    assert!(matches!(metadata, Err(airlock_egress::OutboundError::Denied { denial: Denial::ForbiddenAddress(_), .. })));
 }

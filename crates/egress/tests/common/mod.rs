@@ -130,11 +130,15 @@ pub async fn upstream(tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
                 match tls {
                     Some(config) => {
                         if let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
-                            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
                         }
                     }
                     None => {
-                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .await;
                     }
                 }
             });
@@ -227,7 +231,8 @@ pub fn allow(host: &str, ports: &[u16]) -> HostRule {
 }
 
 pub fn with_token(mut rule: HostRule, header: &str) -> HostRule {
-    rule.headers = vec![HeaderRule { name: header.to_owned(), secret: "api-token".to_owned(), prefix: "Bearer ".to_owned() }];
+    rule.headers =
+        vec![HeaderRule { name: header.to_owned(), secret: "api-token".to_owned(), prefix: "Bearer ".to_owned() }];
     rule
 }
 
@@ -287,7 +292,11 @@ pub async fn connect(socket: &Path, authority: &str) -> (u16, String, UnixStream
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     let length = head
         .lines()
-        .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|value| value.trim().parse::<usize>().unwrap()))
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|value| value.trim().parse::<usize>().unwrap())
+        })
         .unwrap_or(0);
     let mut body = vec![0u8; length];
     if status != 200 {
@@ -317,7 +326,10 @@ pub async fn tls_over(
     server_name: &str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
     let name = ServerName::try_from(server_name.to_owned()).unwrap();
-    tokio::time::timeout(Duration::from_secs(20), tokio_rustls::TlsConnector::from(tls_client(trust_pem)).connect(name, stream))
-        .await
-        .unwrap()
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_rustls::TlsConnector::from(tls_client(trust_pem)).connect(name, stream),
+    )
+    .await
+    .unwrap()
 }

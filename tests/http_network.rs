@@ -180,6 +180,17 @@ async fn an_invalid_policy_is_422_and_changes_nothing() {
 
     assert_eq!(call(&shared.admin, Method::GET, &network("net-strict"), None).await, (StatusCode::OK, first));
     assert!(!watch.has_changed().unwrap(), "a refused policy was published");
+    // At creation too: a config whose policy is invalid or names a missing
+    // secret is 422, and no sandbox is made.
+    for network in [
+        json!({ "allow": [{ "host": "a.test", "ports": [0] }] }),
+        json!({ "allow": [{ "host": "a.test", "headers": [{ "name": "X-Key", "secret": "net-none" }] }] }),
+    ] {
+        let body = json!({ "name": "net-born", "config": { "policy": { "network": network } } });
+        let answer = call(&shared.admin, Method::POST, "/sandboxes", Some(body)).await;
+        problem(&answer, StatusCode::UNPROCESSABLE_ENTITY, "invalid-policy");
+        assert_eq!(call(&shared.admin, Method::GET, "/sandboxes/net-born", None).await.0, StatusCode::NOT_FOUND);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

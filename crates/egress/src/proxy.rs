@@ -438,8 +438,12 @@ impl Conn {
             Ok(stream) => stream,
             Err(failure) => return self.refuse(&target, None, failure, false),
         };
-        let conn = self.clone();
+        // The stored future holds the connection weakly: while it waits in
+        // `self.tunnel` it must not keep `self` alive (a cycle would leak the
+        // connection and its upstream socket if the task were aborted then).
+        let weak = Arc::downgrade(self);
         let tunnel = async move {
+            let Some(conn) = weak.upgrade() else { return };
             match hyper::upgrade::on(request).await {
                 Ok(upgraded) => conn.tunnel(TokioIo::new(upgraded), stream, target, rule).await,
                 Err(error) => tracing::debug!(sandbox = %conn.sandbox.id, %error, "egress CONNECT upgrade failed"),

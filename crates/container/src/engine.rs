@@ -168,6 +168,8 @@ pub struct DockerEngine {
     writable_layer_quota: bool,
     /// The daemon's uid/gid remapping; `None` when container ids are host ids.
     user_mapping: Option<UserMapping>,
+    /// The arguments the daemon runs runsc with, as it reports them (`None`: no runsc).
+    runsc_args: Option<Vec<String>>,
 }
 
 impl DockerEngine {
@@ -176,10 +178,13 @@ impl DockerEngine {
         let docker = client(socket)?;
         let docker = docker.negotiate_version().await.map_err(Error::docker("version"))?;
         let info = docker.info().await.map_err(Error::docker("info"))?;
-        let runtimes = info.runtimes.clone().unwrap_or_default().into_keys().collect();
+        let registered = info.runtimes.clone().unwrap_or_default();
+        let runsc_args =
+            registered.get(ContainerRuntime::Runsc.name()).map(|runsc| runsc.runtime_args.clone().unwrap_or_default());
+        let runtimes = registered.into_keys().collect();
         let writable_layer_quota = storage_size_supported(&info);
         let user_mapping = user_mapping_of(&info)?;
-        Ok(Self { docker, runtimes, writable_layer_quota, user_mapping })
+        Ok(Self { docker, runtimes, writable_layer_quota, user_mapping, runsc_args })
     }
 
     /// Connects, setting the engine up first where `options` allow it. A no-op
@@ -194,18 +199,28 @@ impl DockerEngine {
                 return Ok(engine);
             }
             if engine.has_runtime(ContainerRuntime::Runsc) {
-                // Registered, perhaps by an older Airlock with other arguments
-                // (no --host-uds: no egress under gVisor). Brought up to date
-                // in place and reloaded; running containers keep their runtime.
-                if options.socket == Path::new(DEFAULT_DOCKER_SOCKET)
-                    && !runsc_registered_as_wanted(&options.daemon_config)
-                {
-                    check_can_set_up()?;
-                    if register_runsc(&options.daemon_config)? {
-                        reload_dockerd()?;
-                    }
+                if engine.runsc_args_are_current() {
+                    return Ok(engine);
                 }
-                return Ok(engine);
+                // Registered, perhaps by an older Airlock, with other arguments
+                // (without --host-uds: no egress under gVisor). Brought up to
+                // date in place and reloaded (SIGHUP: dockerd re-reads its
+                // runtimes; running containers keep theirs). Never restarted.
+                if options.socket != Path::new(DEFAULT_DOCKER_SOCKET) {
+                    tracing::warn!(
+                        "the engine at {} runs runsc with {:?}, not {:?}; update that daemon's configuration",
+                        options.socket.display(),
+                        engine.runsc_args,
+                        RUNSC_RUNTIME_ARGS
+                    );
+                    return Ok(engine);
+                }
+                check_can_set_up()?;
+                if !runsc_registered_as_wanted(&options.daemon_config) {
+                    register_runsc(&options.daemon_config)?;
+                }
+                reload_dockerd()?;
+                return wait_for_runsc_args(&options.socket).await;
             }
             // Running, but without runsc: install and register it, then ask dockerd to reload.
             if options.socket != Path::new(DEFAULT_DOCKER_SOCKET) {
@@ -257,6 +272,23 @@ impl DockerEngine {
 
     pub fn docker(&self) -> &Docker {
         &self.docker
+    }
+
+    /// Whether the engine runs runsc with exactly [`RUNSC_RUNTIME_ARGS`].
+    fn runsc_args_are_current(&self) -> bool {
+        self.runsc_args
+            .as_deref()
+            .is_some_and(|args| args.iter().map(String::as_str).eq(RUNSC_RUNTIME_ARGS.iter().copied()))
+    }
+
+    /// Whether containers under runsc can connect to a host Unix socket
+    /// mounted into them (runsc runs with `--host-uds=open` or `=all`): how
+    /// they reach the egress proxy. Always true of runc.
+    pub fn reaches_host_sockets(&self, runtime: ContainerRuntime) -> bool {
+        match runtime {
+            ContainerRuntime::Runc => true,
+            ContainerRuntime::Runsc => self.runsc_args.as_deref().is_some_and(runsc_args_allow_host_sockets),
+        }
     }
 
     /// Whether the engine can start containers under `runtime`.
@@ -590,6 +622,37 @@ fn reload_dockerd() -> Result<()> {
         .map_err(|e| Error::Setup(format!("signalling dockerd to reload: {e}")))
 }
 
+/// Whether runsc arguments let a sandbox connect to host Unix sockets
+/// (`--host-uds=open` or `=all`, with one dash or two; a later one wins).
+fn runsc_args_allow_host_sockets(args: &[String]) -> bool {
+    args.iter()
+        .filter_map(|arg| match arg.trim_start_matches('-').split_once('=') {
+            Some(("host-uds", value)) => Some(matches!(value, "open" | "all")),
+            _ => None,
+        })
+        .next_back()
+        .unwrap_or(false)
+}
+
+/// Waits until the engine at `socket` runs runsc with [`RUNSC_RUNTIME_ARGS`] (after a reload).
+async fn wait_for_runsc_args(socket: &Path) -> Result<DockerEngine> {
+    let started = Instant::now();
+    loop {
+        let engine = DockerEngine::connect(socket).await?;
+        if engine.runsc_args_are_current() {
+            return Ok(engine);
+        }
+        if started.elapsed() > ENGINE_START_TIMEOUT {
+            return Err(Error::Setup(format!(
+                "dockerd did not take runsc's new arguments {RUNSC_RUNTIME_ARGS:?} within {}s (it reports {:?})",
+                ENGINE_START_TIMEOUT.as_secs(),
+                engine.runsc_args
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_for_runtime(socket: &Path, runtime: ContainerRuntime) -> Result<DockerEngine> {
     let started = Instant::now();
     loop {
@@ -652,6 +715,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert!(!register_runsc(&path).unwrap(), "a second call reported a change");
         assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), modified, "a second call rewrote the file");
+    }
+
+    #[test]
+    fn host_sockets_are_reachable_under_runsc_only_with_host_uds_open_or_all() {
+        let args = |list: &[&str]| list.iter().map(|arg| (*arg).to_string()).collect::<Vec<_>>();
+        assert!(runsc_args_allow_host_sockets(&args(RUNSC_RUNTIME_ARGS)));
+        assert!(runsc_args_allow_host_sockets(&args(&["-host-uds=all"])));
+        assert!(!runsc_args_allow_host_sockets(&args(&["--network=none"])));
+        assert!(!runsc_args_allow_host_sockets(&args(&["--host-uds=create"])));
+        assert!(!runsc_args_allow_host_sockets(&args(&["--host-uds=open", "--host-uds=none"])), "the last one wins");
+        assert!(!runsc_args_allow_host_sockets(&[]));
     }
 
     #[test]

@@ -95,6 +95,13 @@ impl ContainerSandbox {
             engine.check_remapped_root_can_reach(&spec.workspace)?;
             if let Some(dir) = &spec.egress_dir {
                 engine.check_remapped_root_can_reach(dir)?;
+                if !engine.reaches_host_sockets(spec.runtime) {
+                    return Err(Error::Setup(
+                        "the engine runs runsc without --host-uds=open, so a sandbox cannot reach its egress \
+                         proxy under gVisor: run `airlock setup` as root (it updates the registration and reloads dockerd)"
+                            .into(),
+                    ));
+                }
             }
         }
         hand_workspace_to_user(engine, &spec)?;

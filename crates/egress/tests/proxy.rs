@@ -139,6 +139,9 @@ async fn a_name_resolving_to_loopback_is_refused_unless_a_rule_names_the_address
     assert_eq!(upstream.accepts(), 0);
     let decision = proxy.sink.wait_for(|decision| decision.verdict != Verdict::Allowed).await;
     assert!(matches!(decision.verdict, Verdict::Denied(Denial::ForbiddenAddress(address)) if address.is_loopback()));
+    let (status, _, _) = connect(&proxy.socket, &format!("localhost:{}", upstream.port())).await;
+    assert_eq!(status, 403);
+    assert_eq!(upstream.accepts(), 0);
 
     let mut named = allow("localhost", &[upstream.port()]);
     named.connect_to = Some(upstream.addr);

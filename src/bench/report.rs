@@ -208,10 +208,10 @@ fn note(result: &CaseResult) -> String {
             published.iter().map(|(name, value)| format!("{name} {}", value.as_f64().unwrap_or(0.0))).collect();
         parts.push(format!("published (s): {}", peers.join(", ")));
     }
-    if let Some(rate) = result.extra.get("success_rate").and_then(Value::as_f64) {
-        if rate < 1.0 {
-            parts.push(format!("success {:.0}%", rate * 100.0));
-        }
+    if let Some(rate) = result.extra.get("success_rate").and_then(Value::as_f64)
+        && rate < 1.0
+    {
+        parts.push(format!("success {:.0}%", rate * 100.0));
     }
     parts.join("; ")
 }

@@ -418,7 +418,7 @@ impl Suite {
             "throughput-js" => self.throughput(case).await,
             "http-eval" => self.http_eval(case).await,
             name if name.starts_with("workload-") => self.workload(case).await,
-            name if name.starts_with("peer-") => vec![self.peer(case).await],
+            name if name.starts_with("peer-") => return self.peer(case).await,
             _ => Vec::new(),
         };
         for result in &results {
@@ -587,10 +587,10 @@ impl Suite {
         let tier = format!("container/{oci}");
         let meta = Self::meta(case, &tier, "library");
         let oci = if oci == "runsc" { ContainerRuntime::Runsc } else { ContainerRuntime::Runc };
-        if oci == ContainerRuntime::Runsc {
-            if let Some(reason) = self.runsc_skip() {
-                return skipped(meta, counts, reason);
-            }
+        if oci == ContainerRuntime::Runsc
+            && let Some(reason) = self.runsc_skip()
+        {
+            return skipped(meta, counts, reason);
         }
         let samples = if cold {
             let runtime = self.runtime.clone();
@@ -679,12 +679,10 @@ impl Suite {
                     tasks.push(tokio::spawn(async move {
                         let mut connection = connection?;
                         barrier.wait().await;
-                        let launch = Instant::now();
                         if staggered {
                             let offset = TTI_STAGGER_DELAY.saturating_mul(u32::try_from(index).unwrap_or(u32::MAX));
                             tokio::time::sleep(offset).await;
                         }
-                        let _ = launch;
                         match tokio::time::timeout(TTI_TIMEOUT, tti_once(&mut connection, &name)).await {
                             Ok(result) => result.map(|tti| (tti, connection)),
                             Err(_) => Err(anyhow::anyhow!("no answer within {TTI_TIMEOUT:?}")),
@@ -800,7 +798,7 @@ impl Suite {
                             anyhow::Ok(all)
                         }
                     };
-                    let measured = async {
+                    async {
                         round(counts.0).await?;
                         let started = Instant::now();
                         let latencies = round(counts.1).await?;
@@ -810,8 +808,7 @@ impl Suite {
                         extra.insert("per_second".into(), json!(latencies.len() as f64 / seconds));
                         anyhow::Ok(latencies)
                     }
-                    .await;
-                    measured
+                    .await
                 }
             };
             for sandbox in &sandboxes {
@@ -853,7 +850,6 @@ impl Suite {
                 let body = json!({ "context": http_context, "code": code });
                 let path = format!("/sandboxes/{name}/code");
                 let (mut via_library, mut via_http) = (Vec::new(), Vec::new());
-                let mut index = 0;
                 while via_library.len() < counts.0 + counts.1 {
                     let block = PAIR_BLOCK.min(counts.0 + counts.1 - via_library.len());
                     for _ in 0..block {
@@ -870,9 +866,7 @@ impl Suite {
                             bail!("the HTTP evaluation answered {answer}");
                         }
                     }
-                    index += 1;
                 }
-                let _ = index;
                 let _ = connection.call(Method::DELETE, &format!("/sandboxes/{name}"), None).await;
                 // The first `warmup` of each side are the warm-up.
                 Ok((
@@ -1003,11 +997,224 @@ impl Suite {
         results
     }
 
-    async fn peer(&mut self, case: &Case) -> CaseResult {
-        let counts = self.plan.counts(Kind::Peer);
-        let meta = Self::meta(case, "host", "cli");
-        skipped(meta, counts, "peers are not implemented yet (issue 16)".into())
+    /// Adds "b over a" when both were measured in this run.
+    fn compare(&mut self, what: &str, a: &str, b: &str) {
+        let median = |name: &str| self.medians.iter().find(|(n, _)| n == name).map(|(_, m)| *m);
+        if let (Some(ma), Some(mb)) = (median(a), median(b)) {
+            self.comparisons.push(Comparison {
+                what: what.into(),
+                a: a.into(),
+                b: b.into(),
+                ratio_median: mb / ma,
+                difference_median_ms: mb - ma,
+            });
+        }
     }
+
+    async fn peer(&mut self, case: &Case) -> Vec<CaseResult> {
+        let counts = self.plan.counts(Kind::Peer);
+        match case.name {
+            "peer-docker-run" | "peer-docker-exec" => {
+                let results = vec![self.docker_peer(case, counts).await];
+                for result in &results {
+                    if let Some(stats) = &result.stats {
+                        self.medians.push((result.name.clone(), stats.median_ms));
+                    }
+                }
+                if case.name == "peer-docker-run" {
+                    self.compare(
+                        "docker run --rm over a new Airlock container sandbox (runc, bash)",
+                        "runc-bash-cold",
+                        "peer-docker-run",
+                    );
+                } else {
+                    self.compare(
+                        "docker exec over an Airlock command in a running container (runc, bash)",
+                        "runc-bash-warm",
+                        "peer-docker-exec",
+                    );
+                }
+                results
+            }
+            _ => {
+                let results = self.wasmtime_peer(case, counts).await;
+                for result in &results {
+                    if let Some(stats) = &result.stats {
+                        self.medians.push((result.name.clone(), stats.median_ms));
+                    }
+                }
+                self.compare(
+                    "wasmtime CLI over airlock run, hello.wasm, a process each",
+                    "airlock-run-hello",
+                    "peer-wasmtime",
+                );
+                results
+            }
+        }
+    }
+
+    async fn docker_peer(&mut self, case: &Case, counts: (usize, usize)) -> CaseResult {
+        let mut meta = Self::meta(case, "container/runc", "cli");
+        let image = airlock::container::ImageRecipe::default().tag();
+        meta.what = format!("{} (image {image})", case.about);
+        if !command_succeeds("docker", &["image", "inspect", "--format", "{{.Id}}", &image]).await {
+            return finish(
+                meta,
+                counts,
+                Err(anyhow::anyhow!(
+                    "the base image {image} is not built: run `airlock setup` (or a container case first)"
+                )),
+                Map::new(),
+            );
+        }
+        let hello = ["bash", "-c", "echo hello"];
+        if case.name == "peer-docker-run" {
+            let mut args = vec!["run", "--rm", "--network", "none", image.as_str()];
+            args.extend(hello);
+            let args: Vec<String> = args.into_iter().map(String::from).collect();
+            let samples = measure(counts.0, counts.1, || time_command("docker", args.clone(), "hello")).await;
+            return finish(meta, counts, samples, Map::new());
+        }
+        // A warm container of our own (no network), removed by name afterwards.
+        let name = format!("airlock-bench-peer-{}", std::process::id());
+        let started = run_command(
+            "docker",
+            ["run", "-d", "--rm", "--network", "none", "--name", &name, "--entrypoint", "sleep", &image, "infinity"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .await;
+        let samples = match started {
+            Err(e) => Err(e.context("starting the warm container")),
+            Ok(_) => {
+                let mut args = vec!["exec".to_string(), name.clone()];
+                args.extend(hello.map(String::from));
+                measure(counts.0, counts.1, || time_command("docker", args.clone(), "hello")).await
+            }
+        };
+        let _ = run_command("docker", vec!["rm".into(), "-f".into(), name]).await;
+        finish(meta, counts, samples, Map::new())
+    }
+
+    async fn wasmtime_peer(&mut self, case: &Case, counts: (usize, usize)) -> Vec<CaseResult> {
+        let mut meta = Self::meta(case, "host", "cli");
+        meta.what =
+            "`wasmtime run --allow-precompiled hello.cwasm bench` (compiled once, untimed), a process per run".into();
+        let mut airlock_meta = Self::meta(case, "isolate", "cli");
+        airlock_meta.name = "airlock-run-hello".into();
+        airlock_meta.what = "`airlock run hello.wasm -- bench` (guest cache warm), a process per run".into();
+        let Some(guest) = self.guest.clone() else {
+            let reason = "no hello.wasm (run scripts/build-guests.sh, or pass --guest FILE)".to_string();
+            return vec![skipped(meta, counts, reason.clone()), skipped(airlock_meta, counts, reason)];
+        };
+        let wasmtime = wasmtime_cli();
+        let mut results = Vec::new();
+        if !wasmtime.is_file() {
+            results.push(skipped(
+                meta,
+                counts,
+                format!(
+                    "no wasmtime CLI at {} (benches/peers/install-wasmtime.sh, or --install-peers)",
+                    wasmtime.display()
+                ),
+            ));
+        } else {
+            let samples = async {
+                let scratch = tempfile::tempdir()?;
+                let compiled = scratch.path().join("hello.cwasm");
+                run_command(
+                    &wasmtime.to_string_lossy(),
+                    vec![
+                        "compile".into(),
+                        guest.to_string_lossy().into_owned(),
+                        "-o".into(),
+                        compiled.to_string_lossy().into_owned(),
+                    ],
+                )
+                .await?;
+                let version = run_command(&wasmtime.to_string_lossy(), vec!["--version".into()]).await?;
+                let args = vec![
+                    "run".into(),
+                    "--allow-precompiled".into(),
+                    compiled.to_string_lossy().into_owned(),
+                    "bench".into(),
+                ];
+                let program = wasmtime.to_string_lossy().into_owned();
+                let samples =
+                    measure(counts.0, counts.1, || time_command(&program, args.clone(), "hello, bench")).await?;
+                anyhow::Ok((samples, version.trim().to_string()))
+            }
+            .await;
+            match samples {
+                Ok((samples, version)) => {
+                    let mut extra = Map::new();
+                    extra.insert("version".into(), json!(version));
+                    results.push(finish(meta, counts, Ok(samples), extra));
+                }
+                Err(e) => results.push(finish(meta, counts, Err(e), Map::new())),
+            }
+        }
+        let airlock = std::env::current_exe().context("finding this binary");
+        let samples = match airlock {
+            Err(e) => Err(e),
+            Ok(airlock) => {
+                let program = airlock.to_string_lossy().into_owned();
+                let args = vec!["run".into(), guest.to_string_lossy().into_owned(), "--".into(), "bench".into()];
+                measure(counts.0, counts.1, || time_command(&program, args.clone(), "hello, bench")).await
+            }
+        };
+        results.push(finish(airlock_meta, counts, samples, Map::new()));
+        results
+    }
+}
+
+/// Where the wasmtime CLI peer is: `$WASMTIME`, else where
+/// benches/peers/install-wasmtime.sh links it in the build tree.
+pub fn wasmtime_cli() -> PathBuf {
+    std::env::var_os("WASMTIME").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-peers").join("wasmtime")
+    })
+}
+
+/// Runs a command to its end (on a blocking thread); its stdout, or an error
+/// with its stderr when it fails.
+async fn run_command(program: &str, args: Vec<String>) -> Result<String> {
+    let program = program.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&program)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running {program}"))
+            .map(|output| (program, args, output))
+    })
+    .await
+    .context("a command's thread stopped")??;
+    let (program, args, output) = output;
+    if !output.status.success() {
+        bail!(
+            "{program} {} exited {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+async fn command_succeeds(program: &str, args: &[&str]) -> bool {
+    run_command(program, args.iter().map(|a| a.to_string()).collect()).await.is_ok()
+}
+
+/// Times a whole process, from spawn to exit; checks it printed `expected`.
+async fn time_command(program: &str, args: Vec<String>, expected: &'static str) -> Result<Duration> {
+    let started = Instant::now();
+    let stdout = run_command(program, args).await?;
+    let elapsed = started.elapsed();
+    if !stdout.trim().starts_with(expected) {
+        bail!("{program} printed {:?}, expected {expected:?}", stdout.trim());
+    }
+    Ok(elapsed)
 }
 
 /// One TTI: create a container sandbox, run `node -v`, read its output.

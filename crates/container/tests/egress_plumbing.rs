@@ -88,6 +88,39 @@ impl FakeProxy {
         Self { task, seen }
     }
 
+    /// Like [`FakeProxy::start`], but every answer's body is `bytes` bytes of
+    /// [`pattern`], whatever was asked.
+    fn start_large(dir: &Path, bytes: usize) -> Self {
+        let socket = dir.join("proxy.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).unwrap();
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let body: Arc<[u8]> = pattern(bytes).into();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {bytes}\r\nconnection: close\r\n\r\n");
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let _ = stream.write_all(&body).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Self { task, seen: Arc::default() }
+    }
+
     fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
     }
@@ -97,6 +130,11 @@ impl Drop for FakeProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The body a large fake proxy answers with.
+fn pattern(bytes: usize) -> Vec<u8> {
+    (0..bytes).map(|i| (i % 251) as u8).collect()
 }
 
 /// A sandbox for one test (with or without egress), removed when the test
@@ -217,6 +255,7 @@ macro_rules! egress_cases {
 egress_cases!(
     requests_reach_the_host_proxy_through_the_relay,
     many_connections_are_relayed_at_once,
+    a_large_download_arrives_whole,
     the_variables_reach_exec_processes_and_terminals_and_an_exec_can_override_them,
     the_egress_directory_is_read_only_and_holds_the_bundle,
     egress_gives_no_network,
@@ -265,6 +304,22 @@ async fn many_connections_are_relayed_at_once(runtime: ContainerRuntime) {
         (1..=24).map(|i| format!("fake-proxy one: GET http://many.test/{i} HTTP/1.1")).collect();
     wanted.sort();
     assert_eq!(answers, wanted, "{}", show(&out));
+}
+
+async fn a_large_download_arrives_whole(runtime: ContainerRuntime) {
+    const SIZE: usize = 64 << 20;
+    let test = TestSandbox::new(runtime, true).await;
+    let _proxy = FakeProxy::start_large(test.egress(), SIZE);
+    let wanted = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(pattern(SIZE));
+        digest.iter().map(|byte| format!("{byte:02x}")).collect::<String>()
+    };
+    // Whole and in order: the relay's buffers fill and drain many times over.
+    let out = test.bash("curl -sS --max-time 120 http://big.test/ | sha256sum | cut -d' ' -f1").await;
+    assert_eq!(out.stdout_text().trim(), wanted, "{}", show(&out));
+    let out = test.bash("curl -sS --max-time 120 -o /dev/null -w '%{speed_download}' http://big.test/").await;
+    eprintln!("{runtime}: 64 MiB through the relay at {} bytes/s (a debug-built fake proxy)", out.stdout_text());
 }
 
 async fn the_variables_reach_exec_processes_and_terminals_and_an_exec_can_override_them(runtime: ContainerRuntime) {

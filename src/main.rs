@@ -14,6 +14,7 @@ use airlock::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod carried;
 mod policy_cli;
 mod remote;
@@ -79,6 +80,9 @@ enum Command {
     /// Make, list and revoke the HTTP API's bearer tokens (kept hashed in the runtime's home).
     #[command(subcommand)]
     Token(token_cli::TokenCommand),
+    /// Time the tiers, time to interactive, throughput and the HTTP API's overhead, and
+    /// write a table, JSON and a Markdown report (docs/BENCHMARKS.md, "airlock bench").
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -175,6 +179,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => return finish(serve_cli::serve(args)),
         // Only the registry, no async runtime: works beside a running server.
         Command::Token(command) => return finish(token_cli::token(command)),
+        // Its own multi-threaded async runtime: the in-process server and concurrent callers.
+        Command::Bench(args) => return finish(bench::bench(args)),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -199,6 +205,7 @@ fn main() -> ExitCode {
             Command::Secret(command) => policy_cli::secret(command).await,
             Command::Serve(_) => bail!("serve runs on its own async runtime"),
             Command::Token(_) => bail!("token runs without an async runtime"),
+            Command::Bench(_) => bail!("bench runs on its own async runtime"),
         }
     });
     finish(result)

@@ -272,6 +272,28 @@ async fn an_sni_differing_from_the_connect_host_is_refused() {
 }
 
 #[tokio::test]
+async fn sni_is_required_for_a_named_host_but_not_for_an_ip_literal() {
+    // The certificate covers the name and the address, so only the SNI rule decides.
+    let pki = test_pki(&["upstream.test", "127.0.0.1"]);
+    let upstream = upstream(Some(pki.server.clone())).await;
+    let mut named = allow("upstream.test", &[upstream.port()]);
+    named.connect_to = Some(upstream.addr);
+    let proxy = proxy(policy(vec![named, allow("127.0.0.1", &[upstream.port()])]), None).await;
+
+    let (status, _, stream) = connect(&proxy.socket, &format!("upstream.test:{}", upstream.port())).await;
+    assert_eq!(status, 200);
+    assert!(tls_over(stream, &pki.ca_pem, "127.0.0.1").await.is_err());
+    assert_eq!(proxy.sink.wait_for(|_| true).await.verdict, Verdict::Denied(Denial::MissingSni));
+
+    let (status, _, stream) = connect(&proxy.socket, &format!("127.0.0.1:{}", upstream.port())).await;
+    assert_eq!(status, 200);
+    let mut client = over(tls_over(stream, &pki.ca_pem, "127.0.0.1").await.unwrap()).await;
+    let request = Request::get("/ip").header("host", "127.0.0.1").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(send(&mut client, request).await.status, 200);
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
 async fn a_tunnel_that_does_not_carry_tls_is_refused() {
     let upstream = upstream(None).await;
     let proxy = proxy(policy(vec![allow("127.0.0.1", &[upstream.port()])]), None).await;

@@ -325,6 +325,7 @@ pub async fn tls_over(
     trust_pem: &str,
     server_name: &str,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
+    // An IP address as the name: rustls then sends no SNI.
     let name = ServerName::try_from(server_name.to_owned()).unwrap();
     tokio::time::timeout(
         Duration::from_secs(20),

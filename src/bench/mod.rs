@@ -10,6 +10,7 @@ mod stats;
 mod suite;
 mod svg;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -92,7 +93,10 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
                 (true, false) => " [quick]",
                 _ => "",
             };
-            println!("{:<20} {:<14} {}{}", case.name, case.group, case.about, marks);
+            // A closed pipe (`| head`) ends the listing quietly.
+            if writeln!(std::io::stdout(), "{:<20} {:<14} {}{}", case.name, case.group, case.about, marks).is_err() {
+                break;
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -228,7 +232,7 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
         results,
         comparisons: std::mem::take(&mut suite.comparisons),
     };
-    print!("{}", report.table());
+    let _ = std::io::stdout().write_all(report.table().as_bytes());
     if let Some(path) = &args.json {
         report.write_json(path)?;
         eprintln!("airlock bench: wrote {}", path.display());

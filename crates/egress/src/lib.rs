@@ -65,7 +65,7 @@ pub use ca::{CA_CERT_FILE, CA_KEY_FILE, EgressCa, MAX_CACHED_LEAVES};
 pub use outbound::{OutboundBody, OutboundError};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-pub use socket::ProxyHandle;
+pub use socket::{MAX_PENDING_REFUSALS, ProxyHandle, REFUSAL_LINGER};
 
 /// Where hosts keep their trust bundle (Debian and its kin). Copied into
 /// every sandbox's `ca-bundle.pem`, and trusted when the proxy dials HTTPS.

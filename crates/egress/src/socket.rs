@@ -7,13 +7,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use airlock_core::network::{EGRESS_CA_BUNDLE_FILE, EGRESS_SOCKET_FILE, NetworkPolicy};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::proxy::{self, Sandbox};
 use crate::{Egress, EgressError};
+
+/// Connections beyond the per-sandbox limit that are being answered `503` at
+/// once: bounds the tasks a flood of connections can make the proxy hold.
+/// Beyond it a connection is closed without an answer.
+pub const MAX_PENDING_REFUSALS: usize = 16;
+/// How long a refused connection is kept open after its `503`, so the client
+/// can finish writing its request and read the answer.
+pub const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A sandbox's running proxy. Dropping it (or [`ProxyHandle::shutdown`])
 /// stops accepting and ends every open connection and tunnel. The socket
@@ -128,6 +136,7 @@ impl Egress {
 
 async fn accept_loop(listener: UnixListener, sandbox: Arc<Sandbox>, slots: Arc<Semaphore>, limit: usize) {
     let mut connections = JoinSet::new();
+    let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -141,7 +150,10 @@ async fn accept_loop(listener: UnixListener, sandbox: Arc<Sandbox>, slots: Arc<S
                     }
                     Err(_) => {
                         tracing::warn!(sandbox = %sandbox.id, limit, "egress connection refused: too many open connections");
-                        connections.spawn(refuse_busy(stream, limit));
+                        // Beyond the refusals in flight the connection is just closed.
+                        if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                            connections.spawn(refuse_busy(stream, limit, permit));
+                        }
                     }
                 },
                 Err(error) => {
@@ -156,7 +168,11 @@ async fn accept_loop(listener: UnixListener, sandbox: Arc<Sandbox>, slots: Arc<S
     }
 }
 
-async fn refuse_busy(mut stream: UnixStream, limit: usize) {
+/// Answers `503` on a connection beyond the limit, then keeps the socket open
+/// for a moment, discarding what the client sends, so that writing its
+/// request does not fail before it reads the answer. Bounded in time
+/// ([`REFUSAL_LINGER`]) and in number ([`MAX_PENDING_REFUSALS`]).
+async fn refuse_busy(mut stream: UnixStream, limit: usize, _permit: OwnedSemaphorePermit) {
     let body = format!(
         "the sandbox already has {limit} connections open through its egress proxy (the limit); close some and retry\n"
     );
@@ -164,10 +180,12 @@ async fn refuse_busy(mut stream: UnixStream, limit: usize) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    // Bounded: a client that never reads cannot hold this task.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }

@@ -27,6 +27,9 @@ use suite::{CASES, Case, Plan, Suite};
 const BENCH_WORKER_THREADS: usize = 4;
 /// How long the container engine may take to answer whether runsc is there.
 const ENGINE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How many times, and how far apart, the engine is asked before runsc counts as unknown.
+const ENGINE_PROBE_ATTEMPTS: usize = 3;
+const ENGINE_PROBE_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -126,13 +129,23 @@ fn default_guest() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-async fn runsc_registered() -> Result<bool, String> {
+/// Whether the container engine has runsc registered; an error when the
+/// engine does not answer (asked a few times: an engine being started or
+/// reloaded by someone else answers a moment later).
+pub(crate) async fn runsc_registered() -> Result<bool, String> {
     let options = EngineOptions::default();
-    match tokio::time::timeout(ENGINE_PROBE_TIMEOUT, DockerEngine::connect(&options.socket)).await {
-        Ok(Ok(engine)) => Ok(engine.has_runtime(ContainerRuntime::Runsc)),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {ENGINE_PROBE_TIMEOUT:?}")),
+    let mut last = String::new();
+    for attempt in 0..ENGINE_PROBE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(ENGINE_PROBE_PAUSE).await;
+        }
+        match tokio::time::timeout(ENGINE_PROBE_TIMEOUT, DockerEngine::connect(&options.socket)).await {
+            Ok(Ok(engine)) => return Ok(engine.has_runtime(ContainerRuntime::Runsc)),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = format!("no answer within {ENGINE_PROBE_TIMEOUT:?}"),
+        }
     }
+    Err(last)
 }
 
 async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
@@ -154,8 +167,7 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     }
     options.home_role = "airlock bench".into();
     let runtime = Runtime::open(options).await.with_context(|| format!("opening the runtime at {}", home.display()))?;
-    let runsc = runsc_registered().await;
-    let machine = Machine::describe(matches!(runsc, Ok(true)));
+    let mut machine = Machine::describe();
 
     eprintln!("airlock bench: preparing (interpreters compiled or loaded from the cache, untimed)");
     let warm = runtime.sandbox_with(
@@ -189,7 +201,7 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     let plan =
         Plan { quick: args.quick, repetitions: args.repetitions, warmup: args.warmup, tti_count: args.tti_count };
     let guest = args.guest.clone().or_else(default_guest);
-    let mut suite = Suite::new(runtime.clone(), server, plan, guest, runsc);
+    let mut suite = Suite::new(runtime.clone(), server, plan, guest);
     let mut results = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         eprintln!(
@@ -218,8 +230,10 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     if let Some(server) = suite.server.take() {
         server.stop().await;
     }
-    let mut machine = machine;
+    // After the cases: the engine they used has answered by now.
     machine.load_average_end = report::load_average();
+    machine.docker_version = report::docker_version();
+    machine.runsc_registered = matches!(suite.runsc().await, Ok(true));
     let report = Report {
         schema_version: SCHEMA_VERSION,
         airlock_version: env!("CARGO_PKG_VERSION").to_string(),

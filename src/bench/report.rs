@@ -121,8 +121,8 @@ pub fn load_average() -> String {
 }
 
 impl Machine {
-    /// This machine, as /proc and the docker CLI describe it.
-    pub fn describe(runsc_registered: bool) -> Self {
+    /// This machine, as /proc describes it (the engine's fields are filled in after the run).
+    pub fn describe() -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -141,37 +141,51 @@ impl Machine {
             .map_or(0, |kib| kib / 1024);
         let kernel =
             std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|k| k.trim().to_string()).unwrap_or_default();
-        let docker_version = std::process::Command::new("docker")
-            .args(["version", "--format", "{{.Server.Version}}"])
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-            .unwrap_or_else(|| "unavailable".into());
         Self {
             cores: std::thread::available_parallelism().map_or(0, usize::from),
             memory_mib,
             kernel,
             cpu_model,
-            docker_version,
-            runsc_registered,
+            docker_version: String::new(),
+            runsc_registered: false,
             load_average_start: load_average(),
             load_average_end: String::new(),
         }
     }
 }
 
-/// The commit this binary was built from when it runs in its build tree
-/// (`git rev-parse`), else "unknown".
-pub fn commit() -> String {
-    let tree = env!("CARGO_MANIFEST_DIR");
-    std::process::Command::new("git")
-        .args(["-C", tree, "rev-parse", "--short=12", "HEAD"])
+/// The Docker engine's version (`docker version`), or "unavailable".
+pub fn docker_version() -> String {
+    std::process::Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
         .output()
         .ok()
         .filter(|out| out.status.success())
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+        .unwrap_or_else(|| "unavailable".into())
+}
+
+/// The commit this binary was built from when it runs in its build tree
+/// (`git rev-parse`, "+dirty" when the tree has uncommitted changes), else "unknown".
+pub fn commit() -> String {
+    let tree = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(tree)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(commit) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(changes) if !changes.is_empty() => format!("{commit}+dirty"),
+            _ => commit,
+        },
+        None => "unknown".into(),
+    }
 }
 
 fn cell(stats: Option<&Stats>, pick: fn(&Stats) -> f64) -> String {

@@ -165,7 +165,8 @@ pub struct Suite {
     pub server: Option<Server>,
     pub plan: Plan,
     pub guest: Option<PathBuf>,
-    pub runsc: Result<bool, String>,
+    /// Whether runsc is registered, once asked.
+    runsc: Option<Result<bool, String>>,
     pub comparisons: Vec<Comparison>,
     /// Medians of results by name, for the peers' ratios.
     pub medians: Vec<(String, f64)>,
@@ -380,14 +381,8 @@ fn workload(name: &str) -> Option<Workload> {
 }
 
 impl Suite {
-    pub fn new(
-        runtime: Runtime,
-        server: Option<Server>,
-        plan: Plan,
-        guest: Option<PathBuf>,
-        runsc: Result<bool, String>,
-    ) -> Self {
-        Self { runtime, server, plan, guest, runsc, comparisons: Vec::new(), medians: Vec::new(), next_name: 0 }
+    pub fn new(runtime: Runtime, server: Option<Server>, plan: Plan, guest: Option<PathBuf>) -> Self {
+        Self { runtime, server, plan, guest, runsc: None, comparisons: Vec::new(), medians: Vec::new(), next_name: 0 }
     }
 
     /// A sandbox name no other case uses in this run.
@@ -569,9 +564,17 @@ impl Suite {
         finish(meta, counts, samples, Map::new())
     }
 
+    /// Whether the engine has runsc registered (asked once, when first needed).
+    pub async fn runsc(&mut self) -> Result<bool, String> {
+        if self.runsc.is_none() {
+            self.runsc = Some(super::runsc_registered().await);
+        }
+        self.runsc.clone().unwrap_or(Ok(false))
+    }
+
     /// Whether runsc can be used; the reason to skip when not.
-    fn runsc_skip(&self) -> Option<String> {
-        match &self.runsc {
+    async fn runsc_skip(&mut self) -> Option<String> {
+        match self.runsc().await {
             Ok(true) => None,
             Ok(false) => Some("runsc not registered (run `airlock setup`)".into()),
             Err(e) => Some(format!("runsc unknown: the container engine did not answer ({e})")),
@@ -588,7 +591,7 @@ impl Suite {
         let meta = Self::meta(case, &tier, "library");
         let oci = if oci == "runsc" { ContainerRuntime::Runsc } else { ContainerRuntime::Runc };
         if oci == ContainerRuntime::Runsc
-            && let Some(reason) = self.runsc_skip()
+            && let Some(reason) = self.runsc_skip().await
         {
             return skipped(meta, counts, reason);
         }

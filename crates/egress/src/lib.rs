@@ -7,13 +7,21 @@
 //! bundle (`ca-bundle.pem`) in a directory the runtime bind-mounts into the
 //! container; the sandbox is identified by the socket it connects to.
 //!
-//! ```text
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use airlock_core::network::NetworkPolicy;
+//! # use airlock_egress::{Egress, EgressCa, EgressConfig, NoSink, SecretSource};
+//! # struct Store;
+//! # impl SecretSource for Store { fn secret(&self, _: &str) -> Option<String> { None } }
+//! # async fn run(home: &std::path::Path, policy: NetworkPolicy, narrower: NetworkPolicy) -> Result<(), airlock_egress::EgressError> {
 //! let ca = EgressCa::load_or_create(&home.join("egress-ca"))?;
-//! let egress = Egress::new(EgressConfig::default(), ca, secrets, sink)?;
+//! let egress = Egress::new(EgressConfig::default(), ca, Arc::new(Store), Arc::new(NoSink))?;
 //! let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
-//! let handle = egress.bind_sandbox(sandbox_id, &egress_dir, policy_rx)?;
-//! policy_tx.send(Arc::new(narrower)); // applies to the next request
-//! handle.shutdown();                  // stops accepting, ends open tunnels
+//! let handle = egress.bind_sandbox("sbx-1".to_owned(), &home.join("sandboxes/sbx-1/egress"), policy_rx)?;
+//! // The container mounts that directory; its processes use proxy.sock and trust ca-bundle.pem.
+//! let _ = policy_tx.send(Arc::new(narrower)); // applies to the next request
+//! handle.shutdown(); // stops accepting, ends open tunnels
+//! # Ok(()) }
 //! ```
 //!
 //! Behaviour, per connection on the socket (HTTP/1.1, keep-alive):

@@ -168,6 +168,10 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     options.home_role = "airlock bench".into();
     let runtime = Runtime::open(options).await.with_context(|| format!("opening the runtime at {}", home.display()))?;
     let mut machine = Machine::describe();
+    machine.disk_quotas = match runtime.disk_status() {
+        airlock::runtime::DiskStatus::Enforced { .. } => "enforced".into(),
+        airlock::runtime::DiskStatus::NotEnforced { reason } => format!("not enforced ({reason})"),
+    };
 
     eprintln!("airlock bench: preparing (interpreters compiled or loaded from the cache, untimed)");
     let warm = runtime.sandbox_with(

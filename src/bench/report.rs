@@ -9,7 +9,7 @@
 //! { "schema_version": 1, "airlock_version", "commit", "started_at_unix_ms",
 //!   "duration_s", "quick", "command",
 //!   "machine": { "cores", "memory_mib", "kernel", "cpu_model", "docker_version",
-//!                "runsc_registered", "load_average_start", "load_average_end" },
+//!                "runsc_registered", "disk_quotas", "load_average_start", "load_average_end" },
 //!   "results": [ { "case", "name", "group", "tier", "path", "what",
 //!                  "status": "ok"|"skipped"|"failed", "reason"?,
 //!                  "warmup", "repetitions",
@@ -109,6 +109,9 @@ pub struct Machine {
     pub cpu_model: String,
     pub docker_version: String,
     pub runsc_registered: bool,
+    /// Whether the bench home's per-sandbox disk quotas were enforced (they
+    /// add to sandbox creation), and why not when they were not.
+    pub disk_quotas: String,
     pub load_average_start: String,
     pub load_average_end: String,
 }
@@ -148,6 +151,7 @@ impl Machine {
             cpu_model,
             docker_version: String::new(),
             runsc_registered: false,
+            disk_quotas: String::new(),
             load_average_start: load_average(),
             load_average_end: String::new(),
         }
@@ -272,13 +276,14 @@ impl Report {
         let m = &self.machine;
         let _ = writeln!(
             out,
-            "machine: {} cores, {} MiB, {}, kernel {}, docker {}, runsc {}; load {} -> {}; airlock {} ({}); {:.1} s",
+            "machine: {} cores, {} MiB, {}, kernel {}, docker {}, runsc {}, disk quotas {}; load {} -> {}; airlock {} ({}); {:.1} s",
             m.cores,
             m.memory_mib,
             m.cpu_model,
             m.kernel,
             m.docker_version,
             if m.runsc_registered { "registered" } else { "not registered" },
+            m.disk_quotas,
             m.load_average_start,
             m.load_average_end,
             self.airlock_version,
@@ -311,7 +316,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "Machine: {} cores, {} MiB memory, {}, kernel {}, Docker {}, runsc {}. \
+            "Machine: {} cores, {} MiB memory, {}, kernel {}, Docker {}, runsc {}, disk quotas {}. \
              Load average (1, 5, 15 min) {} at the start, {} at the end.\n",
             m.cores,
             m.memory_mib,
@@ -319,6 +324,7 @@ impl Report {
             m.kernel,
             m.docker_version,
             if m.runsc_registered { "registered" } else { "not registered" },
+            m.disk_quotas,
             m.load_average_start,
             m.load_average_end
         );

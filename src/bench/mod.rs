@@ -148,6 +148,33 @@ pub(crate) async fn runsc_registered() -> Result<bool, String> {
     Err(last)
 }
 
+/// Removes whatever this run left: sandboxes named for it (a case stopped
+/// halfway, an interrupted run) and the docker exec peer's container.
+async fn sweep(runtime: &Runtime, docker_peer: bool) {
+    let prefix = format!("bench-{}-", std::process::id());
+    match runtime.list() {
+        Ok(sandboxes) => {
+            for info in sandboxes.into_iter().filter(|info| info.name.starts_with(&prefix)) {
+                if let Err(e) = runtime.destroy(&info.name).await {
+                    eprintln!("airlock bench: warning: could not destroy sandbox {}: {e}", info.name);
+                }
+            }
+        }
+        Err(e) => eprintln!("airlock bench: warning: could not list this run's sandboxes: {e}"),
+    }
+    if docker_peer {
+        let name = suite::docker_peer_container();
+        let _ = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("docker")
+                .args(["rm", "-f", &name])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+        })
+        .await;
+    }
+}
+
 async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     let started = Instant::now();
     let started_at_unix_ms =
@@ -207,6 +234,10 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     let guest = args.guest.clone().or_else(default_guest);
     let mut suite = Suite::new(runtime.clone(), server, plan, guest);
     let mut results = Vec::new();
+    // Ctrl-C stops the run between (or inside) cases; what it made is removed below.
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    let mut interrupted = false;
     for (index, case) in cases.iter().enumerate() {
         eprintln!(
             "airlock bench: [{}/{}] {} ({:.0} s so far)",
@@ -216,7 +247,15 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
         let case_started = Instant::now();
-        for result in suite.run(case).await {
+        let case_results = tokio::select! {
+            case_results = suite.run(case) => case_results,
+            _ = &mut interrupt => {
+                eprintln!("airlock bench: interrupted: removing this run's sandboxes");
+                interrupted = true;
+                break;
+            }
+        };
+        for result in case_results {
             let summary = match (&result.status, &result.stats) {
                 (Status::Ok, Some(stats)) => format!("median {} ms", report::format_ms(stats.median_ms)),
                 (_, _) => result.reason.clone().unwrap_or_default(),
@@ -233,6 +272,10 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     }
     if let Some(server) = suite.server.take() {
         server.stop().await;
+    }
+    sweep(&runtime, cases.iter().any(|case| case.name == "peer-docker-exec")).await;
+    if interrupted {
+        bail!("interrupted: no report written");
     }
     // After the cases: the engine they used has answered by now.
     machine.load_average_end = report::load_average();

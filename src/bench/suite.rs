@@ -1079,7 +1079,7 @@ impl Suite {
             return finish(meta, counts, samples, Map::new());
         }
         // A warm container of our own (no network), removed by name afterwards.
-        let name = format!("airlock-bench-peer-{}", std::process::id());
+        let name = docker_peer_container();
         let started = run_command(
             "docker",
             ["run", "-d", "--rm", "--network", "none", "--name", &name, "--entrypoint", "sleep", &image, "infinity"]
@@ -1169,6 +1169,11 @@ impl Suite {
         results.push(finish(airlock_meta, counts, samples, Map::new()));
         results
     }
+}
+
+/// The name of the docker exec peer's warm container (this process's own).
+pub fn docker_peer_container() -> String {
+    format!("airlock-bench-peer-{}", std::process::id())
 }
 
 /// Where the wasmtime CLI peer is: `$WASMTIME`, else where

@@ -76,6 +76,10 @@ pub enum Error {
     /// A secret cannot be removed while a sandbox's network policy refers to it.
     #[error("secret {name:?} is used by the network policy of {}; change those policies first", .sandboxes.join(", "))]
     SecretInUse { name: String, sandboxes: Vec<String> },
+    /// The egress proxy could not be set up (its CA, its configuration, a
+    /// sandbox's socket).
+    #[error("egress: {0}")]
+    Egress(String),
     /// Another process owns the home (`holder` says which, from its lock file).
     #[error("the home {home} is in use by {holder}; one process owns a home at a time (use its API, or wait)")]
     HomeInUse { home: PathBuf, holder: String },

@@ -24,6 +24,7 @@
 
 mod config;
 mod disk;
+mod egress;
 mod error;
 mod events;
 pub mod files;
@@ -51,6 +52,8 @@ pub use disk::{
     DEFAULT_DISK_BYTES, DEFAULT_IMAGE_SHARE_PERCENT, DISK_IMAGE_FILE, DiskOptions, DiskStatus, IMAGE_MOUNT_OPTIONS,
     MAX_DEFAULT_IMAGE_BYTES, MAX_DISK_BYTES, MIN_DISK_BYTES, MIN_IMAGE_BYTES, QuotaMode, install_disk_tools,
 };
+pub use airlock_egress::EgressConfig;
+pub use egress::{EGRESS_CA_DIR, SANDBOX_EGRESS_DIR};
 pub use error::{Error, Result};
 pub use events::{
     COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, MAX_WATCHED_DIRECTORIES, SandboxEvent,
@@ -68,6 +71,6 @@ pub use runtime::{
 };
 pub use sandbox::{CodeOutcome, Placement, RunOutcome, Sandbox, SandboxPortStream, SandboxPty};
 pub use store::{
-    ExecutionKind, MAX_TOKEN_BYTES, MAX_TOKEN_NAME, NewToken, SandboxState, TOKEN_PREFIX, TokenInfo, TokenStore,
+    EgressTotals, ExecutionKind, MAX_TOKEN_BYTES, MAX_TOKEN_NAME, NewToken, SandboxState, TOKEN_PREFIX, TokenInfo, TokenStore,
     UsageTotals,
 };

@@ -19,10 +19,11 @@ use sha2::{Digest, Sha256};
 
 use crate::config::SandboxConfig;
 use crate::disk::{DiskOptions, DiskStatus, HomeDisk};
+use crate::egress::LateRuntime;
 use crate::error::{Error, Result};
 use crate::home_lock::HomeLock;
 use crate::sandbox::{Sandbox, SandboxInner};
-use crate::store::{SandboxRecord, SandboxState, Store, TokenStore, UsageTotals};
+use crate::store::{EgressTotals, SandboxRecord, SandboxState, Store, TokenStore, UsageTotals};
 
 /// What one vCPU-second of active CPU costs by default, in US dollars (the
 /// figure in Cloudflare's announcement of active-CPU pricing).
@@ -72,6 +73,9 @@ pub struct RuntimeOptions {
     /// default. There is no runtime-wide allow ceiling: a sandbox's allow
     /// list is bounded only by this list and the proxy's own refusals.
     pub network_deny: Vec<airlock_core::HostPattern>,
+    /// The egress proxy's limits and the extra roots it trusts when it dials
+    /// HTTPS itself (defaults: [`airlock_egress::EgressConfig`]).
+    pub egress: airlock_egress::EgressConfig,
 }
 
 impl RuntimeOptions {
@@ -91,6 +95,7 @@ impl RuntimeOptions {
             home_lock_wait: Duration::ZERO,
             home_role: "an embedding program".to_string(),
             network_deny: Vec::new(),
+            egress: airlock_egress::EgressConfig::default(),
         }
     }
 }
@@ -159,6 +164,8 @@ pub struct Usage {
     pub cpu_seconds: f64,
     pub price_per_vcpu_second: f64,
     pub cost_usd: f64,
+    /// What the egress proxy allowed and refused, and the bytes it moved.
+    pub egress: EgressTotals,
 }
 
 /// The container engine and the base image, once a sandbox has needed them.
@@ -190,6 +197,8 @@ pub(crate) struct RuntimeInner {
     /// After everything that may hold a directory in it, so that it is
     /// dropped (and the image unmounted) late.
     pub disk: HomeDisk,
+    /// The egress proxy factory: one CA, one configuration, every sandbox's proxy.
+    pub egress: airlock_egress::Egress,
     /// Last: the home is let go only when all of the above is.
     _home_lock: Arc<HomeLock>,
 }
@@ -250,6 +259,8 @@ impl Runtime {
             Interpreters::new(isolates.clone(), options.interpreters.clone()).keep_warm(RUNTIME_WARM_CONTEXTS);
         let home_label: String =
             Sha256::digest(home.as_os_str().as_encoded_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let late = LateRuntime::default();
+        let egress = crate::egress::open(&home, options.egress.clone(), &late)?;
         let options = RuntimeOptions { home, ..options };
         let runtime = Self {
             inner: Arc::new(RuntimeInner {
@@ -263,9 +274,11 @@ impl Runtime {
                 home_label,
                 reaper: Mutex::new(None),
                 disk,
+                egress,
                 _home_lock: home_lock,
             }),
         };
+        late.set(&runtime.inner);
         for record in runtime.inner.store.list()? {
             // Directories made before they were closed are closed now.
             match make_private(&runtime.sandbox_dir(record.id)) {
@@ -462,6 +475,7 @@ impl Runtime {
             cpu_seconds,
             price_per_vcpu_second: price,
             cost_usd: cpu_seconds * price,
+            egress: store.egress_usage(sandbox, since, until)?,
         })
     }
 

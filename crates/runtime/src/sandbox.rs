@@ -97,6 +97,9 @@ pub(crate) struct SandboxInner {
     /// HTTP hook. The lock is held while a new policy is stored and sent, so
     /// two changes are published in the order they were stored.
     pub(crate) network: Mutex<tokio::sync::watch::Sender<Arc<airlock_core::NetworkPolicy>>>,
+    /// The sandbox's egress proxy, bound before its container first starts
+    /// in this process (`egress.rs`).
+    pub(crate) proxy: Mutex<Option<airlock_egress::ProxyHandle>>,
 }
 
 impl SandboxInner {
@@ -129,6 +132,7 @@ impl SandboxInner {
             events: broadcast::channel(EVENT_BUFFER).0,
             watch: Mutex::new(Weak::new()),
             network: Mutex::new(tokio::sync::watch::Sender::new(network)),
+            proxy: Mutex::new(None),
         })
     }
 
@@ -851,6 +855,8 @@ impl Sandbox {
 
     async fn running_container(&self) -> Result<ContainerSandbox> {
         let mut slot = self.inner.container.lock().await;
+        // Bound before the container starts, so its first request finds it.
+        let egress_dir = self.ensure_proxy()?;
         if let Some(container) = slot.as_ref() {
             if self.inner.container_stopped.swap(false, Ordering::SeqCst) {
                 self.let_remapped_root_pass(container.engine())?;
@@ -872,7 +878,8 @@ impl Sandbox {
                 let image = self.inner.config.image.clone().unwrap_or_else(|| containers.base_image.clone());
                 let mut spec = SandboxSpec::new(self.inner.id.to_string(), image, self.inner.workspace.host_path())
                     .runtime(self.inner.config.container_runtime)
-                    .resources(self.inner.config.resources);
+                    .resources(self.inner.config.resources)
+                    .egress(egress_dir);
                 spec.labels.insert(HOME_LABEL.into(), self.runtime.inner.home_label.clone());
                 // The same quota on the writable layer: by the engine where its
                 // storage can hold one, else by keeping the layer on the
@@ -979,6 +986,7 @@ impl Sandbox {
         for id in contexts {
             let _ = self.runtime.inner.interpreters.delete(&id);
         }
+        self.stop_proxy();
         self.runtime.inner.store.delete(self.inner.id)?;
         self.runtime.forget(self.inner.id);
         self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Destroyed });

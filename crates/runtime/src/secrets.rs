@@ -59,6 +59,10 @@ pub struct Secrets {
 }
 
 impl Secrets {
+    pub(crate) fn from_weak(runtime: Weak<RuntimeInner>) -> Self {
+        Self { runtime }
+    }
+
     /// The value of secret `name`, read from the registry on each call (a
     /// changed value applies to the next request). `None` when there is no
     /// such secret, the runtime is gone, or the registry cannot be read (that

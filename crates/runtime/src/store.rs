@@ -24,8 +24,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Version 1: sandboxes and executions. Version 2 adds, without touching what
 /// is there: the sandboxes' `owner` column and the `tokens` table. Version 3
 /// adds the `previews` table (exposed ports). Version 4 adds the `secrets`
-/// table (the egress credentials; see `secrets.rs`).
-const SCHEMA_VERSION: i64 = 4;
+/// table (the egress credentials; see `secrets.rs`). Version 5 adds the
+/// `egress` table (every decision of the egress proxy).
+const SCHEMA_VERSION: i64 = 5;
 
 /// Version 1, as it was made: kept so that a new home passes through the same
 /// migrations as an old one.
@@ -93,6 +94,24 @@ CREATE TABLE IF NOT EXISTS secrets (
 );
 ";
 
+/// Version 5's new table: one row per decision of the egress proxy (a
+/// request, or a tunnel), for usage and audit. Kept after their sandbox is
+/// destroyed, as its executions are: they are its usage history.
+const SCHEMA_EGRESS: &str = "
+CREATE TABLE IF NOT EXISTS egress (
+    sandbox_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    method TEXT,
+    verdict TEXT NOT NULL,
+    status INTEGER,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS egress_by_sandbox ON egress (sandbox_id, at_ms);
+";
+
 /// Opens `path` in WAL mode and brings its schema to [`SCHEMA_VERSION`], in
 /// one immediate transaction (two processes opening one home at once migrate
 /// it once). Migrations only add: a home made by an older Airlock opens with
@@ -138,6 +157,7 @@ fn migrate(connection: &Connection, path: &Path) -> Result<()> {
     connection.execute_batch(SCHEMA_TOKENS).map_err(Error::store(path))?;
     connection.execute_batch(SCHEMA_PREVIEWS).map_err(Error::store(path))?;
     connection.execute_batch(SCHEMA_SECRETS).map_err(Error::store(path))?;
+    connection.execute_batch(SCHEMA_EGRESS).map_err(Error::store(path))?;
     connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(Error::store(path))?;
     Ok(())
 }
@@ -506,6 +526,79 @@ impl Store {
             cpu_time: Duration::from_micros(u64::try_from(cpu).unwrap_or(0)),
             wall_time: Duration::from_micros(u64::try_from(wall).unwrap_or(0)),
         })
+    }
+}
+
+/// One decision of the egress proxy, as recorded.
+#[derive(Debug, Clone)]
+pub(crate) struct EgressRecord {
+    pub sandbox_id: SandboxId,
+    pub at: SystemTime,
+    pub host: String,
+    pub port: u16,
+    pub method: Option<String>,
+    /// `allowed`, or the denial's label (`policy_denied`, `forbidden_address`, ...).
+    pub verdict: String,
+    pub status: Option<u16>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// Totals over a set of egress decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EgressTotals {
+    /// Requests (and tunnels) the proxy let through.
+    pub allowed: u64,
+    /// Requests (and tunnels) it refused.
+    pub denied: u64,
+    /// Bytes from the sandbox to upstreams.
+    pub bytes_up: u64,
+    /// Bytes from upstreams to the sandbox.
+    pub bytes_down: u64,
+}
+
+impl Store {
+    pub(crate) fn record_egress(&self, record: &EgressRecord) -> Result<()> {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.lock()
+            .prepare_cached(
+                "INSERT INTO egress (sandbox_id, at_ms, host, port, method, verdict, status, bytes_up, bytes_down)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    record.sandbox_id.to_string(),
+                    millis(record.at),
+                    record.host,
+                    record.port,
+                    record.method,
+                    record.verdict,
+                    record.status,
+                    clamp(record.bytes_up),
+                    clamp(record.bytes_down)
+                ])
+            })
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Totals of the egress decisions for `sandbox` (all when `None`) in `[since, until)`.
+    pub(crate) fn egress_usage(&self, sandbox: Option<SandboxId>, since: SystemTime, until: SystemTime) -> Result<EgressTotals> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT COALESCE(SUM(verdict = 'allowed'), 0), COALESCE(SUM(verdict != 'allowed'), 0),
+                        COALESCE(SUM(bytes_up), 0), COALESCE(SUM(bytes_down), 0) FROM egress
+                 WHERE (?1 IS NULL OR sandbox_id = ?1) AND at_ms >= ?2 AND at_ms < ?3",
+            )
+            .map_err(self.err())?;
+        let (allowed, denied, up, down): (i64, i64, i64, i64) = statement
+            .query_row(params![sandbox.map(|id| id.to_string()), millis(since), millis(until)], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .map_err(self.err())?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(EgressTotals { allowed: count(allowed), denied: count(denied), bytes_up: count(up), bytes_down: count(down) })
     }
 }
 

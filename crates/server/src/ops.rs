@@ -501,6 +501,22 @@ pub(crate) struct UsageView {
     cpu_seconds: f64,
     price_per_vcpu_second: f64,
     cost_usd: f64,
+    egress: EgressView,
+}
+
+/// What the egress proxy allowed and refused in the window, and the bytes it moved.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct EgressView {
+    allowed: u64,
+    denied: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+impl From<airlock_runtime::EgressTotals> for EgressView {
+    fn from(totals: airlock_runtime::EgressTotals) -> Self {
+        Self { allowed: totals.allowed, denied: totals.denied, bytes_up: totals.bytes_up, bytes_down: totals.bytes_down }
+    }
 }
 
 fn unix_ms(ms: u64) -> SystemTime {
@@ -547,6 +563,10 @@ async fn usage(
                     total.cpu_time += add.cpu_time;
                     total.wall_time += add.wall_time;
                 }
+                sum.egress.allowed += one.egress.allowed;
+                sum.egress.denied += one.egress.denied;
+                sum.egress.bytes_up += one.egress.bytes_up;
+                sum.egress.bytes_down += one.egress.bytes_down;
             }
             sum.cpu_seconds = sum.total.cpu_time.as_secs_f64();
             sum.cost_usd = sum.cpu_seconds * sum.price_per_vcpu_second;
@@ -563,6 +583,7 @@ async fn usage(
         cpu_seconds: usage.cpu_seconds,
         price_per_vcpu_second: usage.price_per_vcpu_second,
         cost_usd: usage.cost_usd,
+        egress: usage.egress.into(),
     }))
 }
 
@@ -661,6 +682,17 @@ async fn metrics(_admin: RequireAdmin, State(state): State<AppState>) -> Result<
             totals.cpu_time.as_secs_f64()
         );
     }
+    family(
+        &mut out,
+        "airlock_egress_requests_total",
+        "counter",
+        "Requests and tunnels the egress proxy decided, by verdict (the ledger's).",
+    );
+    let _ = writeln!(out, "airlock_egress_requests_total{{verdict=\"allowed\"}} {}", usage.egress.allowed);
+    let _ = writeln!(out, "airlock_egress_requests_total{{verdict=\"denied\"}} {}", usage.egress.denied);
+    family(&mut out, "airlock_egress_bytes_total", "counter", "Bytes the egress proxy moved, by direction.");
+    let _ = writeln!(out, "airlock_egress_bytes_total{{direction=\"up\"}} {}", usage.egress.bytes_up);
+    let _ = writeln!(out, "airlock_egress_bytes_total{{direction=\"down\"}} {}", usage.egress.bytes_down);
     family(&mut out, "airlock_runs_total", "counter", "One-shot runs (POST /v1/run) since the server started.");
     let _ = writeln!(out, "airlock_runs_total {}", ops.metrics.runs.load(Ordering::Relaxed));
     family(

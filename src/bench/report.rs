@@ -345,7 +345,16 @@ impl Report {
                 .collect();
             if !bars.is_empty() {
                 let file = format!("{group}.svg");
-                std::fs::write(dir.join(&file), bar_chart(group, "ms", &bars))
+                // Published TTI medians are drawn as reference lines on the TTI chart.
+                let references: Vec<(String, f64)> = if group == "tti" {
+                    super::suite::PUBLISHED_TTI_MEDIANS_S
+                        .iter()
+                        .map(|(name, seconds)| (format!("{name} (published)"), seconds * 1000.0))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                std::fs::write(dir.join(&file), bar_chart(group, "ms", &bars, &references))
                     .with_context(|| format!("writing {}", dir.join(&file).display()))?;
                 let _ = writeln!(md, "![{group}]({file})\n");
             }

@@ -1,6 +1,9 @@
 //! Horizontal bar charts drawn by hand as SVG: one `<rect class="bar">` per
 //! bar (its median) and a thin line to its p90, labels on the left, values on
-//! the right. No other rectangles, so a reader (or a test) can count bars.
+//! the right; reference values (such as published medians) as dashed vertical
+//! lines. No other rectangles, so a reader (or a test) can count bars. When
+//! the values span more than [`LOG_SCALE_SPAN`] the scale is logarithmic (and
+//! the title says so), so a 1 ms bar beside a 1 s bar is still visible.
 
 use std::fmt::Write as _;
 
@@ -12,6 +15,12 @@ const BAR_HEIGHT: f64 = 18.0;
 const ROW_GAP: f64 = 8.0;
 const TOP: f64 = 36.0;
 const BOTTOM: f64 = 16.0;
+/// Height of the band under the bars where reference lines are labelled.
+const REFERENCE_BAND: f64 = 16.0;
+/// A generous average glyph width at 12 px, to keep labels inside the chart.
+const CHAR_WIDTH: f64 = 7.0;
+/// Largest over smallest value past which the scale is logarithmic.
+pub const LOG_SCALE_SPAN: f64 = 50.0;
 
 /// One bar: a label, its median and its p90 (both in the chart's unit).
 #[derive(Debug, Clone)]
@@ -35,12 +44,30 @@ pub fn escape(text: &str) -> String {
         .collect()
 }
 
-/// A chart of `bars` titled `title`, values in `unit` (such as "ms").
-pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
-    let height = TOP + bars.len() as f64 * (BAR_HEIGHT + ROW_GAP) + BOTTOM;
+/// A chart of `bars` titled `title`, values in `unit` (such as "ms"), with
+/// `references` (label, value) drawn as dashed lines across the bars.
+pub fn bar_chart(title: &str, unit: &str, bars: &[Bar], references: &[(String, f64)]) -> String {
+    let band = if references.is_empty() { 0.0 } else { REFERENCE_BAND * references.len() as f64 };
+    let rows_bottom = TOP + bars.len() as f64 * (BAR_HEIGHT + ROW_GAP);
+    let height = rows_bottom + band + BOTTOM;
     let plot = WIDTH - LABEL_WIDTH - VALUE_WIDTH;
-    let largest = bars.iter().map(|b| b.value.max(b.p90)).fold(0.0_f64, f64::max);
-    let scale = if largest > 0.0 { plot / largest } else { 0.0 };
+    let values = || bars.iter().flat_map(|b| [b.value, b.p90]).chain(references.iter().map(|(_, v)| *v));
+    let largest = values().fold(0.0_f64, f64::max);
+    let smallest = values().filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+    let logarithmic = smallest.is_finite() && largest / smallest > LOG_SCALE_SPAN;
+    // Pixels from the left edge of the plot for a value.
+    let x = |value: f64| -> f64 {
+        if largest <= 0.0 {
+            0.0
+        } else if logarithmic {
+            // The smallest value sits at a tenth of the plot, not at zero.
+            let floor = smallest / 2.0;
+            let span = (largest / floor).ln();
+            plot * ((value.max(floor) / floor).ln() / span)
+        } else {
+            plot * value / largest
+        }
+    };
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -48,14 +75,15 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
     );
     let _ = writeln!(
         svg,
-        r#"  <text x="8" y="20" font-size="14" font-weight="bold">{} (median, line to p90; {})</text>"#,
+        r#"  <text x="8" y="20" font-size="14" font-weight="bold">{} (median, line to p90; {}{})</text>"#,
         escape(title),
-        escape(unit)
+        escape(unit),
+        if logarithmic { ", logarithmic scale" } else { "" }
     );
     for (row, bar) in bars.iter().enumerate() {
         let y = TOP + row as f64 * (BAR_HEIGHT + ROW_GAP);
-        let width = (bar.value * scale).max(1.0);
-        let whisker = LABEL_WIDTH + (bar.p90 * scale).max(width);
+        let width = x(bar.value).max(1.0);
+        let whisker = LABEL_WIDTH + x(bar.p90).max(width);
         let middle = y + BAR_HEIGHT / 2.0;
         let _ = writeln!(
             svg,
@@ -80,6 +108,25 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
             r#"  <text x="{:.1}" y="{middle:.1}" dominant-baseline="middle">{}</text>"#,
             whisker + 6.0,
             escape(&format_value(bar.value, unit))
+        );
+    }
+    for (index, (label, value)) in references.iter().enumerate() {
+        let at = LABEL_WIDTH + x(*value);
+        let label_y = rows_bottom + REFERENCE_BAND * (index as f64 + 0.5);
+        let _ = writeln!(
+            svg,
+            r##"  <line class="reference" x1="{at:.1}" y1="{:.1}" x2="{at:.1}" y2="{:.1}" stroke="#c0392b" stroke-width="1" stroke-dasharray="4 3"/>"##,
+            TOP - 4.0,
+            label_y
+        );
+        let text = format!("{label} {}", format_value(*value, unit));
+        // A label that would run past the right edge is drawn to the line's left.
+        let (text_x, anchor) =
+            if at + 4.0 + text.len() as f64 * CHAR_WIDTH > WIDTH { (at - 4.0, "end") } else { (at + 4.0, "start") };
+        let _ = writeln!(
+            svg,
+            r##"  <text x="{text_x:.1}" y="{label_y:.1}" text-anchor="{anchor}" fill="#c0392b" dominant-baseline="middle">{}</text>"##,
+            escape(&text)
         );
     }
     svg.push_str("</svg>\n");
@@ -110,11 +157,30 @@ mod tests {
             Bar { label: "a <b> & c".into(), value: 2.0, p90: 3.0 },
             Bar { label: "d".into(), value: 10.0, p90: 10.0 },
         ];
-        let svg = bar_chart("t", "ms", &bars);
+        let svg = bar_chart("t", "ms", &bars, &[("E2B".into(), 4.0)]);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<rect").count(), 2);
         assert!(svg.contains("a &lt;b&gt; &amp; c"));
         assert!(!svg.contains("a <b>"));
+        assert_eq!(svg.matches("class=\"reference\"").count(), 1);
+        assert!(!svg.contains("logarithmic"));
+    }
+
+    #[test]
+    fn a_wide_span_is_drawn_on_a_log_scale() {
+        let bars = vec![
+            Bar { label: "fast".into(), value: 1.0, p90: 1.0 },
+            Bar { label: "slow".into(), value: 1000.0, p90: 1000.0 },
+        ];
+        let svg = bar_chart("t", "ms", &bars, &[]);
+        assert!(svg.contains("logarithmic scale"));
+        // The 1 ms bar is visibly wide (a tenth of the plot), not a sliver.
+        let widths: Vec<f64> = svg
+            .match_indices(" width=\"")
+            .skip(1)
+            .map(|(at, _)| svg[at + 8..].split('"').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(widths[0] > 30.0 && widths[1] > widths[0], "{widths:?}");
     }
 }

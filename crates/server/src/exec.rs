@@ -97,7 +97,7 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl ExecAnswer {
-    fn new(run: RunOutcome, with_output: bool) -> Self {
+    pub(crate) fn new(run: RunOutcome, with_output: bool) -> Self {
         let RunOutcome { outcome, placement } = run;
         let ExecOutcome {
             termination, stdout, stderr, stdout_truncated, stderr_truncated, wall_time, cpu_time, ..

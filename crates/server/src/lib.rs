@@ -32,6 +32,7 @@ pub mod auth;
 mod events;
 mod exec;
 mod files;
+mod git;
 mod local;
 mod network;
 pub mod openapi;
@@ -163,6 +164,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/{name}/files/{*path}", get(files::get).put(files::put).delete(files::delete))
         .route("/sandboxes/{name}/mkdir", post(files::mkdir))
         .route("/sandboxes/{name}/rename", post(files::rename))
+        .route("/sandboxes/{name}/git/checkout", post(git::checkout))
         .route("/run", post(exec::run))
         .route("/openapi.json", get(openapi::document))
         .merge(processes::routes())

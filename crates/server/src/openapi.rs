@@ -34,6 +34,7 @@ use utoipa::{Modify, OpenApi};
 use crate::PROBLEM_JSON;
 use crate::exec::{CodeAnswer, CodeBody, ContextBody, ContextCreated, ExecAnswer, ExecBody, RunBody};
 use crate::files::{MkdirBody, RenameBody};
+use crate::git::{GitCheckoutAnswer, GitCheckoutBody};
 use crate::network::{NetworkPolicyDoc, SecretBody, SecretView};
 use crate::ops::{Health, Readiness, UsageView};
 use crate::problem::Problem;
@@ -71,6 +72,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         pty, events, expose_port, list_ports, unexpose_port, preview, preview_root, preview_rest,
         usage, openapi_json, healthz, readyz, metrics,
         get_network, put_network, list_secrets, put_secret, delete_secret,
+        git_checkout,
     ),
     components(schemas(Problem)),
     modifiers(&Security),
@@ -78,6 +80,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "sandboxes", description = "Sandboxes by name"),
         (name = "execution", description = "Commands and code"),
         (name = "files", description = "The sandbox's workspace"),
+        (name = "git", description = "Repositories cloned into the workspace, through the egress proxy"),
         (name = "processes", description = "Background processes"),
         (name = "previews", description = "Ports exposed as preview URLs"),
         (name = "network", description = "A sandbox's outbound network policy, and the runtime's secrets (admin)"),
@@ -550,3 +553,17 @@ fn put_secret() {}
         (status = 409, description = "A sandbox's network policy names it (the detail says which)", body = Problem, content_type = "application/problem+json"),
     ))]
 fn delete_secret() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/git/checkout", tag = "git", request_body = GitCheckoutBody,
+    params(("name" = String, Path, description = "The sandbox's name")),
+    responses(
+        (status = 200, description = "git ran in the sandbox's container: `exit_code` is git's. On success `commit` is the \
+            checked-out commit; on git's own failure (an unknown branch, a refused or denied host) `commit` is `null` \
+            and `stderr` says why", body = GitCheckoutAnswer),
+        (status = 409, description = "The sandbox may not use the container tier", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not a JSON body", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Refused before anything ran (`invalid-request`): credentials in the URL, a scheme \
+            other than http(s), or a branch, directory, depth or timeout out of range", body = Problem, content_type = "application/problem+json"),
+    ))]
+fn git_checkout() {}

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod carried;
+mod git_cli;
 mod policy_cli;
 mod remote;
 mod sandbox_cli;
@@ -68,6 +69,9 @@ enum Command {
     Code(sandbox_cli::CodeArgs),
     /// Read and write a sandbox's workspace files.
     Files(sandbox_cli::FilesArgs),
+    /// Clone a repository into a sandbox's workspace, through its egress proxy (`git checkout NAME URL`).
+    #[command(subcommand)]
+    Git(git_cli::GitCommand),
     /// Active CPU used, and what it costs, per sandbox or for all.
     Usage(sandbox_cli::UsageArgs),
     /// Serve the runtime as an HTTP API under /v1 (docs/API.md, "HTTP API").
@@ -200,6 +204,7 @@ fn main() -> ExitCode {
             Command::Exec(args) => sandbox_cli::exec(args).await,
             Command::Code(args) => sandbox_cli::code(args).await,
             Command::Files(args) => sandbox_cli::files(args).await,
+            Command::Git(command) => git_cli::git(command).await,
             Command::Usage(args) => sandbox_cli::usage(args).await,
             Command::Policy(args) => policy_cli::policy(args).await,
             Command::Secret(command) => policy_cli::secret(command).await,

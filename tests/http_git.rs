@@ -48,7 +48,9 @@ fn server() -> &'static Shared {
     static SERVER: OnceLock<Shared> = OnceLock::new();
     SERVER.get_or_init(|| {
         require_docker();
-        let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("http-git-homes");
+        // Under /tmp, not the target directory: each sandbox's egress socket is
+        // in the home, and a Unix socket's path must fit in SUN_LEN (108 bytes).
+        let parent = std::env::temp_dir().join("airlock-http-git");
         let _ = std::fs::remove_dir_all(&parent);
         std::fs::create_dir_all(&parent).unwrap();
         let home: PathBuf = tempfile::Builder::new().prefix("home-").tempdir_in(&parent).unwrap().keep();
@@ -217,7 +219,7 @@ async fn a_private_repository_is_cloned_with_the_token_from_a_host_rule() {
 
     // With the host rule: cloned at the server's commit.
     set_policy("git-private", policy(port, true)).await;
-    let body = json!({ "url": url, "dir": "src/repo", "depth": 1 });
+    let body = json!({ "url": url, "dir": "src/repo" });
     let (status, cloned) = call(&shared.admin, Method::POST, &checkout_path("git-private"), Some(body)).await;
     assert_eq!(status, StatusCode::OK, "{cloned}");
     assert_eq!(cloned["exit_code"], json!(0), "{cloned}");
@@ -301,9 +303,24 @@ async fn an_unknown_sandbox_and_another_tenants_are_404() {
     let body = json!({ "url": "http://git.test/repo.git" });
     let missing = call(&shared.admin, Method::POST, &checkout_path("git-nobody"), Some(body.clone())).await;
     problem(&missing, StatusCode::NOT_FOUND, "not-found");
+    // The sandbox's 404, not the router's "no such route".
+    assert!(missing.1["detail"].as_str().unwrap().contains("no sandbox named"), "{}", missing.1);
 
     create(&shared.alice, "git-alice").await;
     let _destroy = Destroy("git-alice");
+    // Alice reaches her own sandbox (a refused URL, so nothing runs) ...
+    let own = json!({ "url": "ssh://git.test/repo.git" });
+    problem(
+        &call(&shared.alice, Method::POST, &checkout_path("git-alice"), Some(own.clone())).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-request",
+    );
+    // ... Bob does not, even with the same body.
+    problem(
+        &call(&shared.bob, Method::POST, &checkout_path("git-alice"), Some(own)).await,
+        StatusCode::NOT_FOUND,
+        "not-found",
+    );
     let theirs = call(&shared.bob, Method::POST, &checkout_path("git-alice"), Some(body.clone())).await;
     problem(&theirs, StatusCode::NOT_FOUND, "not-found");
     // Exactly as a sandbox that does not exist (the name aside).
@@ -346,8 +363,7 @@ async fn the_cli_clones_through_the_server_that_owns_the_home_and_prints_the_com
     let url = format!("http://git.test:{port}/repo.git");
 
     // The home is the server's: the CLI goes through its socket.
-    let (code, out, err) =
-        airlock(&shared.home, &["git", "checkout", "git-cli", &url, "--dir", "cli", "--depth", "1"], b"").await;
+    let (code, out, err) = airlock(&shared.home, &["git", "checkout", "git-cli", &url, "--dir", "cli"], b"").await;
     assert_eq!((code, out.as_str()), (Some(0), format!("{commit}\n").as_str()), "{err}");
     let readme = shared.runtime.get("git-cli").unwrap().unwrap().read_file("cli/README").await.unwrap();
     assert_eq!(readme, b"cloned over the HTTP API\n");

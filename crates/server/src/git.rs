@@ -144,4 +144,16 @@ mod tests {
             serde_json::from_value::<GitCheckoutBody>(serde_json::json!({ "url": "https://g.test/a", "token": "x" }));
         assert!(unknown.is_err());
     }
+
+    #[test]
+    fn the_documented_answer_carries_the_exec_fields() {
+        let document = serde_json::to_value(crate::openapi::openapi()).unwrap();
+        let answer = document["components"]["schemas"]["GitCheckoutAnswer"].to_string();
+        // The exec fields by reference to exec's own answer (`allOf`).
+        for field in ["\"dir\"", "\"commit\"", "#/components/schemas/ExecAnswer"] {
+            assert!(answer.contains(field), "{field} missing: {answer}");
+        }
+        let body = &document["components"]["schemas"]["GitCheckoutBody"];
+        assert_eq!(body["additionalProperties"], serde_json::json!(false), "{body}");
+    }
 }

@@ -30,6 +30,7 @@ mod events;
 pub mod files;
 mod git;
 mod home_lock;
+mod outbound;
 mod policy;
 mod preview;
 mod router;

@@ -457,7 +457,8 @@ impl Sandbox {
                     .await
                     .map_err(|e| airlock_core::Error::Engine(format!("loading the guest stopped: {e}")))??;
                 self.inner.isolate_wrote.store(true, Ordering::SeqCst);
-                self.runtime.inner.isolates.run(&guest, &self.inner.workspace, &request).await?
+                let outbound = Some(self.outbound());
+                self.runtime.inner.isolates.run_with_outbound(&guest, &self.inner.workspace, &request, outbound).await?
             }
         };
         self.record(ExecutionKind::Exec, outcome.tier, started_at, outcome.wall_time, outcome.cpu_time)?;
@@ -516,7 +517,10 @@ impl Sandbox {
         self.inner.isolate_wrote.store(true, Ordering::SeqCst);
         let outcome = match context {
             Some(id) => interpreters.eval(id, code).await?,
-            None => interpreters.run(language, self.inner.workspace.clone(), code, self.inner.config.limits).await?,
+            None => {
+                let (workspace, limits) = (self.inner.workspace.clone(), self.inner.config.limits);
+                interpreters.run_with_outbound(language, workspace, code, limits, Some(self.outbound())).await?
+            }
         };
         self.record(ExecutionKind::Code, TierKind::Isolate, started_at, outcome.wall_time, outcome.cpu_time)?;
         let EvalResult::NeedsEscalation { reason } = &outcome.result else {
@@ -565,7 +569,12 @@ impl Sandbox {
             .runtime
             .inner
             .interpreters
-            .create_context(language, self.inner.workspace.clone(), self.inner.config.limits)
+            .create_context_with_outbound(
+                language,
+                self.inner.workspace.clone(),
+                self.inner.config.limits,
+                Some(self.outbound()),
+            )
             .await?;
         slot.fill(id.clone(), language);
         Ok(id)

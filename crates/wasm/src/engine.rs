@@ -208,6 +208,9 @@ impl IsolateEngine {
         let mut component_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| engine_error("cannot link WASI preview 2", e))?;
+        // Outbound HTTP goes only through the store's hook (crate::outbound).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component_linker)
+            .map_err(|e| engine_error("cannot link wasi:http", e))?;
         crate::host::add_open_at_with_errno(&mut component_linker)
             .map_err(|e| engine_error("cannot link the handle-capped open-at", e))?;
         let mut module_linker = Linker::new(&engine);

@@ -13,6 +13,9 @@ use wasmtime_wasi::p2::bindings::filesystem::types::{
     Descriptor, DescriptorFlags, ErrorCode, HostDescriptor, OpenFlags, PathFlags,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::outbound::{IsolateHttp, Outbound};
 
 /// Tables and memories per store are bounded by the engine's pool; the
 /// limiter itself does not count them.
@@ -195,6 +198,27 @@ pub(crate) struct ComponentHost {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: Limiter,
+    pub(crate) http: WasiHttpCtx,
+    /// Where the guest's `wasi:http` requests go (nowhere without a hook).
+    pub(crate) outbound: IsolateHttp,
+}
+
+impl ComponentHost {
+    pub(crate) fn new(wasi: WasiCtx, limits: &Limits, outbound: Option<Outbound>) -> Self {
+        Self {
+            wasi,
+            table: handle_table(limits),
+            limiter: Limiter::new(limits),
+            http: WasiHttpCtx::new(),
+            outbound: IsolateHttp::new(outbound),
+        }
+    }
+}
+
+impl WasiHttpView for ComponentHost {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
 }
 
 impl WasiView for ComponentHost {

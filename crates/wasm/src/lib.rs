@@ -20,6 +20,7 @@ mod host;
 pub mod interpreter;
 mod lru;
 mod metering;
+mod outbound;
 mod output;
 mod run;
 mod tier;
@@ -30,4 +31,8 @@ pub use engine::{
     WASM_STACK_BYTES, default_cache_dir,
 };
 pub use guest::{Guest, GuestOrigin};
+pub use outbound::{
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REQUEST_TIME, Outbound, OutboundBody, OutboundBodyError,
+    OutboundFuture, OutboundHttp, OutboundLimits, OutboundRefused,
+};
 pub use tier::IsolateTier;

@@ -14,7 +14,8 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::engine::{IsolateEngine, WASM_STACK_BYTES};
 use crate::guest::{Guest, GuestKind};
-use crate::host::{ComponentHost, HasLimiter, Limiter, ModuleHost, handle_table, is_table_full, p1_context};
+use crate::host::{ComponentHost, HasLimiter, Limiter, ModuleHost, is_table_full, p1_context};
+use crate::outbound::Outbound;
 use crate::metering::Metered;
 use crate::output::{CapturePipe, OutputCapHit};
 
@@ -33,8 +34,21 @@ impl IsolateEngine {
     /// preopen, at `/workspace`; args, env and stdin are exactly the request's.
     /// `request.program` only names the guest to itself (`argv[0]`).
     ///
-    /// Dropping the returned future cancels the run.
+    /// Dropping the returned future cancels the run. The guest's outbound
+    /// HTTP is refused (see [`run_with_outbound`](Self::run_with_outbound)).
     pub async fn run(&self, guest: &Guest, workspace: &Workspace, request: &ExecRequest) -> Result<ExecOutcome, Error> {
+        self.run_with_outbound(guest, workspace, request, None).await
+    }
+
+    /// [`run`](Self::run), with the guest's `wasi:http` requests sent
+    /// through `outbound` (none: every request is refused).
+    pub async fn run_with_outbound(
+        &self,
+        guest: &Guest,
+        workspace: &Workspace,
+        request: &ExecRequest,
+        outbound: Option<Outbound>,
+    ) -> Result<ExecOutcome, Error> {
         if guest.is_interpreter() {
             return Err(Error::Unsupported {
                 tier: TierKind::Isolate,
@@ -78,7 +92,8 @@ impl IsolateEngine {
             // Refused at the top of this function.
             GuestKind::Interpreter(_) => return Err(Error::Engine("an interpreter cannot run as a command".into())),
             GuestKind::Component(pre) => {
-                let host = ComponentHost { wasi: wasi.build(), table: handle_table(&limits), limiter };
+                let mut host = ComponentHost::new(wasi.build(), &limits, outbound);
+                host.limiter = limiter;
                 let mut store = arm(Store::new(engine, host));
                 let ended = Metered::new(async {
                     let instance = match pre.instantiate_async(&mut store).await {

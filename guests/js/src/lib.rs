@@ -8,8 +8,10 @@
 //!
 //! Globals beyond the language: `console` (log/info/debug to stdout, warn/error
 //! to stderr), `fs` (synchronous workspace file access, also from
-//! `require("fs")`), and `require`, which escalates for `child_process` and
-//! network modules and reports any other module as missing.
+//! `require("fs")`), `fetch` (with `Headers` and `Response`) over wasi:http,
+//! whose requests the host sends under the sandbox's network policy, and
+//! `require`, which escalates for `child_process` and network modules and
+//! reports any other module as missing.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -21,6 +23,8 @@ use boa_engine::property::Attribute;
 use boa_engine::{Context, JsError, JsNativeError, JsResult, JsString, JsValue, NativeFunction, Script, Source, js_string};
 
 wit_bindgen::generate!({ world: "interpreter", path: "../../wit" });
+
+mod http;
 
 use exports::airlock::sandbox::evaluator::{CodeError, Escalation, EvalError, Guest, Value};
 
@@ -141,6 +145,36 @@ fn network(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
     Err(escalate(Escalation::Network))
 }
 
+/// The JavaScript half of `fetch`: `Headers`, `Response` and `fetch` itself,
+/// over the native `__airlockHttp(url, method, headersJson, body)`.
+const FETCH_JS: &str = include_str!("fetch.js");
+
+/// `__airlockHttp(url, method, headersJson, body)`: one blocking wasi:http
+/// request; answers `{"status", "headers": [[name, value]...], "body"}` as
+/// JSON, or throws an Error with the host's refusal (which names the host
+/// and the policy) or the failure.
+fn airlock_http(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let arg = |i: usize, context: &mut Context| -> JsResult<Option<String>> {
+        match args.get(i) {
+            Some(value) if !value.is_null_or_undefined() => Ok(Some(value.to_string(context)?.to_std_string_escaped())),
+            _ => Ok(None),
+        }
+    };
+    let url = arg(0, context)?.unwrap_or_default();
+    let method = arg(1, context)?.unwrap_or_else(|| "GET".into());
+    let headers: Vec<(String, String)> =
+        serde_json::from_str(&arg(2, context)?.unwrap_or_else(|| "[]".into())).unwrap_or_default();
+    let body = arg(3, context)?;
+    let fetched = http::fetch(&url, &method, &headers, body.as_deref().map(str::as_bytes))
+        .map_err(|message| JsError::from(JsNativeError::error().with_message(message)))?;
+    let answer = serde_json::json!({
+        "status": fetched.status,
+        "headers": fetched.headers,
+        "body": String::from_utf8_lossy(&fetched.body),
+    });
+    Ok(JsValue::from(JsString::from(answer.to_string().as_str())))
+}
+
 fn new_context() -> JsResult<Context> {
     let mut context = Context::default();
     let console = ObjectInitializer::new(&mut context)
@@ -161,9 +195,11 @@ fn new_context() -> JsResult<Context> {
         .build();
     context.register_global_property(js_string!("fs"), fs, Attribute::all())?;
     context.register_global_builtin_callable(js_string!("require"), 1, NativeFunction::from_fn_ptr(require))?;
-    for name in ["fetch", "WebSocket", "XMLHttpRequest"] {
+    for name in ["WebSocket", "XMLHttpRequest"] {
         context.register_global_builtin_callable(JsString::from(name), 1, NativeFunction::from_fn_ptr(network))?;
     }
+    context.register_global_builtin_callable(js_string!("__airlockHttp"), 4, NativeFunction::from_fn_ptr(airlock_http))?;
+    context.eval(Source::from_bytes(FETCH_JS))?;
     Ok(context)
 }
 

@@ -18,7 +18,8 @@ use super::bindings::Interpreter;
 use super::bindings::exports::airlock::sandbox::evaluator as wit;
 use crate::IsolateEngine;
 use crate::guest::{Guest, GuestKind};
-use crate::host::{ComponentHost, Limiter, handle_table, set_handle_cap};
+use crate::host::{ComponentHost, set_handle_cap};
+use crate::outbound::{IsolateHttp, Outbound};
 use crate::metering::Metered;
 use crate::output::CapturePipe;
 use crate::run::{Ended, arm, classify, confined_wasi, unbound_wasi};
@@ -39,6 +40,8 @@ pub struct InterpreterContext {
     /// `None` for a context made ahead and not yet bound to a caller.
     workspace: Option<Workspace>,
     limits: Limits,
+    /// Where the guest's outbound HTTP goes; kept across resets.
+    outbound: Option<Outbound>,
     live: Option<Live>,
     evaluations: u64,
     resets: u64,
@@ -75,6 +78,7 @@ fn escalation(reason: wit::Escalation) -> EscalationReason {
 impl InterpreterContext {
     /// Starts a context: instantiates the interpreter now, so a broken guest or
     /// workspace is reported here rather than at the first evaluation.
+    /// Its outbound HTTP is refused (see [`start_with_outbound`](Self::start_with_outbound)).
     pub async fn start(
         engine: &IsolateEngine,
         guest: Guest,
@@ -82,8 +86,21 @@ impl InterpreterContext {
         workspace: Workspace,
         limits: Limits,
     ) -> Result<Self, Error> {
+        Self::start_with_outbound(engine, guest, language, workspace, limits, None).await
+    }
+
+    /// [`start`](Self::start), with the guest's `wasi:http` requests sent
+    /// through `outbound` (none: every request is refused).
+    pub async fn start_with_outbound(
+        engine: &IsolateEngine,
+        guest: Guest,
+        language: Language,
+        workspace: Workspace,
+        limits: Limits,
+        outbound: Option<Outbound>,
+    ) -> Result<Self, Error> {
         limits.validate()?;
-        Self::instantiated(engine, guest, language, Some(workspace), limits).await
+        Self::instantiated(engine, guest, language, Some(workspace), limits, outbound).await
     }
 
     /// Makes a context ahead of its caller: instantiated under the default
@@ -92,7 +109,7 @@ impl InterpreterContext {
     /// [`bind`](Self::bind) the caller's first evaluation pays neither
     /// instantiation nor first-use costs.
     pub(crate) async fn start_ahead(engine: &IsolateEngine, guest: Guest, language: Language) -> Result<Self, Error> {
-        let mut context = Self::instantiated(engine, guest, language, None, Limits::default()).await?;
+        let mut context = Self::instantiated(engine, guest, language, None, Limits::default(), None).await?;
         let warmed = context.eval(WARM_UP_SNIPPET).await;
         if !warmed.is_ok() || context.live.is_none() {
             return Err(Error::InterpreterUnavailable {
@@ -110,6 +127,7 @@ impl InterpreterContext {
         language: Language,
         workspace: Option<Workspace>,
         limits: Limits,
+        outbound: Option<Outbound>,
     ) -> Result<Self, Error> {
         if !guest.is_interpreter() {
             return Err(Error::InterpreterUnavailable {
@@ -117,8 +135,17 @@ impl InterpreterContext {
                 reason: format!("{} is not an interpreter component", guest.name()),
             });
         }
-        let mut context =
-            Self { engine: engine.clone(), guest, language, workspace, limits, live: None, evaluations: 0, resets: 0 };
+        let mut context = Self {
+            engine: engine.clone(),
+            guest,
+            language,
+            workspace,
+            limits,
+            outbound,
+            live: None,
+            evaluations: 0,
+            resets: 0,
+        };
         if let Err(ended) = context.instantiate().await {
             return Err(Error::InterpreterUnavailable { language, reason: ended_text(ended) });
         }
@@ -129,7 +156,8 @@ impl InterpreterContext {
     /// had been started with them. Returns false, leaving the context as it
     /// was, if it is already bound, `limits` are invalid, the workspace cannot
     /// be opened, or the instance already uses more than `limits` allow.
-    pub(crate) fn bind(&mut self, workspace: Workspace, limits: Limits) -> bool {
+    /// Its outbound HTTP goes through `outbound` from then on.
+    pub(crate) fn bind(&mut self, workspace: Workspace, limits: Limits, outbound: Option<Outbound>) -> bool {
         if self.workspace.is_some() || limits.validate().is_err() {
             return false;
         }
@@ -143,12 +171,14 @@ impl InterpreterContext {
         host.wasi = wasi.build();
         host.limiter = limiter;
         set_handle_cap(&mut host.table, &limits);
+        host.outbound = IsolateHttp::new(outbound.clone());
         for pipe in [&live.stdout, &live.stderr] {
             pipe.set_cap(limits.output_bytes);
             let _ = pipe.take();
         }
         self.workspace = Some(workspace);
         self.limits = limits;
+        self.outbound = outbound;
         self.evaluations = 0;
         self.resets = 0;
         true
@@ -184,11 +214,7 @@ impl InterpreterContext {
             None => unbound_wasi(&stdout, &stderr),
         };
         wasi.arg(self.language.as_str());
-        let host = ComponentHost {
-            wasi: wasi.build(),
-            table: handle_table(&self.limits),
-            limiter: Limiter::new(&self.limits),
-        };
+        let host = ComponentHost::new(wasi.build(), &self.limits, self.outbound.clone());
         let mut store = arm(Store::new(&self.engine.inner.engine, host));
         let deadline = Instant::now() + self.limits.deadline;
         let instantiating = Metered::new(pre.instantiate_async(&mut store));

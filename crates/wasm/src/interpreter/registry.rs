@@ -9,7 +9,7 @@ use airlock_core::{Error, EvalOutcome, Language, Limits, Workspace};
 use serde::Serialize;
 
 use super::InterpreterContext;
-use crate::{Guest, IsolateEngine};
+use crate::{Guest, IsolateEngine, Outbound};
 
 /// The file each language's interpreter component is read from, in the interpreter directory.
 pub const INTERPRETER_FILES: [(Language, &str); 2] =
@@ -177,14 +177,26 @@ impl Interpreters {
         Ok(guest)
     }
 
-    /// Creates a context and returns its id.
+    /// Creates a context and returns its id. Its outbound HTTP is refused.
     pub async fn create_context(
         &self,
         language: Language,
         workspace: Workspace,
         limits: Limits,
     ) -> Result<String, Error> {
-        let (context, guest) = self.fresh_context(language, workspace, limits).await?;
+        self.create_context_with_outbound(language, workspace, limits, None).await
+    }
+
+    /// [`create_context`](Self::create_context), with the context's
+    /// `wasi:http` requests sent through `outbound` (none: refused).
+    pub async fn create_context_with_outbound(
+        &self,
+        language: Language,
+        workspace: Workspace,
+        limits: Limits,
+        outbound: Option<Outbound>,
+    ) -> Result<String, Error> {
+        let (context, guest) = self.fresh_context(language, workspace, limits, outbound).await?;
         self.refill(language, guest);
         let id = format!("ctx-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         lock(&self.contexts).insert(id.clone(), Arc::new(tokio::sync::Mutex::new(context)));
@@ -225,7 +237,7 @@ impl Interpreters {
 
     /// One-shot: evaluates `code` in a fresh context that is discarded after.
     /// With [`keep_warm`](Self::keep_warm), the fresh context is one made ahead
-    /// when one is ready and fits `limits`.
+    /// when one is ready and fits `limits`. Its outbound HTTP is refused.
     pub async fn run(
         &self,
         language: Language,
@@ -233,7 +245,20 @@ impl Interpreters {
         code: &str,
         limits: Limits,
     ) -> Result<EvalOutcome, Error> {
-        let (mut context, guest) = self.fresh_context(language, workspace, limits).await?;
+        self.run_with_outbound(language, workspace, code, limits, None).await
+    }
+
+    /// [`run`](Self::run), with the code's `wasi:http` requests sent through
+    /// `outbound` (none: refused).
+    pub async fn run_with_outbound(
+        &self,
+        language: Language,
+        workspace: Workspace,
+        code: &str,
+        limits: Limits,
+        outbound: Option<Outbound>,
+    ) -> Result<EvalOutcome, Error> {
+        let (mut context, guest) = self.fresh_context(language, workspace, limits, outbound).await?;
         let outcome = context.eval(code).await;
         // Tearing an instance down (resetting its memory) takes a fraction of a
         // millisecond; do it after answering, off the caller's path.
@@ -250,20 +275,30 @@ impl Interpreters {
         language: Language,
         workspace: Workspace,
         limits: Limits,
+        outbound: Option<Outbound>,
     ) -> Result<(InterpreterContext, Guest), Error> {
         let guest = self.guest(language).await?;
-        let context = match self.take_warm(language, &workspace, limits) {
+        let context = match self.take_warm(language, &workspace, limits, &outbound) {
             Some(context) => context,
-            None => InterpreterContext::start(&self.engine, guest.clone(), language, workspace, limits).await?,
+            None => {
+                InterpreterContext::start_with_outbound(&self.engine, guest.clone(), language, workspace, limits, outbound)
+                    .await?
+            }
         };
         Ok((context, guest))
     }
 
     /// A warm context of `language` bound to `workspace` and `limits`, if one
     /// is ready and fits them (one that does not fit stays in the pool).
-    fn take_warm(&self, language: Language, workspace: &Workspace, limits: Limits) -> Option<InterpreterContext> {
+    fn take_warm(
+        &self,
+        language: Language,
+        workspace: &Workspace,
+        limits: Limits,
+        outbound: &Option<Outbound>,
+    ) -> Option<InterpreterContext> {
         let mut context = lock(&self.warm).ready.get_mut(&language)?.pop()?;
-        if context.bind(workspace.clone(), limits) {
+        if context.bind(workspace.clone(), limits, outbound.clone()) {
             return Some(context);
         }
         lock(&self.warm).ready.entry(language).or_default().push(context);

@@ -1,6 +1,7 @@
 //! `airlock bench` end to end: the real binary runs a small quick subset in a
 //! temporary home (an isolate cold start, an evaluation in a context, the
-//! paired HTTP case, a warm container command and the staggered TTI mode),
+//! paired HTTP case, a warm container command, the staggered TTI mode and the
+//! docker exec peer),
 //! and the JSON, Markdown and SVG it writes are checked for shape and
 //! consistency — never for a number. Needs Docker (`airlock setup`): without
 //! it the container cases fail, and so does this test.
@@ -26,7 +27,12 @@ fn quick_subset_writes_consistent_json_markdown_and_svg() {
     let markdown = out.path().join("report");
     let started = std::time::Instant::now();
     let output = airlock()
-        .args(["bench", "--quick", "--only", "python-cold,js-eval,http-eval,runc-bash-warm,tti-staggered"])
+        .args([
+            "bench",
+            "--quick",
+            "--only",
+            "python-cold,js-eval,http-eval,runc-bash-warm,tti-staggered,peer-docker-exec",
+        ])
         .args(["--repetitions", &REPETITIONS.to_string(), "--warmup", &WARMUP.to_string()])
         .arg("--json")
         .arg(&json_path)
@@ -41,7 +47,7 @@ fn quick_subset_writes_consistent_json_markdown_and_svg() {
     assert!(output.status.success(), "airlock bench failed (Docker running? `airlock setup`)\n{stdout}\n{stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(300), "took {:?}", started.elapsed());
     // Progress on stderr, the table on stdout.
-    assert!(stderr.contains("[1/5] python-cold"), "{stderr}");
+    assert!(stderr.contains("[1/6] python-cold"), "{stderr}");
     assert!(stdout.contains("median") && stdout.contains("machine:"), "{stdout}");
 
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
@@ -60,7 +66,15 @@ fn quick_subset_writes_consistent_json_markdown_and_svg() {
     let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["python-cold", "js-eval", "runc-bash-warm", "tti-staggered", "http-eval-library", "http-eval-http"]
+        [
+            "python-cold",
+            "js-eval",
+            "runc-bash-warm",
+            "tti-staggered",
+            "http-eval-library",
+            "http-eval-http",
+            "peer-docker-exec"
+        ]
     );
     for result in results {
         let name = result["name"].as_str().unwrap();
@@ -95,13 +109,22 @@ fn quick_subset_writes_consistent_json_markdown_and_svg() {
     let fastest = tti["stats"]["min_ms"].as_f64().unwrap();
     assert!(wall >= 400.0 + fastest, "wall clock {wall} ms: launches were not staggered");
     assert_eq!(tti["extra"]["published_medians_s"]["E2B"], 0.49);
+    // Pairs: HTTP against the library, docker exec against Airlock's exec.
     let comparisons = report["comparisons"].as_array().unwrap();
-    assert_eq!(comparisons.len(), 1);
-    assert_eq!(comparisons[0]["a"], "http-eval-library");
+    assert_eq!(comparisons.len(), 2, "{comparisons:?}");
+    assert_eq!((&comparisons[0]["a"], &comparisons[0]["b"]), (&"http-eval-library".into(), &"http-eval-http".into()));
+    assert_eq!((&comparisons[1]["a"], &comparisons[1]["b"]), (&"runc-bash-warm".into(), &"peer-docker-exec".into()));
+    assert!(comparisons.iter().all(|c| c["ratio_median"].as_f64().unwrap() > 0.0));
+    // The docker exec peer's own container is gone.
+    let left = Command::new("docker")
+        .args(["ps", "-a", "--filter", "name=airlock-bench-peer-", "--format", "{{.Names}}"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "left behind: {:?}", left);
 
     let md = std::fs::read_to_string(markdown.join("report.md")).unwrap();
     assert!(md.starts_with("# airlock bench report"), "{md}");
-    for group in ["cold-start", "warm", "tti", "http-overhead"] {
+    for group in ["cold-start", "warm", "tti", "http-overhead", "peer"] {
         assert!(md.contains(&format!("## {group}")), "{group} missing: {md}");
         assert!(md.contains(&format!("({group}.svg)")), "{group}.svg not linked: {md}");
         let svg = std::fs::read_to_string(markdown.join(format!("{group}.svg"))).unwrap();

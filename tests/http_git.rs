@@ -17,7 +17,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "egress/upstream.rs"]
-#[allow(dead_code)] // This binary uses the plain-HTTP upstream only.
 mod upstream;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -77,12 +77,34 @@ async fn checkout(args: CheckoutArgs) -> Result<ExitCode> {
     };
     // Refused here before the home is even opened, with the runtime's words.
     request.validate()?;
-    let finished = match args.home.reach("git checkout").await? {
+    let home = args.home.reach("git checkout").await?;
+    let work = run(home, &args, &request, timeout);
+    // Ctrl-c drops the checkout: in process that kills git's tree (waited for,
+    // as `exec` does); through a server it closes the request's connection.
+    let finished = tokio::select! {
+        finished = work => finished?,
+        _ = tokio::signal::ctrl_c() => {
+            if !airlock::container::settle_agent_links(INTERRUPT_SETTLE).await {
+                eprintln!("airlock: warning: the container did not confirm the kill of git");
+            }
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
+    };
+    Ok(report(finished))
+}
+
+/// How long an interrupted checkout waits for the container's agent to confirm git's kill.
+const INTERRUPT_SETTLE: Duration = Duration::from_secs(5);
+/// The status after ctrl-c, as a shell reports it (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
+async fn run(home: Home, args: &CheckoutArgs, request: &GitCheckout, timeout: Option<Duration>) -> Result<Finished> {
+    Ok(match home {
         Home::Local(runtime) => {
             let Some(sandbox) = runtime.get(&args.name)? else {
                 bail!("no sandbox named {:?} (create it, and allow the repository's host in its policy)", args.name);
             };
-            let outcome = sandbox.git_checkout(&request).await?;
+            let outcome = sandbox.git_checkout(request).await?;
             Finished {
                 dir: outcome.dir,
                 commit: outcome.commit,
@@ -90,9 +112,8 @@ async fn checkout(args: CheckoutArgs) -> Result<ExitCode> {
                 stderr: outcome.run.outcome.stderr,
             }
         }
-        Home::Served(api) => checkout_remote(&api, &args.name, &request, timeout).await?,
-    };
-    Ok(report(finished))
+        Home::Served(api) => checkout_remote(&api, &args.name, request, timeout).await?,
+    })
 }
 
 async fn checkout_remote(

@@ -18,6 +18,7 @@
 
 #[path = "egress/upstream.rs"]
 mod upstream;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;

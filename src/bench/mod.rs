@@ -84,7 +84,8 @@ fn select(args: &BenchArgs) -> Result<Vec<&'static Case>> {
         }
         return Ok(CASES.iter().filter(|case| args.only.iter().any(|name| name.trim() == case.name)).collect());
     }
-    Ok(CASES.iter().filter(|case| (!args.quick || case.quick) && (!case.peer || args.peers)).collect())
+    // Peers run with --peers, quick or not; the rest by --quick's set.
+    Ok(CASES.iter().filter(|case| if case.peer { args.peers } else { !args.quick || case.quick }).collect())
 }
 
 /// Runs `airlock bench` on its own multi-threaded async runtime.

@@ -2,6 +2,7 @@
 //! the accept loop.
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -118,9 +119,15 @@ impl Egress {
             Err(source) => return Err(EgressError::Io { what: "inspecting", path: socket, source }),
         }
         // bind(2) creates the socket and fails if anything appeared meanwhile; it never follows a symlink.
-        let std_listener = std::os::unix::net::UnixListener::bind(&socket).map_err(io_error("binding", &socket))?;
-        fs::set_permissions(&socket, fs::Permissions::from_mode(0o666))
+        // Through the directory's descriptor (`/proc/self/fd/N/proxy.sock`):
+        // a socket's path is limited to 108 bytes (SUN_LEN), which a deep
+        // home's sandbox directory exceeds, and this path is short whatever the home.
+        let handle = fs::File::open(dir).map_err(io_error("opening the egress directory", dir))?;
+        let short = Path::new("/proc/self/fd").join(handle.as_raw_fd().to_string()).join(EGRESS_SOCKET_FILE);
+        let std_listener = std::os::unix::net::UnixListener::bind(&short).map_err(io_error("binding", &socket))?;
+        fs::set_permissions(&short, fs::Permissions::from_mode(0o666))
             .map_err(io_error("setting the mode of", &socket))?;
+        drop(handle);
         std_listener.set_nonblocking(true).map_err(io_error("configuring", &socket))?;
         let listener = {
             let _guard = runtime.enter();

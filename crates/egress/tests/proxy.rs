@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::network::{DenyReason, NetworkPolicy};
-use airlock_egress::{Denial, EgressError, Verdict};
+use airlock_egress::{Denial, Egress, EgressCa, EgressError, NoSink, SecretSource, Verdict};
 use bytes::Bytes;
 use common::*;
 use http::Request;
@@ -455,4 +455,35 @@ async fn send_request_applies_the_same_policy_injection_and_address_checks() {
     let metadata =
         proxy.egress.send_request("sbx-isolate", &rules, request("http://169.254.169.254/".to_owned())).await;
     assert!(matches!(metadata, Err(airlock_egress::OutboundError::Denied { denial: Denial::ForbiddenAddress(_), .. })));
+}
+
+/// A sandbox directory deeper than a socket path may be (108 bytes) still
+/// gets its proxy: the socket is bound through the directory's descriptor.
+/// (A runtime home under a build tree's target directory is that deep.)
+#[tokio::test]
+async fn a_socket_in_a_directory_deeper_than_sun_len_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join("d".repeat(60)).join("e".repeat(60)).join("egress");
+    assert!(deep.join("proxy.sock").as_os_str().len() > 108);
+    let ca = EgressCa::load_or_create(&dir.path().join("ca")).unwrap();
+    let egress = Egress::new(config(None), ca, Arc::new(NoSecrets), Arc::new(NoSink)).unwrap();
+    let (_policy, receiver) = tokio::sync::watch::channel(Arc::new(policy(Vec::new())));
+    let handle = egress.bind_sandbox("sbx-deep".to_owned(), &deep, receiver).unwrap();
+    let mode = std::fs::symlink_metadata(handle.socket_path()).unwrap();
+    assert!(mode.file_type().is_socket());
+    assert_eq!(mode.permissions().mode() & 0o777, 0o666);
+    // A client reaches it the same short way (a container, by its mount).
+    let opened = std::fs::File::open(&deep).unwrap();
+    let short = format!("/proc/self/fd/{}/proxy.sock", std::os::fd::AsRawFd::as_raw_fd(&opened));
+    let mut client = client(std::path::Path::new(&short)).await;
+    let answer = send(&mut client, get("http://denied.test/")).await;
+    assert_eq!(answer.status, 403, "{}", answer.body);
+}
+
+struct NoSecrets;
+
+impl SecretSource for NoSecrets {
+    fn secret(&self, _name: &str) -> Option<String> {
+        None
+    }
 }

@@ -618,6 +618,16 @@ fn reload_dockerd() -> Result<()> {
         .ok()
         .and_then(rustix::process::Pid::from_raw)
         .ok_or_else(|| Error::Setup(format!("/var/run/docker.pid holds {pid_text:?}")))?;
+    // A stale pid file may name a pid since reused by another process, which
+    // a SIGHUP would end: signal only a process that is dockerd.
+    let command = fs::read_to_string(format!("/proc/{}/comm", pid.as_raw_nonzero())).unwrap_or_default();
+    if command.trim() != "dockerd" {
+        return Err(Error::Setup(format!(
+            "/var/run/docker.pid names pid {}, which is not dockerd ({:?}); restart dockerd to add runsc",
+            pid.as_raw_nonzero(),
+            command.trim()
+        )));
+    }
     rustix::process::kill_process(pid, rustix::process::Signal::HUP)
         .map_err(|e| Error::Setup(format!("signalling dockerd to reload: {e}")))
 }

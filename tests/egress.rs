@@ -30,7 +30,7 @@ use airlock::runtime::{
     GitCheckout, NetworkPolicy, Runtime, RuntimeOptions, Sandbox, SandboxConfig, TierPreference, UsageQuery,
 };
 use serde_json::json;
-use upstream::{Answer, Seen, TestCa, Upstream, static_files};
+use upstream::{Answer, Seen, TestCa, Upstream, bare_repository, static_files};
 
 /// The credential the upstream wants; it must never be visible inside a sandbox.
 const TOKEN: &str = "tok-7c1d2e9f-never-inside-the-sandbox";
@@ -200,37 +200,12 @@ async fn a_policy_narrowed_mid_task_applies_to_the_next_request() {
     sandbox.kill_processes().await.unwrap();
 }
 
-/// A bare repository with one commit, made on the host and prepared for
-/// git's "dumb" HTTP protocol (static files), and that commit's id.
-fn bare_repository(dir: &Path) -> String {
-    let git = |args: &[&str], cwd: &Path| {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
-            .args(args)
-            .current_dir(cwd)
-            .output()
-            .expect("git on the host");
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let work = dir.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&["init", "-q"], &work);
-    std::fs::write(work.join("README"), "cloned through the egress proxy\n").unwrap();
-    git(&["add", "README"], &work);
-    git(&["commit", "-q", "-m", "first"], &work);
-    let commit = git(&["rev-parse", "HEAD"], &work);
-    git(&["clone", "-q", "--bare", work.to_str().unwrap(), dir.join("site/repo.git").to_str().unwrap()], dir);
-    git(&["update-server-info"], &dir.join("site/repo.git"));
-    commit
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_checkout_of_a_private_repository_takes_its_token_from_a_host_rule() {
     let home = tempfile::tempdir().unwrap();
     let runtime = runtime_in(home.path(), Vec::new()).await;
     let repos = tempfile::tempdir().unwrap();
-    let commit = bare_repository(repos.path());
+    let commit = bare_repository(repos.path(), "cloned through the egress proxy\n");
     let server = Upstream::http(static_files(&repos.path().join("site"), Some(format!("Bearer {TOKEN}")))).await;
     let p = server.port();
     runtime.set_secret("git-token", TOKEN).unwrap();

@@ -28,7 +28,7 @@ use std::time::Duration;
 use airlock::runtime::{API_SOCKET_FILE, DiskOptions, QuotaMode, Runtime, RuntimeOptions};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
-use upstream::{Upstream, static_files};
+use upstream::{Upstream, bare_repository, static_files};
 
 /// The credential the repository's server wants; no request to Airlock carries it.
 const TOKEN: &str = "tok-git-5a8b3c1d-only-at-the-proxy";
@@ -134,34 +134,9 @@ impl Drop for Destroy {
     }
 }
 
-/// A bare repository with one commit, served with git's "dumb" HTTP protocol
-/// (static files under `dir/site`), and that commit's id.
-fn bare_repository(dir: &Path) -> String {
-    let git = |args: &[&str], cwd: &Path| {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
-            .args(args)
-            .current_dir(cwd)
-            .output()
-            .expect("git on the host");
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let work = dir.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&["init", "-q"], &work);
-    std::fs::write(work.join("README"), "cloned over the HTTP API\n").unwrap();
-    git(&["add", "README"], &work);
-    git(&["commit", "-q", "-m", "first"], &work);
-    let commit = git(&["rev-parse", "HEAD"], &work);
-    git(&["clone", "-q", "--bare", work.to_str().unwrap(), dir.join("site/repo.git").to_str().unwrap()], dir);
-    git(&["update-server-info"], &dir.join("site/repo.git"));
-    commit
-}
-
 /// A private repository on loopback: its commit, its server (kept alive by the caller) and its port.
 async fn private_repository(dir: &Path) -> (String, Upstream, u16) {
-    let commit = bare_repository(dir);
+    let commit = bare_repository(dir, "cloned over the HTTP API\n");
     let upstream = Upstream::http(static_files(&dir.join("site"), Some(format!("Bearer {TOKEN}")))).await;
     let port = upstream.port();
     (commit, upstream, port)

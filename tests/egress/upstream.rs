@@ -184,6 +184,32 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// A bare repository with one commit holding `README` (`readme`), prepared
+/// for git's "dumb" HTTP protocol (static files under `dir/site`, the
+/// repository at `/repo.git`), and that commit's id. Needs git on the host.
+pub fn bare_repository(dir: &Path, readme: &str) -> String {
+    let git = |args: &[&str], cwd: &Path| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("git on the host");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&["init", "-q"], &work);
+    std::fs::write(work.join("README"), readme).unwrap();
+    git(&["add", "README"], &work);
+    git(&["commit", "-q", "-m", "first"], &work);
+    let commit = git(&["rev-parse", "HEAD"], &work);
+    git(&["clone", "-q", "--bare", work.to_str().unwrap(), dir.join("site/repo.git").to_str().unwrap()], dir);
+    git(&["update-server-info"], &dir.join("site/repo.git"));
+    commit
+}
+
 /// A test certificate authority and a server certificate for `names`, signed by it.
 pub struct TestCa {
     pub ca_pem: String,

@@ -4,11 +4,15 @@
 //! report with SVG charts. What each case measures: `airlock bench --list`
 //! and docs/BENCHMARKS.md ("airlock bench").
 
+mod density;
+mod egress;
 mod http;
+mod pip;
 mod report;
 mod stats;
 mod suite;
 mod svg;
+mod upstream;
 
 use std::io::Write as _;
 use std::path::PathBuf;

@@ -215,6 +215,10 @@ fn note(result: &CaseResult) -> String {
     if let Some(reason) = &result.reason {
         parts.push(reason.clone());
     }
+    // A case's own one-line summary (egress, density).
+    if let Some(note) = result.extra.get("note").and_then(Value::as_str) {
+        parts.push(note.to_string());
+    }
     if let Some(rate) = result.extra.get("per_second").and_then(Value::as_f64) {
         parts.push(format!("{rate:.1}/s"));
     }

@@ -77,6 +77,32 @@ pub const CASES: &[Case] = &[
         false,
         "Python that starts a subprocess: the isolate answers needs-escalation and the snippet runs again in the running container; paired with the same snippet sent to the container directly",
     ),
+    case(
+        "egress-latency",
+        "egress",
+        true,
+        "a small GET to a loopback upstream from inside a running container through its egress proxy, paired with the host's direct GET",
+    ),
+    case(
+        "egress-download",
+        "egress",
+        false,
+        "a 100 MiB GET from a loopback upstream by curl in a running container through its egress proxy, paired with the host's direct GET",
+    ),
+    case(
+        "pip-install",
+        "workload",
+        false,
+        "`pip install` of a wheel from a PEP 503 index on loopback, through the egress proxy, in a fresh container sandbox each time",
+    ),
+    case("density-js", "density", true, "idle JavaScript contexts held at once: how many before a limit, RSS each"),
+    case("density-python", "density", true, "idle Python contexts held at once: how many before a limit, RSS each"),
+    case(
+        "density-containers",
+        "density",
+        true,
+        "idle container sandboxes (runc) running at once: how many before a limit, cgroup memory each",
+    ),
     case("workload-primes", "workload", false, "count primes below 10000 by trial division"),
     case("workload-fft", "workload", false, "a 1024-point radix-2 FFT, find the peak"),
     case("workload-json", "workload", true, "serialise and parse 2000 records"),
@@ -108,7 +134,7 @@ pub const CASES: &[Case] = &[
 
 /// Whether a case makes containers (the run prepares the container tier first).
 pub fn needs_container(case: &Case) -> bool {
-    ["runc-", "runsc-", "tti-", "workload-", "escalation-", "peer-docker-"].iter().any(|p| case.name.starts_with(p))
+    ["runc-", "runsc-", "tti-", "workload-", "escalation-", "peer-docker-", "egress-", "pip-", "density-containers"].iter().any(|p| case.name.starts_with(p))
 }
 
 /// The published TTI medians the report prints beside Airlock's, in seconds
@@ -135,6 +161,10 @@ pub enum Kind {
     Http,
     Workload,
     Peer,
+    /// A large download, each side per repetition.
+    Download,
+    /// A pip install in a fresh container sandbox per repetition.
+    Pip,
 }
 
 /// Repetition counts: defaults per kind, fewer with `--quick`, overridable.
@@ -158,6 +188,8 @@ impl Plan {
             Kind::Http => ((5, 30), (20, 200)),
             Kind::Workload => ((1, 3), (2, 10)),
             Kind::Peer => ((1, 3), (2, 10)),
+            Kind::Download => ((1, 3), (1, 10)),
+            Kind::Pip => ((0, 3), (1, 10)),
         };
         let (warmup, repetitions) = if self.quick { quick } else { full };
         (self.warmup.unwrap_or(warmup), self.repetitions.unwrap_or(repetitions).max(1))
@@ -185,15 +217,15 @@ pub struct Suite {
 }
 
 /// A result's fixed fields, filled in as the case goes.
-struct Meta<'a> {
-    case: &'a Case,
-    name: String,
-    tier: String,
-    path: &'static str,
-    what: String,
+pub(super) struct Meta<'a> {
+    pub case: &'a Case,
+    pub name: String,
+    pub tier: String,
+    pub path: &'static str,
+    pub what: String,
 }
 
-fn finish(meta: Meta<'_>, counts: (usize, usize), samples: Result<Vec<f64>>, extra: Map<String, Value>) -> CaseResult {
+pub(super) fn finish(meta: Meta<'_>, counts: (usize, usize), samples: Result<Vec<f64>>, extra: Map<String, Value>) -> CaseResult {
     let (status, reason, stats) = match samples {
         Ok(samples) => (Status::Ok, None, Stats::of(&samples)),
         Err(error) => (Status::Failed, Some(format!("{error:#}").replace('\n', " ")), None),
@@ -214,7 +246,7 @@ fn finish(meta: Meta<'_>, counts: (usize, usize), samples: Result<Vec<f64>>, ext
     }
 }
 
-fn skipped(meta: Meta<'_>, counts: (usize, usize), reason: String) -> CaseResult {
+pub(super) fn skipped(meta: Meta<'_>, counts: (usize, usize), reason: String) -> CaseResult {
     CaseResult {
         case: meta.case.name.to_string(),
         name: meta.name,
@@ -256,7 +288,7 @@ fn isolate_config() -> SandboxConfig {
     SandboxConfig { tier: TierPreference::Isolate, ..SandboxConfig::default() }
 }
 
-fn container_config(runtime: ContainerRuntime) -> SandboxConfig {
+pub(super) fn container_config(runtime: ContainerRuntime) -> SandboxConfig {
     SandboxConfig { tier: TierPreference::Container, container_runtime: runtime, ..SandboxConfig::default() }
 }
 
@@ -402,12 +434,12 @@ impl Suite {
         format!("bench-{}-{}", std::process::id(), self.next_name)
     }
 
-    async fn new_sandbox(&mut self, config: SandboxConfig) -> Result<Sandbox> {
+    pub(super) async fn new_sandbox(&mut self, config: SandboxConfig) -> Result<Sandbox> {
         let name = self.fresh_name();
         self.runtime.create_sandbox(&name, config, None).await?.with_context(|| format!("the name {name} is taken"))
     }
 
-    async fn destroy(&self, sandbox: &Sandbox) {
+    pub(super) async fn destroy(&self, sandbox: &Sandbox) {
         if let Err(e) = self.runtime.destroy_sandbox(sandbox).await {
             eprintln!("airlock bench: warning: could not destroy sandbox {}: {e}", sandbox.name());
         }
@@ -425,6 +457,9 @@ impl Suite {
             "http-eval" => self.http_eval(case).await,
             "escalation-python" => self.escalation(case).await,
             name if name.starts_with("workload-") => self.workload(case).await,
+            "egress-latency" | "egress-download" => self.egress(case).await,
+            "pip-install" => self.pip_install(case).await,
+            name if name.starts_with("density-") => self.density(case).await,
             name if name.starts_with("peer-") => return self.peer(case).await,
             _ => Vec::new(),
         };
@@ -436,7 +471,7 @@ impl Suite {
         results
     }
 
-    fn meta<'a>(case: &'a Case, tier: &str, path: &'static str) -> Meta<'a> {
+    pub(super) fn meta<'a>(case: &'a Case, tier: &str, path: &'static str) -> Meta<'a> {
         Meta { case, name: case.name.to_string(), tier: tier.to_string(), path, what: case.about.to_string() }
     }
 
@@ -1279,7 +1314,7 @@ pub fn wasmtime_cli() -> PathBuf {
 
 /// Runs a command to its end (on a blocking thread); its stdout, or an error
 /// with its stderr when it fails.
-async fn run_command(program: &str, args: Vec<String>) -> Result<String> {
+pub(super) async fn run_command(program: &str, args: Vec<String>) -> Result<String> {
     let program = program.to_string();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(&program)

@@ -145,3 +145,121 @@ fn unknown_case_is_a_clear_error() {
     assert!(stderr.contains("valid cases") && stderr.contains("js-eval") && stderr.contains("tti-burst"), "{stderr}");
     assert!(output.stdout.is_empty(), "nothing ran");
 }
+
+/// The egress, pip and density cases: each pair measured in the same run and
+/// compared, the proxy's side run in a container, the download's size and
+/// rate recorded, the density cases stopped by their cap (set by
+/// --repetitions) with the memory each sandbox costs, and nothing left running.
+#[test]
+fn egress_pip_and_density_cases_pair_measure_and_clean_up() {
+    use sha2::Digest as _;
+    let home = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let json_path = out.path().join("bench.json");
+    let markdown = out.path().join("report");
+    let output = airlock()
+        .args([
+            "bench",
+            "--quick",
+            "--only",
+            "egress-latency,egress-download,pip-install,density-js,density-python,density-containers",
+        ])
+        .args(["--repetitions", &REPETITIONS.to_string(), "--warmup", &WARMUP.to_string()])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--markdown")
+        .arg(&markdown)
+        .arg("--home")
+        .arg(home.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "airlock bench failed (Docker running? `airlock setup`)\n{stdout}\n{stderr}");
+    assert!(stdout.contains("MiB/s") && stdout.contains("through the proxy"), "{stdout}");
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "egress-latency-direct",
+            "egress-latency-proxy",
+            "egress-download-direct",
+            "egress-download-proxy",
+            "pip-install",
+            "density-js",
+            "density-python",
+            "density-containers"
+        ]
+    );
+    for result in results {
+        let name = result["name"].as_str().unwrap();
+        assert_eq!(result["status"], "ok", "{result}");
+        assert_eq!(result["repetitions"], REPETITIONS, "{name}");
+        assert_eq!(result["stats"]["samples"], REPETITIONS, "{name}");
+        let (min, median, max) = (
+            result["stats"]["min_ms"].as_f64().unwrap(),
+            result["stats"]["median_ms"].as_f64().unwrap(),
+            result["stats"]["max_ms"].as_f64().unwrap(),
+        );
+        assert!(min > 0.0 && min <= median && median <= max, "{name}: {result}");
+    }
+    let by_name = |name: &str| results.iter().find(|r| r["name"] == name).unwrap();
+    // The proxied side ran in a container, through the proxy; the direct side on the host.
+    for name in ["egress-latency-proxy", "egress-download-proxy", "pip-install"] {
+        assert_eq!(by_name(name)["tier"], "container/runc", "{name}");
+        assert_eq!(by_name(name)["path"], "egress-proxy", "{name}");
+    }
+    for name in ["egress-latency-direct", "egress-download-direct"] {
+        assert_eq!((&by_name(name)["tier"], &by_name(name)["path"]), (&"host".into(), &"direct".into()), "{name}");
+    }
+    for name in ["egress-download-direct", "egress-download-proxy"] {
+        let extra = &by_name(name)["extra"];
+        assert_eq!(extra["bytes"], 100 * 1024 * 1024, "{name}");
+        assert!(extra["mib_per_second_at_median"].as_f64().unwrap() > 0.0, "{name}");
+    }
+    let comparisons = report["comparisons"].as_array().unwrap();
+    let pairs: Vec<(&str, &str)> =
+        comparisons.iter().map(|c| (c["a"].as_str().unwrap(), c["b"].as_str().unwrap())).collect();
+    assert_eq!(
+        pairs,
+        [("egress-latency-direct", "egress-latency-proxy"), ("egress-download-direct", "egress-download-proxy")]
+    );
+    // Density: stopped by the cap (3 here), with a memory figure per sandbox.
+    for name in ["density-js", "density-python"] {
+        let extra = &by_name(name)["extra"];
+        assert_eq!(extra["contexts"], REPETITIONS, "{name}");
+        assert_eq!(extra["stopped_by"], "cap of 3 reached", "{name}");
+        assert!(extra["rss_per_context_mib"].is_number() && extra["rss_after_mib"].as_f64().unwrap() > 0.0, "{extra}");
+    }
+    let containers = &by_name("density-containers")["extra"];
+    assert_eq!(containers["containers"], REPETITIONS);
+    assert_eq!(containers["stopped_by"], "cap of 3 reached");
+    let memory = containers["container_memory_mib"].as_array().unwrap();
+    assert_eq!(memory.len() as u64, REPETITIONS, "{containers}");
+    assert!(memory.iter().all(|m| m.as_f64().unwrap() > 0.0), "{containers}");
+
+    // Every container this home made is gone (its label: the home's canonical path, hashed).
+    let canonical = home.path().canonicalize().unwrap();
+    let label: String = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let left = Command::new("docker")
+        .args(["ps", "-a", "--filter", &format!("label=airlock.home={label}"), "--format", "{{.Names}}"])
+        .output()
+        .unwrap();
+    assert!(left.status.success());
+    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "left behind: {left:?}");
+
+    let md = std::fs::read_to_string(markdown.join("report.md")).unwrap();
+    for group in ["egress", "workload", "density"] {
+        assert!(md.contains(&format!("({group}.svg)")), "{group}.svg not linked: {md}");
+        let svg = std::fs::read_to_string(markdown.join(format!("{group}.svg"))).unwrap();
+        let bars = results.iter().filter(|r| r["group"] == group).count();
+        assert_eq!(svg.matches("<rect").count(), bars, "{group}.svg: a rect per bar: {svg}");
+    }
+}

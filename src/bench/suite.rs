@@ -86,7 +86,7 @@ pub const CASES: &[Case] = &[
     case(
         "egress-download",
         "egress",
-        false,
+        true,
         "a 100 MiB GET from a loopback upstream by curl in a running container through its egress proxy, paired with the host's direct GET",
     ),
     case(

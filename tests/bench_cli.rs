@@ -1,7 +1,7 @@
 //! `airlock bench` end to end: the real binary runs a small quick subset in a
 //! temporary home (an isolate cold start, an evaluation in a context, the
 //! paired HTTP case, a warm container command, the staggered TTI mode and the
-//! docker exec peer),
+//! docker exec peer; then the egress, pip install and density cases),
 //! and the JSON, Markdown and SVG it writes are checked for shape and
 //! consistency — never for a number. Needs Docker (`airlock setup`): without
 //! it the container cases fail, and so does this test.

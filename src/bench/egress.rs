@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::report::{CaseResult, Comparison};
 use super::stats::Stats;
-use super::suite::{Case, Kind, Suite, container_config, finish, run_command};
+use super::suite::{Case, Kind, Suite, container_config, finish, run_command, skipped};
 use super::upstream::{BLOB_BYTES, HELLO, Upstream};
 
 /// The name the container's policy gives the upstream (resolved by the proxy
@@ -149,6 +149,10 @@ impl Suite {
         proxied.what =
             "the same loop in a running container, through its egress proxy (policy: connect_to the same upstream)"
                 .into();
+        if run_command("python3", vec!["-c".into(), "pass".into()]).await.is_err() {
+            let reason = "no python3 on the host for the direct side".to_string();
+            return vec![skipped(direct, counts, reason.clone()), skipped(proxied, counts, reason)];
+        }
         let samples = async {
             let upstream = Upstream::start(HashMap::new()).await?;
             let sandbox = self.egress_sandbox(&upstream).await?;
@@ -244,6 +248,10 @@ impl Suite {
             }
             Ok(seconds * 1000.0)
         };
+        if run_command("curl", vec!["--version".into()]).await.is_err() {
+            let reason = "no curl on the host for the direct side".to_string();
+            return vec![skipped(direct, counts, reason.clone()), skipped(proxied, counts, reason)];
+        }
         let samples = async {
             let upstream = Upstream::start(HashMap::new()).await?;
             let sandbox = self.egress_sandbox(&upstream).await?;

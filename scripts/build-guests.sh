@@ -26,6 +26,26 @@ fi
 if [ "$("$TOOLS/bin/python" -m pip show componentize-py 2>/dev/null | sed -n 's/^Version: //p')" != "$COMPONENTIZE_PY_VERSION" ]; then
     "$TOOLS/bin/python" -m pip install --quiet "componentize-py==$COMPONENTIZE_PY_VERSION"
 fi
+# Its world is the interpreter world plus wasi:http/outgoing-handler (guests/python/airlock.py).
+# The wasi:http WIT comes from where cargo already has it: the wasmtime-wasi-http crate the host
+# links (its wit/ directory, found through cargo metadata); nothing of it is kept in this repository.
+HTTP_CRATE=$(cargo metadata --format-version 1 --manifest-path ../Cargo.toml 2>/dev/null \
+    | python3 -c 'import json, sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "wasmtime-wasi-http"))')
+HTTP_WIT="$(dirname "$HTTP_CRATE")/wit"
+HTTP_VERSION=$(sed -n 's/^package wasi:http@\(.*\);$/\1/p' "$HTTP_WIT/deps/http.wit")
+PY_WIT=target/python-wit
+rm -rf "$PY_WIT"
+mkdir -p "$PY_WIT/deps/airlock-sandbox"
+cp ../wit/interpreter.wit "$PY_WIT/deps/airlock-sandbox/"
+cp "$HTTP_WIT"/deps/*.wit "$PY_WIT/deps/"
+cat > "$PY_WIT/world.wit" <<WIT
+package airlock:python-build;
+
+world python-interpreter {
+    include airlock:sandbox/interpreter@0.1.0;
+    import wasi:http/outgoing-handler@$HTTP_VERSION;
+}
+WIT
 "$TOOLS/bin/python" -c 'import sys, componentize_py; sys.argv[0] = "componentize-py"; sys.exit(componentize_py.script())' \
-    -d ../wit -w interpreter componentize app -p python -o out/python.wasm >/dev/null
+    -d "$PY_WIT" -w python-interpreter componentize app -p python -o out/python.wasm >/dev/null
 echo "guests built into guests/out: $(ls out | tr '\n' ' ')"

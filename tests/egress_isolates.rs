@@ -120,6 +120,11 @@ async fn javascript_fetch_allowed_injected_denied_and_capped() {
     assert_eq!(seen[0].header("authorization"), Some(format!("Bearer {TOKEN}").as_str()));
     assert!(!all_visible(&outcome).contains(TOKEN));
 
+    // A POST with a body.
+    let code = format!(r#"fetch("http://upstream.test:{p}/hello", {{ method: "POST", body: "x=1" }}).then(r => r.status)"#);
+    assert_eq!(value_text(&sandbox.code(Language::JavaScript, &code).await.unwrap()), "200");
+    assert_eq!(up.seen()[1].method, "POST");
+
     // The guest cannot read the credential from the response, its headers or anything global.
     let code = format!(
         r#"fetch("http://upstream.test:{p}/json").then(async r => {{
@@ -143,7 +148,7 @@ async fn javascript_fetch_allowed_injected_denied_and_capped() {
     let code = format!(r#"fetch("http://denied.test:{p}/").then(() => "sent", e => "caught: " + e.message)"#);
     let text = value_text(&sandbox.code(Language::JavaScript, &code).await.unwrap());
     assert!(text.contains("caught: ") && text.contains("denied.test"), "{text}");
-    assert_eq!(up.seen().len(), 2, "nothing denied reached the upstream");
+    assert_eq!(up.seen().len(), 3, "nothing denied reached the upstream");
 
     // The response-size cap: a clear error naming the limit.
     let code = format!(r#"fetch("http://upstream.test:{p}/big").then(r => r.text()).then(t => t.length)"#);
@@ -236,4 +241,68 @@ async fn a_guest_holding_responses_unread_is_bounded() {
         "{out}"
     );
     assert_eq!(up.seen().len(), max, "refused requests never left the host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_fetch_urllib_and_http_client() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let up = Upstream::http(routes()).await;
+    let sandbox = sandbox_allowing(&runtime, "py-fetch", &up).await;
+    let p = up.port();
+    let context = sandbox.create_context(Language::Python).await.unwrap();
+    let py = |code: String| {
+        let (sandbox, context) = (sandbox.clone(), context.clone());
+        async move { sandbox.code_in(&context, &code).await.unwrap() }
+    };
+
+    // airlock.fetch: the body, the status, the upstream's header; the rule replaced the guest's Authorization.
+    let outcome = py(format!(
+        "import airlock\nr = airlock.fetch('http://upstream.test:{p}/hello', headers={{'Authorization': 'Bearer forged'}})\n\
+         (r.status, r.ok, r.header('X-Upstream'), r.text())"
+    ))
+    .await;
+    assert_eq!(value_text(&outcome), "(200, True, 'yes', 'hello from upstream')");
+    assert_eq!(up.seen()[0].header("authorization"), Some(format!("Bearer {TOKEN}").as_str()));
+    assert!(!all_visible(&outcome).contains(TOKEN));
+
+    // urllib.request.urlopen and http.client, through the same hook.
+    let outcome = py(format!(
+        "import urllib.request\nwith urllib.request.urlopen('http://upstream.test:{p}/json') as r:\n    got = (r.status, r.read())\ngot"
+    ))
+    .await;
+    assert_eq!(value_text(&outcome), "(200, b'{\"answer\":42}')");
+    let outcome = py(format!(
+        "import http.client\nc = http.client.HTTPConnection('upstream.test', {p})\nc.request('POST', '/hello', body=b'x')\n\
+         r = c.getresponse()\n(r.status, r.getheader('x-upstream'), r.read())"
+    ))
+    .await;
+    assert_eq!(value_text(&outcome), "(200, 'yes', b'hello from upstream')");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.iter().all(|s| s.header("authorization") == Some(format!("Bearer {TOKEN}").as_str())));
+    // Nothing the guest can reach holds the credential.
+    let outcome = py("import os\nrepr(dict(os.environ)) + repr(globals().keys())".into()).await;
+    assert!(!all_visible(&outcome).contains(TOKEN));
+
+    // Denied: an error naming the host and the policy, from each way in; not an escalation.
+    for code in [
+        format!("import airlock\nairlock.fetch('http://denied.test:{p}/')"),
+        format!("import urllib.request\nurllib.request.urlopen('http://denied.test:{p}/')"),
+        format!("import http.client\nc = http.client.HTTPConnection('denied.test', {p})\nc.request('GET', '/')"),
+    ] {
+        let message = runtime_error(&py(code.clone()).await);
+        assert!(message.contains("denied.test") && message.contains("network policy"), "{code}: {message}");
+    }
+
+    // The response-size cap names the limit.
+    let message = runtime_error(&py(format!("import airlock\nairlock.fetch('http://upstream.test:{p}/big')")).await);
+    assert!(message.contains(&airlock_wasm::DEFAULT_MAX_RESPONSE_BYTES.to_string()) && message.contains("limit"), "{message}");
+
+    // Narrowed between two evaluations of the same context.
+    sandbox.set_network_policy(NetworkPolicy::deny_all()).unwrap();
+    let message = runtime_error(&py(format!("import airlock\nairlock.fetch('http://upstream.test:{p}/hello')")).await);
+    assert!(message.contains("upstream.test") && message.contains("network policy"), "{message}");
+    assert_eq!(up.seen().len(), 4, "only the capped request went out since");
+    assert!(sandbox.info().container_id.is_none());
 }

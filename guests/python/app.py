@@ -106,6 +106,11 @@ def _module_or_stand_in(name):
 
 
 _install_escalation_points()
+# Outbound HTTP goes through the host's wasi:http hook under the sandbox's
+# network policy: `airlock.fetch`, `urllib.request.urlopen` and `http.client`.
+import airlock  # noqa: E402
+
+airlock.install()
 _namespace = {"__name__": "__main__", "__builtins__": builtins}
 _in_workspace = False
 

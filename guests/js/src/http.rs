@@ -68,6 +68,14 @@ pub fn fetch(url: &str, method: &str, headers: &[(String, String)], body: Option
     for (name, value) in headers {
         fields.append(name, value.as_bytes()).map_err(|e| format!("header {name:?}: {e:?}"))?;
     }
+    if let Some(body) = body
+        && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+    {
+        // A known length, so the request is not sent chunked.
+        fields
+            .append("content-length", body.len().to_string().as_bytes())
+            .map_err(|e| format!("content-length: {e:?}"))?;
+    }
     let request = OutgoingRequest::new(fields);
     request.set_method(&method_of(method)).map_err(|()| format!("invalid method {method:?}"))?;
     request.set_scheme(Some(&scheme)).map_err(|()| "invalid scheme".to_string())?;

@@ -264,3 +264,104 @@ impl Body for Capped {
         self.done
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty, Full};
+
+    use super::*;
+
+    /// A hook answering every request with `size` bytes, counting what it was asked.
+    #[derive(Debug, Default)]
+    struct Answering {
+        size: usize,
+        asked: AtomicUsize,
+    }
+
+    impl OutboundHttp for Answering {
+        fn send(&self, _request: http::Request<OutboundBody>) -> OutboundFuture {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let body = Full::new(Bytes::from(vec![b'x'; self.size])).map_err(|never| match never {}).boxed_unsync();
+            Box::pin(async move { Ok(http::Response::new(body)) })
+        }
+    }
+
+    fn request() -> http::Request<WasiBody> {
+        let body = Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+        http::Request::builder().uri("http://api.test:8080/x").body(body).unwrap()
+    }
+
+    async fn send(hooks: &mut IsolateHttp) -> wasmtime_wasi_http::Result<http::Response<WasiBody>> {
+        let sent = Pin::from(hooks.send_request(request(), None, Box::new(async { Ok(()) }))).await;
+        sent.map(|(response, _io)| response)
+    }
+
+    fn text(error: wasmtime_wasi_http::Error) -> String {
+        match error {
+            wasmtime_wasi_http::Error::InternalError(Some(text)) => text,
+            other => panic!("not a message for the guest: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_hook_every_request_is_refused_naming_the_host() {
+        let message = text(send(&mut IsolateHttp::new(None)).await.err().unwrap());
+        assert!(message.contains("api.test:8080") && message.contains("deny-all"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_cap_ends_in_an_error_naming_the_limit() {
+        let hook = Arc::new(Answering { size: 1025, ..Answering::default() });
+        let limits = OutboundLimits { max_response_bytes: 1024, ..OutboundLimits::default() };
+        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook.clone()).with_limits(limits)));
+        let body = send(&mut hooks).await.unwrap().into_body();
+        let message = text(body.collect().await.err().unwrap());
+        assert!(message.contains("limit of 1024 bytes") && message.contains("api.test:8080"), "{message}");
+        // One at the cap passes whole.
+        let limits = OutboundLimits { max_response_bytes: 1025, ..OutboundLimits::default() };
+        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook).with_limits(limits)));
+        let body = send(&mut hooks).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 1025);
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_in_flight_cap_are_refused_until_a_body_is_dropped() {
+        let hook = Arc::new(Answering { size: 10, ..Answering::default() });
+        let limits = OutboundLimits { max_in_flight: 2, ..OutboundLimits::default() };
+        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook.clone()).with_limits(limits)));
+        let first = send(&mut hooks).await.unwrap();
+        let _second = send(&mut hooks).await.unwrap();
+        let message = text(send(&mut hooks).await.err().unwrap());
+        assert!(message.contains("2 requests open"), "{message}");
+        assert_eq!(hook.asked.load(Ordering::SeqCst), 2, "the refused request never reached the hook");
+        drop(first);
+        assert!(send(&mut hooks).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_response_that_does_not_end_in_time_is_cut_off() {
+        #[derive(Debug)]
+        struct Stalling;
+        impl OutboundHttp for Stalling {
+            fn send(&self, _request: http::Request<OutboundBody>) -> OutboundFuture {
+                let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
+                    Result<Frame<Bytes>, OutboundBodyError>,
+                >())
+                .boxed_unsync();
+                Box::pin(async move { Ok(http::Response::new(body)) })
+            }
+        }
+        let limits = OutboundLimits { request_time: Duration::from_millis(200), ..OutboundLimits::default() };
+        let mut hooks = IsolateHttp::new(Some(Outbound::new(Arc::new(Stalling)).with_limits(limits)));
+        let body = send(&mut hooks).await.unwrap().into_body();
+        // Ends at the request's time, not never (a generous bound).
+        let ended = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.expect("cut off");
+        let message = text(ended.err().unwrap());
+        assert!(message.contains("timed out") && message.contains("200ms"), "{message}");
+    }
+}

@@ -241,6 +241,13 @@ async fn a_guest_holding_responses_unread_is_bounded() {
         "{out}"
     );
     assert_eq!(up.seen().len(), max, "refused requests never left the host");
+
+    // Bodies past the size cap, held unread: the same bound, and the run ends normally.
+    let run = sandbox.exec(ExecRequest::new("http-hog.wasm").args([authority.as_str(), "/big", "10"])).await.unwrap();
+    assert_eq!(run.outcome.exit_code(), Some(0), "{:?}", run.outcome.termination);
+    let out = run.outcome.stdout_text();
+    assert_eq!(out.lines().filter(|line| *line == "ok 200").count(), max, "{out}");
+    assert_eq!(out.lines().filter(|line| line.contains(&format!("{max} requests open"))).count(), 10 - max, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

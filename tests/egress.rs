@@ -119,6 +119,16 @@ async fn allowed_denied_and_injected_requests_from_a_container() {
     let (code, out, err) = sh(&sandbox, &format!("curl -sS https://secure.test:{s}/hello")).await;
     assert_eq!((code, out.as_str()), (Some(0), "hello from upstream\n"), "{err}");
     assert_eq!(secure.seen()[0].header("authorization"), Some(format!("Bearer {TOKEN}").as_str()));
+    // The runtime's CA is in the system trust store too: a tool that reads
+    // none of the variables (here with them unset) trusts the terminated TLS.
+    let unset = "env -u SSL_CERT_FILE -u CURL_CA_BUNDLE -u REQUESTS_CA_BUNDLE -u NODE_EXTRA_CA_CERTS";
+    let (code, out, err) = sh(&sandbox, &format!("{unset} curl -sS https://secure.test:{s}/hello")).await;
+    assert_eq!((code, out.as_str()), (Some(0), "hello from upstream\n"), "{err}");
+    let python = format!(
+        "{unset} python3 -c \"import urllib.request; print(urllib.request.urlopen('https://secure.test:{s}/hello').read().decode(), end='')\""
+    );
+    let (code, out, err) = sh(&sandbox, &python).await;
+    assert_eq!((code, out.as_str()), (Some(0), "hello from upstream\n"), "{err}");
 
     // HTTPS without one: tunnelled untouched, so the sandbox sees the
     // upstream's own certificate (and must trust its CA itself).
@@ -127,8 +137,8 @@ async fn allowed_denied_and_injected_requests_from_a_container() {
         sh(&sandbox, &format!("curl -sS -v --cacert /workspace/upstream-ca.pem https://tunnel.test:{s}/hello")).await;
     assert_eq!((code, out.as_str()), (Some(0), "hello from upstream\n"), "{err}");
     assert!(err.contains("airlock egress test upstream CA"), "the upstream's certificate, not a proxy's: {err}");
-    assert_eq!(secure.seen().len(), 2);
-    assert_eq!(secure.seen()[1].header("authorization"), None, "nothing is injected into a tunnel");
+    assert_eq!(secure.seen().len(), 4);
+    assert_eq!(secure.seen()[3].header("authorization"), None, "nothing is injected into a tunnel");
 
     // The credential is nowhere the sandbox can look. (The script names it
     // in two halves, so its own command line does not hold it.)
@@ -149,11 +159,11 @@ async fn allowed_denied_and_injected_requests_from_a_container() {
     let query = UsageQuery { sandbox: Some("egress-basic".into()), ..UsageQuery::default() };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut usage = runtime.usage(&query).unwrap();
-    while usage.egress.allowed + usage.egress.denied < 4 && Instant::now() < deadline {
+    while usage.egress.allowed + usage.egress.denied < 6 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
         usage = runtime.usage(&query).unwrap();
     }
-    assert_eq!(usage.egress.allowed, 3, "{:?}", usage.egress);
+    assert_eq!(usage.egress.allowed, 5, "{:?}", usage.egress);
     assert_eq!(usage.egress.denied, 1, "{:?}", usage.egress);
     assert!(usage.egress.bytes_down > 0, "{:?}", usage.egress);
 }

@@ -59,6 +59,12 @@ pub const EGRESS_NO_PROXY: &str = "localhost,127.0.0.1,::1";
 pub const EGRESS_CA_VARIABLES: &[&str] =
     &["SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO", "CURL_CA_BUNDLE"];
 
+/// Where Debian-based images keep the system's trust bundle (OpenSSL's
+/// default file, and what `update-ca-certificates` writes). A container with
+/// egress gets the egress bundle mounted here read-only, so a tool that reads
+/// none of [`EGRESS_CA_VARIABLES`] trusts the runtime's CA too.
+pub const SYSTEM_TRUST_BUNDLE_GUEST_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// The environment a container with egress gives every command it runs
 /// (exec, background processes and terminals alike; a command's own
 /// environment still wins): the proxy at the agent's relay on loopback and
@@ -258,11 +264,17 @@ impl SandboxSpec {
             return Err(Error::Workspace { path: self.workspace.clone(), reason: "must be UTF-8 without ':'".into() });
         }
         if let Some(dir) = &self.egress_dir
-            && (!dir.is_absolute() || !dir.is_dir() || dir.to_str().is_none_or(|path| path.contains(':')))
+            && (!dir.is_absolute()
+                || !dir.is_dir()
+                || !dir.join(EGRESS_CA_BUNDLE_FILE).is_file()
+                || dir.to_str().is_none_or(|path| path.contains(':')))
         {
             return Err(Error::Invalid {
                 what: "egress directory",
-                reason: format!("{}: use an existing directory, by an absolute UTF-8 path without ':'", dir.display()),
+                reason: format!(
+                    "{}: use an existing directory holding {EGRESS_CA_BUNDLE_FILE}, by an absolute UTF-8 path without ':'",
+                    dir.display()
+                ),
             });
         }
         Ok(())
@@ -289,6 +301,12 @@ impl SandboxSpec {
             // Read-only: the sandbox can use the socket (connect needs no
             // write access to the mount) but never replace it or the bundle.
             binds.push(format!("{}:{EGRESS_GUEST_DIR}:ro", dir.display()));
+            // The same bundle as the system's trust store (the host's system
+            // bundle plus the runtime's CA), read-only like the rest.
+            binds.push(format!(
+                "{}:{SYSTEM_TRUST_BUNDLE_GUEST_PATH}:ro",
+                dir.join(EGRESS_CA_BUNDLE_FILE).display()
+            ));
             env.extend(egress_environment().into_iter().map(|(name, value)| format!("{name}={value}")));
         }
         ContainerCreateBody {
@@ -390,14 +408,19 @@ mod tests {
             "proxy variables without egress"
         );
 
-        let dir = std::env::temp_dir();
-        let with = spec().egress(&dir);
+        let egress = tempfile::tempdir().unwrap();
+        let dir = egress.path();
+        std::fs::write(dir.join("ca-bundle.pem"), "bundle").unwrap();
+        let with = spec().egress(dir);
         with.validate().unwrap();
         let config = with.container_config(agent);
         let host = config.host_config.unwrap();
         assert_eq!(host.network_mode.as_deref(), Some("none"), "egress gives no network");
         assert_eq!(config.network_disabled, Some(true));
-        assert!(host.binds.unwrap().contains(&format!("{}:/run/airlock/egress:ro", dir.display())));
+        let binds = host.binds.unwrap();
+        assert!(binds.contains(&format!("{}:/run/airlock/egress:ro", dir.display())));
+        // The bundle is the system's trust store too, read-only.
+        assert!(binds.contains(&format!("{}/ca-bundle.pem:/etc/ssl/certs/ca-certificates.crt:ro", dir.display())));
         let env = config.env.unwrap();
         for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
             assert!(env.contains(&format!("{name}=http://127.0.0.1:3128")), "{name} missing from {env:?}");
@@ -423,6 +446,10 @@ mod tests {
             let error = spec().egress(bad).validate().unwrap_err().to_string();
             assert!(error.contains("egress directory"), "{bad}: {error}");
         }
+        // A directory without the trust bundle cannot be mounted as one.
+        let empty = tempfile::tempdir().unwrap();
+        let error = spec().egress(empty.path()).validate().unwrap_err().to_string();
+        assert!(error.contains("ca-bundle.pem"), "{error}");
     }
 
     #[test]

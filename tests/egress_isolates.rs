@@ -149,6 +149,16 @@ async fn javascript_fetch_allowed_injected_denied_and_capped() {
     let text = value_text(&sandbox.code(Language::JavaScript, &code).await.unwrap());
     assert!(text.contains("caught: ") && text.contains("denied.test"), "{text}");
     assert_eq!(up.seen().len(), 3, "nothing denied reached the upstream");
+    // Decisions of the isolate's hook are counted with the proxy's, in usage.
+    let query = airlock::runtime::UsageQuery { sandbox: Some("js-fetch".into()), ..Default::default() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut egress = runtime.usage(&query).unwrap().egress;
+    while egress.allowed + egress.denied < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        egress = runtime.usage(&query).unwrap().egress;
+    }
+    assert_eq!((egress.allowed, egress.denied), (3, 2), "{egress:?}");
+    assert!(egress.bytes_down > 0, "{egress:?}");
 
     // The response-size cap: a clear error naming the limit.
     let code = format!(r#"fetch("http://upstream.test:{p}/big").then(r => r.text()).then(t => t.length)"#);

@@ -77,7 +77,8 @@ async fn a_deny_flag_is_in_force_whatever_a_sandbox_allows() {
         .await
         .unwrap();
     assert!(created.status().is_success(), "{}", created.text().await.unwrap());
-    let rule = serde_json::json!({ "host": "x.blocked.test", "ports": [port], "connect_to": format!("127.0.0.1:{port}") });
+    let rule =
+        serde_json::json!({ "host": "x.blocked.test", "ports": [port], "connect_to": format!("127.0.0.1:{port}") });
     let answer = client
         .put(format!("{base}/v1/sandboxes/deny-flag/network"))
         .bearer_auth(token.trim())
@@ -95,10 +96,22 @@ async fn a_deny_flag_is_in_force_whatever_a_sandbox_allows() {
         .await
         .unwrap();
     let body: serde_json::Value = exec.json().await.unwrap();
+    // The refusal is counted in /metrics (recorded just after the answer).
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics =
+            client.get(format!("{base}/metrics")).bearer_auth(token.trim()).send().await.unwrap().text().await.unwrap();
+        if metrics.contains("airlock_egress_requests_total{verdict=\"denied\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = client.delete(format!("{base}/v1/sandboxes/deny-flag")).bearer_auth(token.trim()).send().await;
     stop(child);
     let stdout = body["stdout"].as_str().unwrap_or_default().to_string();
     assert!(stdout.ends_with("\n403") && stdout.contains("denies this host"), "{body}");
+    assert!(metrics.contains("airlock_egress_requests_total{verdict=\"denied\"} 1"), "{metrics}");
+    assert!(metrics.contains("airlock_egress_requests_total{verdict=\"allowed\"} 0"), "{metrics}");
 }
 
 #[test]

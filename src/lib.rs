@@ -23,7 +23,7 @@
 //! ```
 
 pub use airlock_core::{
-    BoxFuture, CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Error, ExecOutcome, ExecRequest, Limit, LimitExceeded, Limits, LimitsError, NameError, Needs, OutputChunk,
+    BoxFuture, CodeError, DisplayOutput, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Error, ExecOutcome, ExecRequest, Limit, LimitExceeded, Limits, LimitsError, NameError, Needs, OutputChunk, SideEffect,
     OutputSender, OutputStream, Result, SandboxId, SandboxName, StdinSource, Termination, Tier, TierKind,
     WORKSPACE_GUEST_PATH, Workspace, limits,
 };

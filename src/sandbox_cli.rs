@@ -481,6 +481,10 @@ fn eval_outcome(answer: &Value) -> Result<airlock::EvalOutcome> {
         stderr_truncated: answer["stderr_truncated"].as_bool().unwrap_or_default(),
         wall_time: millis("wall_time_ms"),
         cpu_time: millis("cpu_time_ms"),
+        displays: Vec::new(),
+        displays_truncated: false,
+        side_effects: Vec::new(),
+        side_effects_truncated: false,
     })
 }
 

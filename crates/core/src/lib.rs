@@ -18,7 +18,11 @@ mod workspace;
 
 pub use confined::{Entry, EntryKind, FileWriter, FsError, Owner, WorkspaceDir};
 pub use error::{Error, Result};
-pub use eval::{CodeError, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, UnknownLanguage};
+pub use eval::{
+    CodeError, DisplayOutput, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language,
+    MAX_DISPLAY_BYTES_PER_EVALUATION, MAX_DISPLAYS_PER_EVALUATION, MAX_SIDE_EFFECTS_PER_EVALUATION, SideEffect,
+    UnknownLanguage,
+};
 pub use exec::{ExecOutcome, ExecRequest, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
 pub use limits::{Limit, LimitExceeded, Limits, LimitsError};
 pub use names::{MAX_NAME_LEN, NameError, SandboxId, SandboxName};

@@ -1046,6 +1046,10 @@ fn eval_outcome_of(outcome: ExecOutcome) -> EvalOutcome {
         stderr_truncated: outcome.stderr_truncated,
         wall_time: outcome.wall_time,
         cpu_time: outcome.cpu_time,
+        displays: Vec::new(),
+        displays_truncated: false,
+        side_effects: Vec::new(),
+        side_effects_truncated: false,
     }
 }
 

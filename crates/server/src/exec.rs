@@ -314,7 +314,7 @@ pub(crate) struct CodeAnswer {
 
 impl CodeAnswer {
     fn new(outcome: EvalOutcome, placement: Placement) -> Self {
-        let EvalOutcome { result, stdout, stderr, stdout_truncated, stderr_truncated, wall_time, cpu_time } = outcome;
+        let EvalOutcome { result, stdout, stderr, stdout_truncated, stderr_truncated, wall_time, cpu_time, .. } = outcome;
         let (stdout, stdout_encoding) = encode(stdout);
         let (stderr, stderr_encoding) = encode(stderr);
         Self {

@@ -303,6 +303,10 @@ impl InterpreterContext {
             stderr_truncated,
             wall_time: started.elapsed(),
             cpu_time,
+            displays: Vec::new(),
+            displays_truncated: false,
+            side_effects: Vec::new(),
+            side_effects_truncated: false,
         }
     }
 }
@@ -317,6 +321,10 @@ fn without_output(result: EvalResult, started: Instant) -> EvalOutcome {
         stderr_truncated: false,
         wall_time: started.elapsed(),
         cpu_time: Duration::ZERO,
+        displays: Vec::new(),
+        displays_truncated: false,
+        side_effects: Vec::new(),
+        side_effects_truncated: false,
     }
 }
 

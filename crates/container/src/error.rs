@@ -26,6 +26,10 @@ pub enum Error {
     /// Building the base image failed.
     #[error("building image {image}: {reason}")]
     ImageBuild { image: String, reason: String },
+    /// A stage of the base image build failed. The build's full log is kept
+    /// in `log`; `tail` holds its last lines.
+    #[error("building image {image} failed in stage \"{stage}\": {reason}; full log: {}; its last lines:\n{tail}", .log.display())]
+    ImageBuildStage { image: String, stage: crate::BuildStage, reason: String, log: PathBuf, tail: String },
     /// A sandbox asked for an image that is not in the local engine (there is no registry).
     #[error("image {0} is not in the local docker engine (Airlock never pulls; build or load it first)")]
     NoSuchImage(String),

@@ -17,6 +17,7 @@
 //! ```
 
 mod agent;
+mod build_progress;
 mod cgroup;
 mod engine;
 mod error;
@@ -39,8 +40,10 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use exec::Signal;
 pub use forward::PortStream;
+pub use build_progress::{BuildEvent, BuildReporter, BuildStage, ProgressUnit, human_duration};
 pub use image::{
-    BASE_IMAGE_REPOSITORY, ImageRecipe, Progress, RECIPE_LABEL, SANDBOX_UID, SANDBOX_USER, ensure_base_image,
+    BASE_IMAGE_REPOSITORY, BUILD_LOG_TAIL_LINES, DATA_STACK_PACKAGES, DEFAULT_BUILD_LOG_DIR, ImageRecipe, Progress,
+    RECIPE_LABEL, SANDBOX_UID, SANDBOX_USER, build_log_path, build_stages, ensure_base_image, ensure_base_image_with,
     image_exists,
 };
 pub use layer::{LAYER_LABEL, LAYER_UNMOUNT_WAIT};

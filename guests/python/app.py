@@ -5,9 +5,12 @@ scripts/build-guests.sh), which also pre-initialises CPython and this module at
 build time, so a new context starts with the interpreter ready.
 
 One component instance is one context: `_namespace` persists across `eval`
-calls. The host captures stdout/stderr and enforces every limit; this module
-turns what the code did into the `airlock:sandbox/evaluator` result, including
-the cases where the code needs a real Linux (escalation).
+calls. The host captures stdout/stderr (streamed line by line) and enforces
+every limit; this module turns what the code did into the
+`airlock:sandbox/evaluator` result, including the cases where the code needs
+a real Linux (escalation). Through the world's `host` import it also reports
+rich outputs (`display()`, and a last value with a `_repr_*_` method) and the
+file changes an audit hook sees while the code runs (side effects).
 """
 
 import ast
@@ -51,6 +54,7 @@ import uuid  # noqa: F401
 from componentize_py_types import Err
 from wit_world import exports
 from wit_world.exports import evaluator as ev
+from wit_world.imports import host as _host
 
 CODE_FILENAME = "<code>"
 WORKSPACE = "/workspace"
@@ -106,6 +110,228 @@ def _module_or_stand_in(name):
 
 
 _install_escalation_points()
+
+# Output reaches the host a line at a time, so the caller sees it while the
+# code runs (not when the evaluation ends, as a block-buffered stdout would).
+if hasattr(sys.stdout, "reconfigure"):
+    sys.stdout.reconfigure(line_buffering=True)
+
+
+# Rich outputs, in Jupyter's MIME-bundle convention.
+_REPR_METHODS = (
+    ("_repr_html_", "text/html"),
+    ("_repr_markdown_", "text/markdown"),
+    ("_repr_svg_", "image/svg+xml"),
+    ("_repr_png_", "image/png"),
+    ("_repr_jpeg_", "image/jpeg"),
+    ("_repr_json_", "application/json"),
+    ("_repr_latex_", "text/latex"),
+)
+
+
+def _display_data(mime, value):
+    """One representation for the host: bytes as they are (the host
+    base64-encodes binary types), text as it is, a JSON type's value as JSON."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _host.DisplayData_Bytes(bytes(value))
+    if isinstance(value, str):
+        return _host.DisplayData_Text(value)
+    if mime == "application/json" or mime.endswith("+json"):
+        return _host.DisplayData_Text(json.dumps(value))
+    return _host.DisplayData_Text(str(value))
+
+
+def _call_repr(obj, name):
+    """What `obj`'s representation method `name` answers, or None when its
+    class has none or it fails (left out, as Jupyter leaves it out)."""
+    if not callable(getattr(type(obj), name, None)):
+        return None
+    try:
+        got = getattr(obj, name)()
+    except Exception:
+        return None
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
+        got = got[0]  # (data, metadata), as IPython allows
+    return got
+
+
+def _rich_pairs(obj):
+    """The (mime, data) pairs of `obj`'s rich representations, if any."""
+    pairs = []
+    bundle = _call_repr(obj, "_repr_mimebundle_")
+    if isinstance(bundle, dict):
+        for mime, value in bundle.items():
+            data = _display_data(str(mime), value)
+            if data is not None:
+                pairs.append((str(mime), data))
+    for name, mime in _REPR_METHODS:
+        data = _display_data(mime, _call_repr(obj, name))
+        if data is not None:
+            pairs.append((mime, data))
+    return pairs
+
+
+def _plain(obj):
+    try:
+        return repr(obj)
+    except Exception:
+        return object.__repr__(obj)
+
+
+def display(*objs, raw=False):
+    """Shows each object as a rich output beside the evaluation's value: its
+    `_repr_html_`, `_repr_markdown_`, `_repr_svg_`, `_repr_png_`,
+    `_repr_jpeg_`, `_repr_json_`, `_repr_latex_` and `_repr_mimebundle_`
+    representations, and its repr as text/plain. With raw=True each object
+    is a dict of MIME type -> data shown as given (bytes for binary types
+    such as image/png, or base64 text)."""
+    for obj in objs:
+        if raw:
+            if not isinstance(obj, dict):
+                raise TypeError(f"display(raw=True) takes a dict of MIME type -> data, not {type(obj).__name__}")
+            pairs = []
+            for mime, value in obj.items():
+                data = _display_data(str(mime), value)
+                if data is not None:
+                    pairs.append((str(mime), data))
+        else:
+            pairs = _rich_pairs(obj)
+            pairs.append(("text/plain", _host.DisplayData_Text(_plain(obj))))
+        if pairs:
+            _host.display(pairs)
+
+
+def _display_last_value(value):
+    """A last value with a rich representation is shown as a display too."""
+    pairs = _rich_pairs(value)
+    if pairs:
+        pairs.append(("text/plain", _host.DisplayData_Text(_plain(value))))
+        _host.display(pairs)
+
+
+builtins.display = display
+
+
+def _file_change_recorder():
+    """Installs an audit hook (which code cannot remove) that reports to the
+    host the file changes the evaluated code makes: opening for writing,
+    removing, renaming, making directories, links, truncating, changing
+    modes and times, shutil's copies, moves and tree removals. Returns
+    (start, stop) for an evaluation; outside one the hook does nothing.
+    Reads record nothing. A cooperative record for the caller (what
+    re-running the code would repeat), not a security boundary."""
+    # Changes reported per evaluation; one past it tells the host some were dropped.
+    most = 64
+    state = {"on": False, "seen": set()}
+    report = _host.file_changed
+    fspath, fsdecode = os.fspath, os.fsdecode
+    write_bits = os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def named(path):
+        if isinstance(path, int) or path is None:
+            return None  # a descriptor: its opening was recorded
+        path = fspath(path)
+        return fsdecode(path) if isinstance(path, bytes) else path
+
+    def record(operation, path):
+        path = named(path)
+        if path is None:
+            return
+        key = (operation, path)
+        seen = state["seen"]
+        if key in seen or len(seen) > most:
+            return
+        seen.add(key)
+        report(operation, path)
+
+    def writes(mode, flags):
+        if isinstance(mode, str) and any(c in mode for c in "wax+"):
+            return True
+        if isinstance(flags, int) and flags:
+            return bool(
+                flags & write_bits
+                or flags & os.O_WRONLY == os.O_WRONLY
+                or flags & os.O_RDWR == os.O_RDWR
+            )
+        return False
+
+    def on_open(args):
+        path, mode, flags = (tuple(args) + (None, None, None))[:3]
+        if writes(mode, flags):
+            record("write", path)
+
+    def first(operation):
+        return lambda args: record(operation, args[0])
+
+    def second(operation):
+        return lambda args: record(operation, args[1])
+
+    def rename(operation):
+        def handler(args):
+            record(operation, args[0])
+            record(operation + "-to", args[1])
+        return handler
+
+    def sqlite(args):
+        if args and args[0] not in (":memory:", b":memory:", ""):
+            record("write", args[0])
+
+    handlers = {
+        "open": on_open,
+        "os.remove": first("remove"),
+        "os.rename": rename("rename"),
+        "os.mkdir": first("mkdir"),
+        "os.rmdir": first("rmdir"),
+        "os.symlink": second("symlink"),
+        "os.link": second("link"),
+        "os.truncate": first("truncate"),
+        "os.chmod": first("chmod"),
+        "os.chown": first("chown"),
+        "os.chflags": first("chflags"),
+        "os.lchflags": first("chflags"),
+        "os.utime": first("utime"),
+        "os.setxattr": first("setxattr"),
+        "os.removexattr": first("removexattr"),
+        "shutil.copyfile": second("copy"),
+        "shutil.copymode": second("chmod"),
+        "shutil.copystat": second("utime"),
+        "shutil.copytree": second("copy"),
+        "shutil.rmtree": first("remove"),
+        "shutil.move": rename("rename"),
+        "shutil.chown": first("chown"),
+        "shutil.make_archive": first("write"),
+        "shutil.unpack_archive": second("write"),
+        "tempfile.mkstemp": first("write"),
+        "tempfile.mkdtemp": first("mkdir"),
+        "sqlite3.connect": sqlite,
+    }
+    get = handlers.get
+
+    def hook(event, args):
+        if not state["on"]:
+            return
+        handler = get(event)
+        if handler is not None:
+            try:
+                handler(args)
+            except Exception:
+                pass
+
+    sys.addaudithook(hook)
+
+    def start():
+        state["seen"] = set()
+        state["on"] = True
+
+    def stop():
+        state["on"] = False
+
+    return start, stop
+
+
+_start_recording, _stop_recording = _file_change_recorder()
 # Outbound HTTP goes through the host's wasi:http hook under the sandbox's
 # network policy: `airlock.fetch`, `urllib.request.urlopen` and `http.client`.
 import airlock  # noqa: E402
@@ -271,12 +497,18 @@ class Evaluator(exports.Evaluator):
         except ValueError as error:
             # Source the compiler refuses before parsing it.
             raise Err(ev.EvalError_Syntax(_code_error(error, None)))
+        _start_recording()
         try:
             if head is not None:
                 exec(head, _namespace)
             if statements is not None:
                 exec(statements, _namespace)
-            return _value(eval(last, _namespace)) if last is not None else None
+            if last is None:
+                return None
+            result = eval(last, _namespace)
+            if result is not None:
+                _display_last_value(result)
+            return _value(result)
         except _Escalate as escalate:
             raise Err(ev.EvalError_NeedsEscalation(escalate.escalation))
         except ImportError as error:
@@ -289,6 +521,7 @@ class Evaluator(exports.Evaluator):
             # exit() in a context ends the snippet, not the interpreter.
             raise Err(ev.EvalError_Runtime(_code_error(error)))
         finally:
+            _stop_recording()
             sys.stdout.flush()
             sys.stderr.flush()
 

@@ -213,6 +213,12 @@ impl IsolateEngine {
             .map_err(|e| engine_error("cannot link wasi:http", e))?;
         crate::host::add_open_at_with_errno(&mut component_linker)
             .map_err(|e| engine_error("cannot link the handle-capped open-at", e))?;
+        // What interpreters report while evaluating (crate::interpreter::record).
+        crate::interpreter::bindings::airlock::sandbox::host::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut component_linker,
+            |host: &mut ComponentHost| host,
+        )
+        .map_err(|e| engine_error("cannot link the interpreter host interface", e))?;
         let mut module_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |host: &mut ModuleHost| &mut host.wasi)
             .map_err(|e| engine_error("cannot link WASI preview 1", e))?;

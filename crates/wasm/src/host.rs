@@ -15,6 +15,7 @@ use wasmtime_wasi::p2::bindings::filesystem::types::{
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::interpreter::record::EvalRecord;
 use crate::outbound::{IsolateHttp, Outbound};
 
 /// Tables and memories per store are bounded by the engine's pool; the
@@ -201,16 +202,21 @@ pub(crate) struct ComponentHost {
     pub(crate) http: WasiHttpCtx,
     /// Where the guest's `wasi:http` requests go (nowhere without a hook).
     pub(crate) outbound: IsolateHttp,
+    /// What an interpreter reported during the evaluation under way
+    /// (displays, side effects; the hook records its requests here too).
+    pub(crate) record: EvalRecord,
 }
 
 impl ComponentHost {
     pub(crate) fn new(wasi: WasiCtx, limits: &Limits, outbound: Option<Outbound>) -> Self {
+        let record = EvalRecord::default();
         Self {
             wasi,
             table: handle_table(limits),
             limiter: Limiter::new(limits),
             http: WasiHttpCtx::new(),
-            outbound: IsolateHttp::new(outbound),
+            outbound: IsolateHttp::new(outbound, record.effects.clone()),
+            record,
         }
     }
 }

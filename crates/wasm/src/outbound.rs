@@ -23,6 +23,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
+use crate::interpreter::record::SideEffectLog;
+
 /// An error of a request or response body crossing the hook.
 pub type OutboundBodyError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -104,11 +106,13 @@ impl Outbound {
     }
 }
 
-/// The `wasi:http` hooks of one store: its hook (or none), and the permits
-/// for its requests in flight.
+/// The `wasi:http` hooks of one store: its hook (or none), the permits
+/// for its requests in flight, and where the requests it hands to the hook
+/// are recorded as side effects of the evaluation under way.
 pub(crate) struct IsolateHttp {
     outbound: Option<Outbound>,
     in_flight: Arc<Semaphore>,
+    effects: SideEffectLog,
 }
 
 impl std::fmt::Debug for IsolateHttp {
@@ -118,9 +122,9 @@ impl std::fmt::Debug for IsolateHttp {
 }
 
 impl IsolateHttp {
-    pub(crate) fn new(outbound: Option<Outbound>) -> Self {
+    pub(crate) fn new(outbound: Option<Outbound>, effects: SideEffectLog) -> Self {
         let limits = outbound.as_ref().map(Outbound::limits).unwrap_or_default();
-        Self { outbound, in_flight: Arc::new(Semaphore::new(limits.max_in_flight)) }
+        Self { outbound, in_flight: Arc::new(Semaphore::new(limits.max_in_flight)), effects }
     }
 }
 
@@ -168,6 +172,11 @@ impl WasiHttpHooks for IsolateHttp {
                 });
             }
         };
+        // Recorded as it is handed to the hook, whatever the hook answers: a
+        // refusal or a failure may come after the request went out, and a
+        // request counted that was not sent costs less than one sent twice.
+        // Refused above, it went nowhere and is not recorded.
+        self.effects.request(request.method().as_str(), &request.uri().to_string());
         Box::new(async move {
             let deadline = tokio::time::Instant::now() + limits.request_time;
             let request = request.map(|body| body.map_err(|e| Box::new(e) as OutboundBodyError).boxed_unsync());
@@ -310,21 +319,53 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_hook_every_request_is_refused_naming_the_host() {
-        let message = text(send(&mut IsolateHttp::new(None)).await.err().unwrap());
+        let message = text(send(&mut IsolateHttp::new(None, SideEffectLog::default())).await.err().unwrap());
         assert!(message.contains("api.test:8080") && message.contains("deny-all"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn requests_handed_to_the_hook_are_recorded_and_refused_ones_are_not() {
+        let effects = SideEffectLog::default();
+        let _ = send(&mut IsolateHttp::new(None, effects.clone())).await;
+        let mut outcome = airlock_core::EvalOutcome {
+            result: airlock_core::EvalResult::Ok { value: None },
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            wall_time: Duration::ZERO,
+            cpu_time: Duration::ZERO,
+            displays: Vec::new(),
+            displays_truncated: false,
+            side_effects: Vec::new(),
+            side_effects_truncated: false,
+        };
+        let mut record = crate::interpreter::record::EvalRecord::default();
+        record.effects = effects.clone();
+        record.drain_into(&mut outcome);
+        assert!(outcome.side_effects.is_empty(), "a request refused without a hook went nowhere");
+        let hook = Arc::new(Answering { size: 1, ..Answering::default() });
+        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook)), effects.clone());
+        let _ = send(&mut hooks).await.unwrap();
+        record.drain_into(&mut outcome);
+        assert_eq!(
+            outcome.side_effects,
+            vec![airlock_core::SideEffect::Request { method: "GET".into(), url: "http://api.test:8080/x".into() }]
+        );
     }
 
     #[tokio::test]
     async fn a_body_past_the_cap_ends_in_an_error_naming_the_limit() {
         let hook = Arc::new(Answering { size: 1025, ..Answering::default() });
         let limits = OutboundLimits { max_response_bytes: 1024, ..OutboundLimits::default() };
-        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook.clone()).with_limits(limits)));
+        let mut hooks =
+            IsolateHttp::new(Some(Outbound::new(hook.clone()).with_limits(limits)), SideEffectLog::default());
         let body = send(&mut hooks).await.unwrap().into_body();
         let message = text(body.collect().await.err().unwrap());
         assert!(message.contains("limit of 1024 bytes") && message.contains("api.test:8080"), "{message}");
         // One at the cap passes whole.
         let limits = OutboundLimits { max_response_bytes: 1025, ..OutboundLimits::default() };
-        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook).with_limits(limits)));
+        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook).with_limits(limits)), SideEffectLog::default());
         let body = send(&mut hooks).await.unwrap().into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1025);
     }
@@ -333,7 +374,8 @@ mod tests {
     async fn requests_past_the_in_flight_cap_are_refused_until_a_body_is_dropped() {
         let hook = Arc::new(Answering { size: 10, ..Answering::default() });
         let limits = OutboundLimits { max_in_flight: 2, ..OutboundLimits::default() };
-        let mut hooks = IsolateHttp::new(Some(Outbound::new(hook.clone()).with_limits(limits)));
+        let mut hooks =
+            IsolateHttp::new(Some(Outbound::new(hook.clone()).with_limits(limits)), SideEffectLog::default());
         let first = send(&mut hooks).await.unwrap();
         let _second = send(&mut hooks).await.unwrap();
         let message = text(send(&mut hooks).await.err().unwrap());
@@ -357,7 +399,8 @@ mod tests {
             }
         }
         let limits = OutboundLimits { request_time: Duration::from_millis(200), ..OutboundLimits::default() };
-        let mut hooks = IsolateHttp::new(Some(Outbound::new(Arc::new(Stalling)).with_limits(limits)));
+        let mut hooks =
+            IsolateHttp::new(Some(Outbound::new(Arc::new(Stalling)).with_limits(limits)), SideEffectLog::default());
         let body = send(&mut hooks).await.unwrap().into_body();
         // Ends at the request's time, not never (a generous bound).
         let ended = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.expect("cut off");

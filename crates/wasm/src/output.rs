@@ -24,13 +24,22 @@ pub(crate) struct OutputCapHit {
     pub(crate) stream: StreamName,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Captured {
     bytes: Vec<u8>,
     truncated: bool,
     /// Shared with every clone, so a pipe the guest already writes to can be
     /// given another cap (a context made ahead, then bound to a caller's limits).
     cap: usize,
+    /// Where accepted bytes also go as they are written; shared like the cap,
+    /// so a context's pipes stream to each evaluation's own caller.
+    sender: Option<OutputSender>,
+}
+
+impl std::fmt::Debug for CapturePipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapturePipe").field("stream", &self.stream).finish_non_exhaustive()
+    }
 }
 
 /// One captured stream. Clones share the buffer, so the host keeps a handle
@@ -39,13 +48,17 @@ struct Captured {
 pub(crate) struct CapturePipe {
     stream: StreamName,
     captured: Arc<Mutex<Captured>>,
-    sender: Option<OutputSender>,
 }
 
 impl CapturePipe {
     pub(crate) fn new(stream: StreamName, cap: u64, sender: Option<OutputSender>) -> Self {
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        Self { stream, captured: Arc::new(Mutex::new(Captured { cap, ..Captured::default() })), sender }
+        Self { stream, captured: Arc::new(Mutex::new(Captured { cap, sender, ..Captured::default() })) }
+    }
+
+    /// Sets where what is written from now on is streamed (none: only captured).
+    pub(crate) fn set_sender(&self, sender: Option<OutputSender>) {
+        self.lock().sender = sender;
     }
 
     /// Sets the cap for what is written from now on.
@@ -67,8 +80,9 @@ impl CapturePipe {
         if taken.len() < bytes.len() {
             captured.truncated = true;
         }
+        let sender = if taken.is_empty() { None } else { captured.sender.clone() };
         drop(captured);
-        if let (Some(sender), false) = (&self.sender, taken.is_empty()) {
+        if let Some(sender) = sender {
             sender(OutputChunk { stream: self.stream, bytes: taken.to_vec() });
         }
         if taken.len() < bytes.len() { Err(OutputCapHit { stream: self.stream }) } else { Ok(()) }
@@ -165,5 +179,21 @@ mod tests {
         let _ = pipe.append(b"cdef");
         let chunks: Vec<Vec<u8>> = seen.lock().unwrap().iter().map(|c| c.bytes.clone()).collect();
         assert_eq!(chunks, vec![b"ab".to_vec(), b"cd".to_vec()]);
+    }
+
+    #[test]
+    fn a_sender_set_later_reaches_every_clone_and_can_be_removed() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let sender: OutputSender = Arc::new(move |chunk: OutputChunk| sink.lock().unwrap().push(chunk.bytes));
+        let pipe = CapturePipe::new(StreamName::Stdout, 100, None);
+        let guest_side = pipe.clone();
+        guest_side.append(b"before").unwrap();
+        pipe.set_sender(Some(sender));
+        guest_side.append(b"during").unwrap();
+        pipe.set_sender(None);
+        guest_side.append(b"after").unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![b"during".to_vec()]);
+        assert_eq!(pipe.take().0, b"beforeduringafter".to_vec());
     }
 }

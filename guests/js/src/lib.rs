@@ -11,7 +11,10 @@
 //! `require("fs")`), `fetch` (with `Headers` and `Response`) over wasi:http,
 //! whose requests the host sends under the sandbox's network policy, and
 //! `require`, which escalates for `child_process` and network modules and
-//! reports any other module as missing.
+//! reports any other module as missing; `display` (rich outputs as MIME
+//! bundles, see display.js), also applied to a last value with a rich
+//! representation. Writes through `fs` are reported to the host as the
+//! evaluation's side effects.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -26,6 +29,7 @@ wit_bindgen::generate!({ world: "interpreter", path: "../../wit" });
 
 mod http;
 
+use airlock::sandbox::host::{self as host, DisplayData};
 use exports::airlock::sandbox::evaluator::{CodeError, Escalation, EvalError, Guest, Value};
 
 const WORKSPACE: &str = "/workspace";
@@ -80,8 +84,21 @@ fn console_err(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult
 }
 
 fn workspace_path(args: &[JsValue], context: &mut Context) -> JsResult<String> {
-    let raw = args.first().cloned().unwrap_or_default().to_string(context)?.to_std_string_escaped();
+    let raw = named_path(args, context)?;
     Ok(if raw.starts_with('/') { raw } else { format!("{WORKSPACE}/{raw}") })
+}
+
+/// The path as the code named it.
+fn named_path(args: &[JsValue], context: &mut Context) -> JsResult<String> {
+    Ok(args.first().cloned().unwrap_or_default().to_string(context)?.to_std_string_escaped())
+}
+
+/// Tells the host the code changed a file (reported whether or not the
+/// change then succeeded: it may have happened in part).
+fn changed(operation: &str, args: &[JsValue], context: &mut Context) -> JsResult<()> {
+    let path = named_path(args, context)?;
+    host::file_changed(operation, &path);
+    Ok(())
 }
 
 fn io_error(path: &str, error: std::io::Error) -> JsError {
@@ -96,6 +113,7 @@ fn fs_read_file(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResul
 
 fn fs_write_file(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let path = workspace_path(args, context)?;
+    changed("write", args, context)?;
     let data = args.get(1).cloned().unwrap_or_default().to_string(context)?.to_std_string_escaped();
     std::fs::write(&path, data).map_err(|e| io_error(&path, e))?;
     Ok(JsValue::undefined())
@@ -119,6 +137,9 @@ fn fs_exists(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<J
 
 fn fs_mkdir(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let path = workspace_path(args, context)?;
+    if !std::path::Path::new(&path).is_dir() {
+        changed("mkdir", args, context)?;
+    }
     std::fs::create_dir_all(&path).map_err(|e| io_error(&path, e))?;
     Ok(JsValue::undefined())
 }
@@ -126,6 +147,7 @@ fn fs_mkdir(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<Js
 fn fs_rm(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let path = workspace_path(args, context)?;
     let meta = std::fs::symlink_metadata(&path).map_err(|e| io_error(&path, e))?;
+    changed("remove", args, context)?;
     if meta.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }.map_err(|e| io_error(&path, e))?;
     Ok(JsValue::undefined())
 }
@@ -175,6 +197,29 @@ fn airlock_http(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResul
     Ok(JsValue::from(JsString::from(answer.to_string().as_str())))
 }
 
+/// The JavaScript half of `display`: bundles made from an object's
+/// `_repr_*_` methods or given raw, over the natives below.
+const DISPLAY_JS: &str = include_str!("display.js");
+
+/// `__airlockDisplay(bundleJson)`: sends one bundle, `[[mime, text]...]`
+/// as JSON, to the host (which bounds and keeps it).
+fn airlock_display(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let json = args.first().cloned().unwrap_or_default().to_string(context)?.to_std_string_escaped();
+    let pairs: Vec<(String, String)> = serde_json::from_str(&json)
+        .map_err(|e| JsError::from(JsNativeError::typ().with_message(format!("not a display bundle: {e}"))))?;
+    let bundle: Vec<(String, DisplayData)> =
+        pairs.into_iter().map(|(mime, text)| (mime, DisplayData::Text(text))).collect();
+    host::display(&bundle);
+    Ok(JsValue::undefined())
+}
+
+/// `__airlockRepr(value)`: the value's text as an evaluation's result shows it.
+fn airlock_repr(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let value = args.first().cloned().unwrap_or_default();
+    let text = value_text(&value, context);
+    Ok(JsValue::from(JsString::from(text.as_str())))
+}
+
 fn new_context() -> JsResult<Context> {
     let mut context = Context::default();
     let console = ObjectInitializer::new(&mut context)
@@ -200,6 +245,9 @@ fn new_context() -> JsResult<Context> {
     }
     context.register_global_builtin_callable(js_string!("__airlockHttp"), 4, NativeFunction::from_fn_ptr(airlock_http))?;
     context.eval(Source::from_bytes(FETCH_JS))?;
+    context.register_global_builtin_callable(js_string!("__airlockDisplay"), 1, NativeFunction::from_fn_ptr(airlock_display))?;
+    context.register_global_builtin_callable(js_string!("__airlockRepr"), 1, NativeFunction::from_fn_ptr(airlock_repr))?;
+    context.eval(Source::from_bytes(DISPLAY_JS))?;
     Ok(context)
 }
 
@@ -218,17 +266,33 @@ fn code_error(error: JsError, context: &mut Context) -> CodeError {
     CodeError { kind, message, traceback, line: None }
 }
 
+fn value_text(value: &JsValue, context: &mut Context) -> String {
+    if let Some(string) = value.as_string() {
+        format!("{:?}", string.to_std_string_escaped())
+    } else {
+        text_of(value, context)
+    }
+}
+
 fn value_of(result: JsValue, context: &mut Context) -> Option<Value> {
     if result.is_undefined() {
         return None;
     }
     let json = if result.is_callable() { None } else { result.to_json(context).ok().flatten().map(|j| j.to_string()) };
-    let text = if let Some(string) = result.as_string() {
-        format!("{:?}", string.to_std_string_escaped())
-    } else {
-        text_of(&result, context)
-    };
+    let text = value_text(&result, context);
     Some(Value { text, json })
+}
+
+/// Shows the last value as a display too when it has a rich representation.
+fn auto_display(value: &JsValue, context: &mut Context) {
+    if !value.is_object() {
+        return;
+    }
+    let Ok(show) = context.global_object().get(js_string!("__airlockAutoDisplay"), context) else { return };
+    if let Some(show) = show.as_callable() {
+        // A representation that throws is left out; the value still answers.
+        let _ = show.call(&JsValue::undefined(), std::slice::from_ref(value), context);
+    }
 }
 
 fn evaluate(code: &str, context: &mut Context) -> Result<Option<Value>, EvalError> {
@@ -253,7 +317,10 @@ fn evaluate(code: &str, context: &mut Context) -> Result<Option<Value>, EvalErro
         return Err(EvalError::NeedsEscalation(escalation));
     }
     match outcome {
-        Ok(value) => Ok(value_of(value, context)),
+        Ok(value) => {
+            auto_display(&value, context);
+            Ok(value_of(value, context))
+        }
         Err(error) => Err(EvalError::Runtime(code_error(error, context))),
     }
 }

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use airlock_core::{
-    CodeError, Error, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Limits, OutputStream,
-    Termination, Workspace,
+    CodeError, Error, EscalationReason, EvalOutcome, EvalResult, EvalValue, Language, Limits, OutputSender,
+    OutputStream, Termination, Workspace,
 };
 use wasmtime::Store;
 
@@ -19,8 +19,8 @@ use super::bindings::exports::airlock::sandbox::evaluator as wit;
 use crate::IsolateEngine;
 use crate::guest::{Guest, GuestKind};
 use crate::host::{ComponentHost, set_handle_cap};
-use crate::outbound::{IsolateHttp, Outbound};
 use crate::metering::Metered;
+use crate::outbound::{IsolateHttp, Outbound};
 use crate::output::CapturePipe;
 use crate::run::{Ended, arm, classify, confined_wasi, unbound_wasi};
 
@@ -171,7 +171,7 @@ impl InterpreterContext {
         host.wasi = wasi.build();
         host.limiter = limiter;
         set_handle_cap(&mut host.table, &limits);
-        host.outbound = IsolateHttp::new(outbound.clone());
+        host.outbound = IsolateHttp::new(outbound.clone(), host.record.effects.clone());
         for pipe in [&live.stdout, &live.stderr] {
             pipe.set_cap(limits.output_bytes);
             let _ = pipe.take();
@@ -239,22 +239,53 @@ impl InterpreterContext {
     /// (deadline and output per evaluation; memory across the context's life).
     /// A limit hit or a crash resets the context: the next evaluation starts fresh.
     pub async fn eval(&mut self, code: &str) -> EvalOutcome {
+        self.eval_streaming(code, None).await
+    }
+
+    /// [`eval`](Self::eval), with the code's stdout and stderr also sent to
+    /// `output` as the guest writes them (up to the output cap), while the
+    /// outcome still carries the whole captured copy.
+    pub async fn eval_streaming(&mut self, code: &str, output: Option<OutputSender>) -> EvalOutcome {
+        let streaming = output.is_some();
+        if let Some(live) = self.live.as_ref().filter(|_| streaming) {
+            for pipe in [&live.stdout, &live.stderr] {
+                pipe.set_sender(output.clone());
+            }
+        }
+        let outcome = self.evaluate(code, output).await;
+        if let Some(live) = self.live.as_ref().filter(|_| streaming) {
+            for pipe in [&live.stdout, &live.stderr] {
+                pipe.set_sender(None);
+            }
+        }
+        outcome
+    }
+
+    async fn evaluate(&mut self, code: &str, output: Option<OutputSender>) -> EvalOutcome {
         let started = Instant::now();
         if self.workspace.is_none() && code != WARM_UP_SNIPPET {
             // It would find no workspace, and could not find one after binding either.
             return without_output(EvalResult::Crashed { message: "context has no workspace yet".into() }, started);
         }
         self.evaluations += 1;
-        if self.live.is_none()
-            && let Err(result) = self.instantiate().await
-        {
-            return without_output(result, started);
+        if self.live.is_none() {
+            // A context reset by its last evaluation gets a new instance, whose
+            // pipes are new too: they stream to this evaluation's caller.
+            if let Err(result) = self.instantiate().await {
+                return without_output(result, started);
+            }
+            if let Some(live) = self.live.as_ref() {
+                for pipe in [&live.stdout, &live.stderr] {
+                    pipe.set_sender(output.clone());
+                }
+            }
         }
         let limits = self.limits;
         let Some(live) = self.live.as_mut() else {
             return without_output(EvalResult::Crashed { message: "context is not running".into() }, started);
         };
         live.store.data_mut().limiter.restart_deadline(&limits);
+        live.store.data_mut().record.clear();
         // The epoch has moved on since the last evaluation: without this the
         // guest's first epoch check would find its tick long passed and yield
         // to the executor once before doing any work.
@@ -290,12 +321,7 @@ impl InterpreterContext {
         };
         let (stdout, stdout_truncated) = live.stdout.take();
         let (stderr, stderr_truncated) = live.stderr.take();
-        if matches!(result, EvalResult::LimitExceeded(_) | EvalResult::Crashed { .. }) {
-            // A store that trapped cannot be entered again: drop the instance, and its state with it.
-            self.live = None;
-            self.resets += 1;
-        }
-        EvalOutcome {
+        let mut outcome = EvalOutcome {
             result,
             stdout,
             stderr,
@@ -307,7 +333,15 @@ impl InterpreterContext {
             displays_truncated: false,
             side_effects: Vec::new(),
             side_effects_truncated: false,
+        };
+        // Whatever ended the evaluation, what it displayed and changed until then is reported.
+        live.store.data_mut().record.drain_into(&mut outcome);
+        if matches!(outcome.result, EvalResult::LimitExceeded(_) | EvalResult::Crashed { .. }) {
+            // A store that trapped cannot be entered again: drop the instance, and its state with it.
+            self.live = None;
+            self.resets += 1;
         }
+        outcome
     }
 }
 

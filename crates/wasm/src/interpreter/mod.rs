@@ -3,6 +3,7 @@
 
 pub(crate) mod bindings;
 mod context;
+pub(crate) mod record;
 mod registry;
 
 pub use context::InterpreterContext;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use airlock_core::{Error, EvalOutcome, Language, Limits, Workspace};
+use airlock_core::{Error, EvalOutcome, Language, Limits, OutputSender, Workspace};
 use serde::Serialize;
 
 use super::InterpreterContext;
@@ -33,7 +33,10 @@ pub fn build_tree_interpreter_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(dir));
     }
     let exe = std::env::current_exe().ok()?;
-    exe.ancestors().skip(1).map(|ancestor| ancestor.join("guests").join("out")).find(|c| c.join("python.wasm").is_file())
+    exe.ancestors()
+        .skip(1)
+        .map(|ancestor| ancestor.join("guests").join("out"))
+        .find(|c| c.join("python.wasm").is_file())
 }
 
 static FALLBACK_INTERPRETER_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -205,9 +208,21 @@ impl Interpreters {
 
     /// Evaluates `code` in context `id`. Evaluations in one context run one at a time.
     pub async fn eval(&self, id: &str, code: &str) -> Result<EvalOutcome, Error> {
+        self.eval_streaming(id, code, None).await
+    }
+
+    /// [`eval`](Self::eval), with the code's stdout and stderr also sent to
+    /// `output` as they are written (up to the output cap); the outcome
+    /// still carries the whole captured copy.
+    pub async fn eval_streaming(
+        &self,
+        id: &str,
+        code: &str,
+        output: Option<OutputSender>,
+    ) -> Result<EvalOutcome, Error> {
         let context = lock(&self.contexts).get(id).cloned().ok_or_else(|| Error::NoSuchContext(id.to_string()))?;
         let mut context = context.lock().await;
-        Ok(context.eval(code).await)
+        Ok(context.eval_streaming(code, output).await)
     }
 
     /// The contexts, sorted by id. A context busy evaluating is listed with the
@@ -258,8 +273,23 @@ impl Interpreters {
         limits: Limits,
         outbound: Option<Outbound>,
     ) -> Result<EvalOutcome, Error> {
+        self.run_streaming(language, workspace, code, limits, outbound, None).await
+    }
+
+    /// [`run_with_outbound`](Self::run_with_outbound), with the code's
+    /// stdout and stderr also sent to `output` as they are written (up to
+    /// the output cap); the outcome still carries the whole captured copy.
+    pub async fn run_streaming(
+        &self,
+        language: Language,
+        workspace: Workspace,
+        code: &str,
+        limits: Limits,
+        outbound: Option<Outbound>,
+        output: Option<OutputSender>,
+    ) -> Result<EvalOutcome, Error> {
         let (mut context, guest) = self.fresh_context(language, workspace, limits, outbound).await?;
-        let outcome = context.eval(code).await;
+        let outcome = context.eval_streaming(code, output).await;
         // Tearing an instance down (resetting its memory) takes a fraction of a
         // millisecond; do it after answering, off the caller's path.
         tokio::task::spawn_blocking(move || drop(context));
@@ -281,8 +311,15 @@ impl Interpreters {
         let context = match self.take_warm(language, &workspace, limits, &outbound) {
             Some(context) => context,
             None => {
-                InterpreterContext::start_with_outbound(&self.engine, guest.clone(), language, workspace, limits, outbound)
-                    .await?
+                InterpreterContext::start_with_outbound(
+                    &self.engine,
+                    guest.clone(),
+                    language,
+                    workspace,
+                    limits,
+                    outbound,
+                )
+                .await?
             }
         };
         Ok((context, guest))

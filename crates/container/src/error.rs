@@ -61,6 +61,9 @@ pub enum Error {
     /// The in-container agent could not be reached or broke the protocol.
     #[error("sandbox agent: {0}")]
     Agent(String),
+    /// A code kernel (a persistent interpreter in the container) could not start.
+    #[error("code kernel: {0}")]
+    Kernel(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -218,8 +218,12 @@ impl LineParser for AptParser {
     fn line(&mut self, line: &str) -> Option<Step> {
         let line = line.trim();
         if let Some(installed) = summary_count(line, "newly installed") {
-            let upgraded = summary_count(line, "upgraded").unwrap_or(0);
-            self.total = Some(installed.saturating_add(upgraded).saturating_mul(3));
+            // Every package apt fetches, unpacks and sets up.
+            let packages = ["upgraded", "downgraded", "reinstalled"]
+                .iter()
+                .filter_map(|what| summary_count(line, what))
+                .fold(installed, u64::saturating_add);
+            self.total = Some(packages.saturating_mul(3));
             return Some(self.step("resolved".into()));
         }
         if line.starts_with("Get:") {
@@ -331,7 +335,11 @@ mod tests {
     fn apt_counts_upgrades_and_never_passes_its_total() {
         let mut parser = AptParser::default();
         let summary = parser.line("1 upgraded, 0 newly installed, 0 to remove and 3 not upgraded.").unwrap();
-        assert_eq!(summary.total, Some(3));
+        assert_eq!(summary.total, Some(3), "the packages not upgraded are not counted");
+        let mixed = AptParser::default()
+            .line("1 upgraded, 2 newly installed, 1 downgraded, 1 reinstalled, 0 to remove and 0 not upgraded.")
+            .unwrap();
+        assert_eq!(mixed.total, Some(15));
         for _ in 0..5 {
             parser.line("Setting up tzdata (2024a-0+deb12u1) ...");
         }

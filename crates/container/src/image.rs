@@ -391,7 +391,7 @@ fn build_rootfs(build: &mut Build, recipe: &ImageRecipe, rootfs: &Path) -> Resul
     let (packages, data_stack) = split_data_stack(recipe);
     // Stage one: the minimal system. Its resolver cannot take npm's many
     // virtual packages, so the recipe's packages come in stage two, from apt.
-    let title = format!("debootstrap ({}) of Debian {}", recipe.variant, recipe.suite);
+    let title = format!("debootstrap ({}, {})", recipe.variant, recipe.suite);
     build.stage(BuildStage::Debootstrap, &title, |build| {
         install_missing(&["debootstrap"]).map_err(|e| e.to_string())?;
         fs::create_dir_all(rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
@@ -428,7 +428,7 @@ fn build_rootfs(build: &mut Build, recipe: &ImageRecipe, rootfs: &Path) -> Resul
         build.run(BuildStage::Packages, apt(&packages), &mut AptParser::default())
     })?;
     if !data_stack.is_empty() {
-        let title = format!("data stack: {}", data_stack.join(", "));
+        let title = format!("data stack: {} packages", data_stack.len());
         build.stage(BuildStage::DataStack, &title, |build| {
             build.run(BuildStage::DataStack, apt(&data_stack), &mut AptParser::default())
         })?;

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use airlock_container::{
-    ContainerResources, ContainerSandbox, DockerEngine, EngineOptions, ImageRecipe, Kernel, SandboxSpec,
-    ensure_base_image,
+    ContainerResources, ContainerRuntime, ContainerSandbox, DockerEngine, EngineOptions, ImageRecipe, Kernel,
+    SandboxSpec, ensure_base_image,
 };
 use airlock_core::{
     EvalOutcome, EvalResult, ExecRequest, Language, Limit, LimitExceeded, Limits, OutputChunk, OutputSender,
@@ -44,12 +44,17 @@ impl TestSandbox {
     }
 
     async fn with_resources(resources: ContainerResources) -> Self {
+        Self::with(ContainerRuntime::Runc, resources).await
+    }
+
+    async fn with(runtime: ContainerRuntime, resources: ContainerResources) -> Self {
         let (engine, image) = engine_and_image().await;
         let dir = tempfile::tempdir().unwrap();
         engine.let_remapped_root_pass(dir.path()).unwrap();
         let workspace = dir.path().join("workspace");
         std::fs::create_dir(&workspace).unwrap();
-        let spec = SandboxSpec::new(SandboxId::new().to_string(), image, &workspace).resources(resources);
+        let spec =
+            SandboxSpec::new(SandboxId::new().to_string(), image, &workspace).runtime(runtime).resources(resources);
         let sandbox = ContainerSandbox::create_started(&engine, spec).await.unwrap();
         Self { sandbox, _dir: dir }
     }
@@ -508,4 +513,28 @@ async fn dropping_a_kernel_kills_its_process() {
         assert!(Instant::now() < give_up, "the kernel outlived its handle");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernels_work_under_gvisor() {
+    let sandbox = TestSandbox::with(ContainerRuntime::Runsc, ContainerResources::default()).await;
+    let mut python = sandbox.kernel(Language::Python).await;
+    let pid = python.pid();
+    sandbox.eval(&mut python, "x = 41").await;
+    assert_eq!(sandbox.value(&mut python, "x + 1").await, "42");
+    let (sender, seen) = recorder();
+    let code = "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.3)";
+    let outcome = python.eval(&sandbox.sandbox, code, &Limits::default(), Some(&sender)).await.unwrap();
+    assert_eq!(outcome.stdout_text(), "0\n1\n2\n", "{}", show(&outcome));
+    assert!(seen.lock().unwrap().len() >= 2, "output came in pieces");
+    assert_eq!(python.pid(), pid);
+    let limits = Limits { deadline: Duration::from_secs(2), ..Limits::default() };
+    let spun = sandbox.eval_with(&mut python, "while True:\n    pass", &limits).await;
+    assert!(matches!(spun.result, EvalResult::LimitExceeded(LimitExceeded { limit: Limit::Deadline, .. })));
+    let fresh = sandbox.eval(&mut python, "'x' in globals()").await;
+    assert_eq!(fresh.value().map(|v| v.text.as_str()), Some("False"), "{}", show(&fresh));
+
+    let mut node = sandbox.kernel(Language::JavaScript).await;
+    sandbox.eval(&mut node, "let y = 1").await;
+    assert_eq!(sandbox.value(&mut node, "y + 1").await, "2");
 }

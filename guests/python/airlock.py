@@ -6,6 +6,10 @@ credentials the policy's rules name, which the code never sees) or refuses
 it; a refusal raises `FetchError` whose message names the host and the
 policy. `install()` routes `urllib.request.urlopen` and `http.client`'s
 connections through `fetch`.
+
+`display` (also a builtin) shows rich outputs; `HTML`, `Markdown`, `SVG`,
+`JSON` and `Image` wrap data so that displaying it (or leaving it as the
+last value) shows it as that type, as IPython.display's classes do.
 """
 
 import io
@@ -286,6 +290,65 @@ class HTTPSConnection(HTTPConnection):
 
     def __init__(self, host, port=None, *args, context=None, **kwargs):
         super().__init__(host, port, *args, **kwargs)
+
+
+class _Rich:
+    """Data shown as one MIME type when displayed."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __repr__(self):
+        return f"<{type(self).__name__} object>"
+
+
+class HTML(_Rich):
+    def _repr_html_(self):
+        return self.data
+
+
+class Markdown(_Rich):
+    def _repr_markdown_(self):
+        return self.data
+
+
+class SVG(_Rich):
+    def _repr_svg_(self):
+        return self.data
+
+
+class JSON(_Rich):
+    def _repr_json_(self):
+        return self.data
+
+
+class Image:
+    """A PNG or JPEG image, from bytes or a file in the workspace."""
+
+    def __init__(self, data=None, filename=None, format=None):
+        if filename is not None:
+            with open(filename, "rb") as file:
+                data = file.read()
+            if format is None and str(filename).lower().endswith((".jpg", ".jpeg")):
+                format = "jpeg"
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError("Image takes bytes or a filename")
+        self.data = bytes(data)
+        self.format = format or ("jpeg" if self.data[:2] == b"\xff\xd8" else "png")
+
+    def _repr_png_(self):
+        return self.data if self.format == "png" else None
+
+    def _repr_jpeg_(self):
+        return self.data if self.format == "jpeg" else None
+
+    def __repr__(self):
+        return f"<Image {self.format}, {len(self.data)} bytes>"
+
+
+def display(*objs, raw=False):
+    """Shows rich outputs (the interpreter replaces this with its own at start)."""
+    raise RuntimeError("display() is only available inside an evaluation")
 
 
 def install():

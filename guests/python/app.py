@@ -337,6 +337,7 @@ _start_recording, _stop_recording = _file_change_recorder()
 import airlock  # noqa: E402
 
 airlock.install()
+airlock.display = display
 _namespace = {"__name__": "__main__", "__builtins__": builtins}
 _in_workspace = False
 

@@ -11,7 +11,7 @@ use airlock::limits::{parse_duration, parse_size};
 use airlock::runtime::{
     DiskStatus, Runtime, RuntimeOptions, SandboxConfig, TierPreference, UsageQuery, default_home,
 };
-use airlock::{ExecRequest, Language, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
+use airlock::{DisplayOutput, ExecRequest, Language, OutputChunk, OutputSender, OutputStream, StdinSource, Termination};
 use anyhow::{Context, Result, bail};
 use hyper::Method;
 use serde_json::{Value, json};
@@ -168,6 +168,11 @@ pub struct CodeArgs {
     /// Evaluate in this context (contexts live as long as the process that made them).
     #[arg(long, value_name = "ID")]
     context: Option<String>,
+    /// Write each display output (charts, HTML tables, ...) to files in DIR,
+    /// one per MIME type of each (`display-1.png`, `display-1.txt`, ...), and
+    /// print their paths; without it, one summary line per display output.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
     #[arg(short, long)]
     verbose: bool,
     #[command(flatten)]
@@ -318,15 +323,7 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode> {
         Home::Served(api) => return exec_remote(&api, &args, deadline).await,
     };
     let sandbox = runtime.sandbox(&args.name).await?;
-    let echo: OutputSender = Arc::new(|chunk: OutputChunk| {
-        let _ = match chunk.stream {
-            OutputStream::Stdout => {
-                std::io::stdout().lock().write_all(&chunk.bytes).and_then(|()| std::io::stdout().flush())
-            }
-            OutputStream::Stderr => std::io::stderr().lock().write_all(&chunk.bytes),
-        };
-    });
-    let mut request = ExecRequest::new(program).args(rest.iter().cloned()).output(echo).stdin(StdinSource::Empty);
+    let mut request = ExecRequest::new(program).args(rest.iter().cloned()).output(echo_output()).stdin(StdinSource::Empty);
     request.limits.deadline = deadline;
     let ran = match interruptible(sandbox.exec(request)).await {
         Interruptible::Done(ran) => ran?,
@@ -402,17 +399,37 @@ async fn exec_remote(api: &ApiClient, args: &ExecArgs, deadline: Duration) -> Re
     }
 }
 
+/// Prints output chunks as the code writes them.
+fn echo_output() -> OutputSender {
+    Arc::new(|chunk: OutputChunk| {
+        let _ = match chunk.stream {
+            OutputStream::Stdout => {
+                std::io::stdout().lock().write_all(&chunk.bytes).and_then(|()| std::io::stdout().flush())
+            }
+            OutputStream::Stderr => std::io::stderr().lock().write_all(&chunk.bytes),
+        };
+    })
+}
+
 pub async fn code(args: CodeArgs) -> Result<ExitCode> {
     let runtime = match args.home.reach("code").await? {
         Home::Local(runtime) => runtime,
         Home::Served(api) => return code_remote(&api, &args).await,
     };
     let sandbox = runtime.sandbox(&args.name).await?;
+    // Output is printed live, as the code writes it (both tiers).
     let evaluation = async {
-        match &args.context {
+        // Until the runtime's streaming calls land: the output at the end.
+        let ran = match &args.context {
             Some(context) => sandbox.code_in(context, &args.code).await,
             None => sandbox.code(args.lang, &args.code).await,
+        };
+        if let Ok(ran) = &ran {
+            let echo = echo_output();
+            echo(OutputChunk { stream: OutputStream::Stdout, bytes: ran.outcome.stdout.clone() });
+            echo(OutputChunk { stream: OutputStream::Stderr, bytes: ran.outcome.stderr.clone() });
         }
+        ran
     };
     let ran = match interruptible(evaluation).await {
         Interruptible::Done(ran) => ran?,
@@ -421,11 +438,158 @@ pub async fn code(args: CodeArgs) -> Result<ExitCode> {
     if args.verbose {
         eprintln!("airlock: ran in the {} tier: {}", ran.placement.tier, ran.placement.reason);
     }
-    Ok(crate::report(&ran.outcome, false))
+    finish(ran.outcome, args.out_dir.as_deref())
 }
 
-/// `code` through the server; the answer is reported as a local one is.
+/// After the live output: the result (as `report` does, without the output
+/// already printed), then the display outputs, written or summarised.
+fn finish(mut outcome: airlock::EvalOutcome, out_dir: Option<&std::path::Path>) -> Result<ExitCode> {
+    outcome.stdout.clear();
+    outcome.stderr.clear();
+    let status = crate::report(&outcome, false);
+    show_displays(&outcome.displays, outcome.displays_truncated, out_dir)?;
+    Ok(status)
+}
+
+/// Writes each display to files under `out_dir` and prints their paths, or
+/// prints one summary line per display.
+fn show_displays(displays: &[DisplayOutput], truncated: bool, out_dir: Option<&std::path::Path>) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match out_dir {
+        Some(dir) => {
+            for path in write_displays(displays, dir)? {
+                writeln!(stdout, "{}", path.display())?;
+            }
+        }
+        None => {
+            for (index, display) in displays.iter().enumerate() {
+                writeln!(stdout, "{}", display_summary(index + 1, display))?;
+            }
+        }
+    }
+    if truncated {
+        eprintln!("airlock: warning: more display outputs were made than an evaluation keeps; the rest were dropped");
+    }
+    Ok(())
+}
+
+/// The file extension for a MIME type: the common ones by name, `+json` and
+/// `+xml` types as `json` and `xml`, any other from its subtype (letters and
+/// digits only), else `bin`.
+fn extension(mime: &str) -> String {
+    let known = match mime {
+        "image/png" => "png",
+        "image/jpeg" => "jpg",
+        "image/gif" => "gif",
+        "image/webp" => "webp",
+        "image/svg+xml" => "svg",
+        "text/html" => "html",
+        "text/markdown" => "md",
+        "text/plain" => "txt",
+        "text/latex" => "tex",
+        "text/css" => "css",
+        "text/csv" => "csv",
+        "application/json" => "json",
+        "application/javascript" | "text/javascript" => "js",
+        "application/pdf" => "pdf",
+        _ => "",
+    };
+    if !known.is_empty() {
+        return known.to_string();
+    }
+    let essence = mime.split(';').next().unwrap_or_default().trim();
+    if essence.ends_with("+json") {
+        return "json".to_string();
+    }
+    if essence.ends_with("+xml") {
+        return "xml".to_string();
+    }
+    let subtype = essence.rsplit('/').next().unwrap_or_default();
+    let cleaned: String = subtype.chars().filter(char::is_ascii_alphanumeric).take(16).collect();
+    if cleaned.is_empty() { "bin".to_string() } else { cleaned.to_ascii_lowercase() }
+}
+
+/// A representation's bytes: base64-decoded for binary types (as bundles
+/// keep them), the text's bytes for the rest.
+fn display_bytes(mime: &str, value: &str) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    if DisplayOutput::is_binary(mime) {
+        let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .with_context(|| format!("a display's {mime} is not base64"))
+    } else {
+        Ok(value.as_bytes().to_vec())
+    }
+}
+
+/// Writes every representation of every display to `dir` (made if missing):
+/// `display-<n>.<ext>`, n counting from 1 in the order they were made; two
+/// types of one display with the same extension get `-2`, `-3`, ... Returns
+/// the paths, in order.
+fn write_displays(displays: &[DisplayOutput], dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    if displays.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    let mut written = Vec::new();
+    for (index, display) in displays.iter().enumerate() {
+        let mut used = std::collections::BTreeSet::new();
+        for (mime, value) in &display.data {
+            let ext = extension(mime);
+            let mut name = format!("display-{}.{ext}", index + 1);
+            let mut again = 1;
+            while !used.insert(name.clone()) {
+                again += 1;
+                name = format!("display-{}-{again}.{ext}", index + 1);
+            }
+            let path = dir.join(name);
+            std::fs::write(&path, display_bytes(mime, value)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+/// `[display 1: image/png 640x480 (23.4 KiB), text/plain (12 bytes)]`.
+fn display_summary(number: usize, display: &DisplayOutput) -> String {
+    let parts: Vec<String> = display
+        .data
+        .iter()
+        .map(|(mime, value)| {
+            let Ok(bytes) = display_bytes(mime, value) else { return format!("{mime} (not base64)") };
+            let size = airlock::limits::format_size(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+            match png_dimensions(&bytes) {
+                Some((width, height)) if mime == "image/png" => format!("{mime} {width}x{height} ({size})"),
+                _ => format!("{mime} ({size})"),
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        format!("[display {number}: empty]")
+    } else {
+        format!("[display {number}: {}]", parts.join(", "))
+    }
+}
+
+/// A PNG's width and height, from its header (`IHDR` is always first).
+fn png_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if bytes.len() < 24 || !bytes.starts_with(SIGNATURE) || &bytes[12..16] != b"IHDR" {
+        return None;
+    }
+    let width = u32::from_be_bytes(bytes[16..20].try_into().ok()?);
+    let height = u32::from_be_bytes(bytes[20..24].try_into().ok()?);
+    Some((width, height))
+}
+
+/// `code` through the server: output printed as the code writes it (the
+/// event stream), then the result and display outputs as a local one is
+/// reported. An interrupt closes the stream; the evaluation then runs to its
+/// end (bounded by its deadline) in the server.
 async fn code_remote(api: &ApiClient, args: &CodeArgs) -> Result<ExitCode> {
+    use base64::Engine as _;
     create_remote(api, &args.name, None).await?;
     let mut body = json!({ "code": args.code });
     match &args.context {
@@ -433,8 +597,42 @@ async fn code_remote(api: &ApiClient, args: &CodeArgs) -> Result<ExitCode> {
         None => body["language"] = serde_json::to_value(args.lang)?,
     }
     let path = format!("/sandboxes/{}/code", encode_path(&args.name));
-    let answer = match interruptible(api.json(Method::POST, &path, Some(&body))).await {
-        Interruptible::Done(answer) => answer?,
+    let streaming = async {
+        let headers = [("content-type", "application/json"), ("accept", "text/event-stream")];
+        let bytes = serde_json::to_vec(&body)?.into();
+        let response = api.send(Method::POST, &path, &headers, crate::remote::full(bytes)).await?;
+        let mut events = Events::new(response);
+        let mut displays = Vec::new();
+        while let Some((name, data)) = events.next().await? {
+            match name.as_str() {
+                "stdout" | "stderr" => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(data.trim())
+                        .context("the server sent output that is not base64")?;
+                    let _ = if name == "stdout" {
+                        std::io::stdout().lock().write_all(&bytes).and_then(|()| std::io::stdout().flush())
+                    } else {
+                        std::io::stderr().lock().write_all(&bytes)
+                    };
+                }
+                "display" => {
+                    displays.push(serde_json::from_str::<DisplayOutput>(&data).context("a display event")?);
+                }
+                "result" => {
+                    let answer: Value = serde_json::from_str(&data).context("the result event")?;
+                    return Ok((answer, displays));
+                }
+                "error" => {
+                    let problem: Value = serde_json::from_str(&data).unwrap_or_default();
+                    bail!("{}", problem["detail"].as_str().unwrap_or("the server reported an error"));
+                }
+                _ => {}
+            }
+        }
+        bail!("the server's stream ended without the evaluation's result")
+    };
+    let (answer, displays) = match interruptible(streaming).await {
+        Interruptible::Done(done) => done?,
         Interruptible::Interrupted(status) => return Ok(status),
     };
     if args.verbose {
@@ -445,7 +643,9 @@ async fn code_remote(api: &ApiClient, args: &CodeArgs) -> Result<ExitCode> {
             placement["reason"].as_str().unwrap_or("")
         );
     }
-    Ok(crate::report(&eval_outcome(&answer)?, false))
+    let mut outcome = eval_outcome(&answer)?;
+    outcome.displays = displays;
+    finish(outcome, args.out_dir.as_deref())
 }
 
 /// The server's answer to code, as the runtime's outcome.
@@ -481,10 +681,10 @@ fn eval_outcome(answer: &Value) -> Result<airlock::EvalOutcome> {
         stderr_truncated: answer["stderr_truncated"].as_bool().unwrap_or_default(),
         wall_time: millis("wall_time_ms"),
         cpu_time: millis("cpu_time_ms"),
-        displays: Vec::new(),
-        displays_truncated: false,
-        side_effects: Vec::new(),
-        side_effects_truncated: false,
+        displays: serde_json::from_value(answer["displays"].clone()).unwrap_or_default(),
+        displays_truncated: answer["displays_truncated"].as_bool().unwrap_or_default(),
+        side_effects: serde_json::from_value(answer["side_effects"].clone()).unwrap_or_default(),
+        side_effects_truncated: answer["side_effects_truncated"].as_bool().unwrap_or_default(),
     })
 }
 
@@ -612,4 +812,74 @@ pub async fn usage(args: UsageArgs) -> Result<ExitCode> {
     println!("wall seconds     {wall:.6}");
     println!("cost             ${cost:.8} at ${price} per vCPU-second");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const PNG_1X1: &str =
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+    fn bundle(entries: &[(&str, &str)]) -> DisplayOutput {
+        DisplayOutput { data: entries.iter().map(|(mime, value)| (mime.to_string(), value.to_string())).collect() }
+    }
+
+    #[test]
+    fn every_type_of_every_display_goes_to_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("new");
+        let displays = [
+            bundle(&[("image/png", PNG_1X1), ("text/plain", "<Figure>")]),
+            bundle(&[("text/html", "<table/>"), ("image/svg+xml", "<svg/>"), ("application/json", "{\"a\":1}")]),
+            bundle(&[("text/markdown", "# t"), ("application/vnd.custom+json", "{}"), ("application/x-custom", "z")]),
+        ];
+        let written = write_displays(&displays, &out).unwrap();
+        let names: Vec<String> =
+            written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            names,
+            [
+                "display-1.png",
+                "display-1.txt",
+                "display-2.json",
+                "display-2.svg",
+                "display-2.html",
+                "display-3.json",
+                "display-3.xcustom",
+                "display-3.md"
+            ]
+        );
+        let png = std::fs::read(out.join("display-1.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() == 70, "decoded from base64");
+        assert_eq!(std::fs::read_to_string(out.join("display-2.svg")).unwrap(), "<svg/>");
+        assert_eq!(std::fs::read_to_string(out.join("display-3.md")).unwrap(), "# t");
+        assert!(write_displays(&[], &dir.path().join("never")).unwrap().is_empty());
+        assert!(!dir.path().join("never").exists(), "no directory is made for no displays");
+    }
+
+    #[test]
+    fn two_types_with_one_extension_get_distinct_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_displays(&[bundle(&[("text/x-a", "1"), ("text/x-a;v=2", "2")])], dir.path()).unwrap();
+        let names: Vec<_> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["display-1.xa", "display-1-2.xa"]);
+    }
+
+    #[test]
+    fn binary_data_that_is_not_base64_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = write_displays(&[bundle(&[("image/png", "not base64!")])], dir.path()).unwrap_err();
+        assert!(error.to_string().contains("image/png"), "{error}");
+    }
+
+    #[test]
+    fn a_summary_names_each_type_with_its_size_and_a_png_its_dimensions() {
+        let summary = display_summary(3, &bundle(&[("image/png", PNG_1X1), ("text/plain", "a dot")]));
+        assert_eq!(summary, "[display 3: image/png 1x1 (70 bytes), text/plain (5 bytes)]");
+        let big = "x".repeat(23 * 1024);
+        assert_eq!(display_summary(1, &bundle(&[("text/html", &big)])), "[display 1: text/html (23 KiB)]");
+        assert_eq!(display_summary(2, &DisplayOutput::default()), "[display 2: empty]");
+    }
 }

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::{
-    EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, OutputChunk, OutputStream, StdinSource, Termination,
-    TierKind, Workspace, limits::MAX_DEADLINE,
+    DisplayOutput, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, OutputChunk, OutputSender,
+    OutputStream, SideEffect, StdinSource, Termination, TierKind, Workspace, limits::MAX_DEADLINE,
 };
-use airlock_runtime::{Placement, RunOutcome, Sandbox};
+use airlock_runtime::{CodeOutcome, Placement, RunOutcome, Sandbox};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -296,28 +296,78 @@ pub(crate) struct CodeBody {
     context: Option<String>,
 }
 
-/// The answer to code.
+/// One rich output of an evaluation, in Jupyter's MIME-bundle convention:
+/// the same object in one or more representations, keyed by MIME type
+/// (`text/plain`, `text/html`, `text/markdown`, `application/json`,
+/// `image/svg+xml` as text; `image/png` and other binary images as base64).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = DisplayOutput)]
+pub(crate) struct DisplayView {
+    /// MIME type to representation.
+    #[schema(additional_properties = true, value_type = BTreeMap<String, String>)]
+    data: BTreeMap<String, String>,
+}
+
+impl DisplayView {
+    fn of(display: DisplayOutput) -> Self {
+        Self { data: display.data }
+    }
+}
+
+/// The answer to code, as JSON or as the `result` event's data (which
+/// carries no output: that went out as events).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct CodeAnswer {
     result: ResultView,
-    stdout: String,
-    stdout_encoding: Encoding,
-    stderr: String,
-    stderr_encoding: Encoding,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout_encoding: Option<Encoding>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr_encoding: Option<Encoding>,
     stdout_truncated: bool,
     stderr_truncated: bool,
+    /// Rich outputs in the order they were made: `display()` calls, figures
+    /// shown, a rich last value. In an event stream they went out as
+    /// `display` events and this list is empty.
+    displays: Vec<DisplayView>,
+    /// Whether displays past the per-evaluation caps were dropped.
+    displays_truncated: bool,
+    /// What the evaluation did that outlives it, as far as the interpreter saw.
+    #[schema(value_type = Vec<crate::openapi::SideEffectDoc>)]
+    side_effects: Vec<SideEffect>,
+    side_effects_truncated: bool,
     wall_time_ms: u64,
     cpu_time_ms: u64,
-    #[schema(value_type = Object)]
+    #[schema(value_type = crate::openapi::PlacementDoc)]
     placement: Placement,
 }
 
 impl CodeAnswer {
-    fn new(outcome: EvalOutcome, placement: Placement) -> Self {
-        let EvalOutcome { result, stdout, stderr, stdout_truncated, stderr_truncated, wall_time, cpu_time, .. } = outcome;
-        let (stdout, stdout_encoding) = encode(stdout);
-        let (stderr, stderr_encoding) = encode(stderr);
-        Self {
+    /// The answer; with `with_output` false its stdout and stderr (sent as
+    /// events) are left out, and its displays are returned apart.
+    fn new(outcome: EvalOutcome, placement: Placement, with_output: bool) -> (Self, Vec<DisplayView>) {
+        let EvalOutcome {
+            result,
+            stdout,
+            stderr,
+            stdout_truncated,
+            stderr_truncated,
+            wall_time,
+            cpu_time,
+            displays,
+            displays_truncated,
+            side_effects,
+            side_effects_truncated,
+            ..
+        } = outcome;
+        let (stdout, stdout_encoding) = if with_output { split(encode(stdout)) } else { (None, None) };
+        let (stderr, stderr_encoding) = if with_output { split(encode(stderr)) } else { (None, None) };
+        let displays: Vec<DisplayView> = displays.into_iter().map(DisplayView::of).collect();
+        let (kept, apart) = if with_output { (displays, Vec::new()) } else { (Vec::new(), displays) };
+        let answer = Self {
             result: ResultView::of(result),
             stdout,
             stdout_encoding,
@@ -325,10 +375,19 @@ impl CodeAnswer {
             stderr_encoding,
             stdout_truncated,
             stderr_truncated,
+            displays: kept,
+            displays_truncated,
+            side_effects,
+            side_effects_truncated,
             wall_time_ms: millis(wall_time),
             cpu_time_ms: millis(cpu_time),
             placement,
-        }
+        };
+        (answer, apart)
+    }
+
+    fn whole(outcome: EvalOutcome, placement: Placement) -> Self {
+        Self::new(outcome, placement, true).0
     }
 }
 
@@ -372,27 +431,165 @@ impl ResultView {
     }
 }
 
+/// Where an evaluation runs: a fresh interpreter of a language, or a context.
+enum Target {
+    Fresh(Language),
+    Context(String),
+}
+
+/// Evaluates `code`, calling `output` with each stdout and stderr chunk as
+/// the code writes it (both tiers).
+async fn evaluate(sandbox: &Sandbox, target: &Target, code: &str, output: OutputSender) -> Result<CodeOutcome, ApiError> {
+    // Until the runtime's streaming calls land: the output at the end.
+    let ran = match target {
+        Target::Fresh(language) => sandbox.code(*language, code).await?,
+        Target::Context(context) => sandbox.code_in(context, code).await?,
+    };
+    for (stream, bytes) in [(OutputStream::Stdout, &ran.outcome.stdout), (OutputStream::Stderr, &ran.outcome.stderr)] {
+        if !bytes.is_empty() {
+            output(OutputChunk { stream, bytes: bytes.clone() });
+        }
+    }
+    Ok(ran)
+}
+
+/// An evaluation's answer, checked: a full engine pool is the server's
+/// capacity (an error), an escalation is counted.
+fn checked(state: &AppState, ran: CodeOutcome) -> Result<CodeOutcome, ApiError> {
+    refuse_engine_capacity(&ran.outcome.result)?;
+    if ran.placement.escalated.is_some() {
+        state.ops().count_escalation();
+    }
+    Ok(ran)
+}
+
 pub(crate) async fn code(
     state: Scope,
     Path(name): Path<String>,
+    headers: HeaderMap,
     StrictJson(body): StrictJson<CodeBody>,
-) -> Result<Json<CodeAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     let sandbox = state.sandbox(&name)?;
-    if body.context.is_none() && body.language.is_none() {
-        return Err(ApiError::invalid("give a language, or a context"));
-    }
-    let admitted = state.ops().admit().await?;
-    let answer = match (body.context, body.language) {
-        (Some(context), _) => sandbox.code_in(&context, &body.code).await?,
-        (None, Some(language)) => sandbox.code(language, &body.code).await?,
+    let target = match (body.context, body.language) {
+        (Some(context), _) => Target::Context(context),
+        (None, Some(language)) => Target::Fresh(language),
         (None, None) => return Err(ApiError::invalid("give a language, or a context")),
     };
-    drop(admitted);
-    refuse_engine_capacity(&answer.outcome.result)?;
-    if answer.placement.escalated.is_some() {
-        state.ops().count_escalation();
+    let admitted = state.ops().admit().await?;
+    if !wants_events(&headers) {
+        let answer = match &target {
+            Target::Context(context) => sandbox.code_in(context, &body.code).await?,
+            Target::Fresh(language) => sandbox.code(*language, &body.code).await?,
+        };
+        drop(admitted);
+        let ran = checked(&state, answer)?;
+        return Ok(Json(CodeAnswer::whole(ran.outcome, ran.placement)).into_response());
     }
-    Ok(Json(CodeAnswer::new(answer.outcome, answer.placement)))
+    // Refused before the stream starts, with its status, rather than as an
+    // `error` event: a context this sandbox does not have.
+    if let Target::Context(context) = &target
+        && !sandbox.contexts().iter().any(|info| info.id == *context)
+    {
+        return Err(airlock_runtime::Error::from(airlock_core::Error::NoSuchContext(context.clone())).into());
+    }
+    let (sender, chunks) = mpsc::unbounded_channel();
+    // Called from the thread running the code, so it must not wait: the
+    // channel is unbounded, and what goes through it is bounded by the
+    // evaluation's output cap.
+    let output: OutputSender = Arc::new(move |chunk: OutputChunk| {
+        let _ = sender.send(chunk);
+    });
+    let app: AppState = (*state).clone();
+    // The evaluation runs in a task of its own, not inside the stream: a
+    // client that goes away drops the stream, and the evaluation finishes by
+    // itself, bounded by its deadline, so its context is left consistent
+    // (never cut off halfway through an evaluation) and answers the next call.
+    let task = tokio::spawn(async move {
+        let result = evaluate(&sandbox, &target, &body.code, output).await;
+        drop(admitted);
+        result.and_then(|ran| checked(&app, ran))
+    });
+    Ok(code_event_stream(task, chunks, state.shutdown().clone()).into_response())
+}
+
+type EvalTask = tokio::task::JoinHandle<Result<CodeOutcome, ApiError>>;
+
+/// Where a code event stream is.
+enum CodePhase {
+    Running { task: EvalTask, chunks: mpsc::UnboundedReceiver<OutputChunk>, shutdown: CancellationToken },
+    /// The evaluation is over: these events go out, the last one last.
+    Ending(std::collections::VecDeque<Event>),
+}
+
+fn problem_event(error: &ApiError) -> Event {
+    Event::default().event("error").data(serde_json::to_string(&error.problem()).unwrap_or_default())
+}
+
+/// The events that end a code stream: the output still queued, one
+/// `display` event per display output, then the `result` (or one `error`).
+fn ending(
+    mut chunks: mpsc::UnboundedReceiver<OutputChunk>,
+    result: Result<CodeOutcome, ApiError>,
+) -> std::collections::VecDeque<Event> {
+    let mut events = std::collections::VecDeque::new();
+    while let Ok(chunk) = chunks.try_recv() {
+        events.push_back(chunk_event(chunk));
+    }
+    match result {
+        Ok(ran) => {
+            let (answer, displays) = CodeAnswer::new(ran.outcome, ran.placement, false);
+            for display in displays {
+                events.push_back(Event::default().event("display").data(serde_json::to_string(&display).unwrap_or_default()));
+            }
+            events.push_back(Event::default().event("result").data(serde_json::to_string(&answer).unwrap_or_default()));
+        }
+        Err(error) => events.push_back(problem_event(&error)),
+    }
+    events
+}
+
+/// Output events as the code writes them, then a `display` event per rich
+/// output, then exactly one `result` (the answer without its output) or
+/// `error` event.
+fn code_event_stream(
+    task: EvalTask,
+    chunks: mpsc::UnboundedReceiver<OutputChunk>,
+    shutdown: CancellationToken,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = futures_util::stream::unfold(Some(CodePhase::Running { task, chunks, shutdown }), |phase| async move {
+        match phase? {
+            CodePhase::Running { mut task, mut chunks, shutdown } => {
+                tokio::select! {
+                    biased;
+                    Some(chunk) = chunks.recv() => {
+                        Some((Ok(chunk_event(chunk)), Some(CodePhase::Running { task, chunks, shutdown })))
+                    }
+                    joined = &mut task => {
+                        let result = joined.unwrap_or_else(|error| Err(ApiError::internal(&error)));
+                        let mut events = ending(chunks, result);
+                        let first = events.pop_front()?;
+                        Some((Ok(first), Some(CodePhase::Ending(events))))
+                    }
+                    () = shutdown.cancelled() => {
+                        // Shutting down: the evaluation is cancelled with
+                        // everything else the server runs.
+                        task.abort();
+                        let error = ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Code::ShuttingDown,
+                            "the server is shutting down; the evaluation was cancelled",
+                        );
+                        Some((Ok(problem_event(&error)), None))
+                    }
+                }
+            }
+            CodePhase::Ending(mut events) => {
+                let next = events.pop_front()?;
+                Some((Ok(next), Some(CodePhase::Ending(events))))
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
 }
 
 /// An evaluation the isolate engine could not place (its pool was full, as
@@ -439,7 +636,7 @@ pub(crate) async fn run(
     state.ops().count_run(outcome.cpu_time);
     let placement =
         Placement { tier: TierKind::Isolate, reason: "a one-shot run is an isolate's".into(), escalated: None };
-    Ok(Json(CodeAnswer::new(outcome, placement)))
+    Ok(Json(CodeAnswer::whole(outcome, placement)))
 }
 
 /// `POST /v1/sandboxes/{name}/contexts`.

@@ -32,7 +32,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, SecurityRequi
 use utoipa::{Modify, OpenApi};
 
 use crate::PROBLEM_JSON;
-use crate::exec::{CodeAnswer, CodeBody, ContextBody, ContextCreated, ExecAnswer, ExecBody, RunBody};
+use crate::exec::{CodeAnswer, CodeBody, ContextBody, ContextCreated, DisplayView, ExecAnswer, ExecBody, RunBody};
 use crate::files::{MkdirBody, RenameBody};
 use crate::git::{GitCheckoutAnswer, GitCheckoutBody};
 use crate::network::{NetworkPolicyDoc, SecretBody, SecretView};
@@ -74,7 +74,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         get_network, put_network, list_secrets, put_secret, delete_secret,
         git_checkout,
     ),
-    components(schemas(Problem)),
+    components(schemas(Problem, DisplayView)),
     modifiers(&Security),
     tags(
         (name = "sandboxes", description = "Sandboxes by name"),
@@ -185,7 +185,14 @@ fn exec() {}
 #[utoipa::path(post, path = "/v1/sandboxes/{name}/code", tag = "execution", request_body = CodeBody,
     params(("name" = String, Path, description = "The sandbox's name")),
     responses(
-        (status = 200, description = "The code ran (its result says how it ended)", body = CodeAnswer),
+        (status = 200, description = "The code ran (its result says how it ended), with its display outputs and side effects. \
+            With `Accept: text/event-stream`, named events instead: `stdout`/`stderr` as the code writes them (base64 data), \
+            one `display` per display output (a `DisplayOutput` as JSON), then exactly one `result` (a `CodeAnswer` without \
+            stdout, stderr and displays) or `error` (a problem)",
+            content(
+                (CodeAnswer = "application/json"),
+                (String = "text/event-stream"),
+            )),
         (status = 413, description = "The body is too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not a JSON body", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -193,7 +200,7 @@ fn code() {}
 
 #[utoipa::path(post, path = "/v1/run", tag = "execution", request_body = RunBody,
     responses(
-        (status = 200, description = "The code ran in a fresh isolate, no sandbox kept", body = CodeAnswer),
+        (status = 200, description = "The code ran in a fresh isolate, no sandbox kept (with its display outputs and side effects)", body = CodeAnswer),
         (status = 413, description = "The body is too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not a JSON body", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -510,6 +517,68 @@ enum EntryKindDoc {
 enum ListingOrEntry {
     Listing(Vec<EntryDoc>),
     Entry(EntryDoc),
+}
+
+/// Something an evaluation did that outlives it, which running the same code
+/// again would do twice.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+#[schema(as = SideEffect)]
+pub(crate) enum SideEffectDoc {
+    /// A file or directory changed: `operation` is `write`, `remove`,
+    /// `rename`, `mkdir`, ...; `path` as the code named it.
+    File { operation: String, path: String },
+    /// An outbound HTTP request.
+    Request { method: String, url: String },
+}
+
+/// What happened to a context that moved from its isolate to a kernel in the
+/// container, in the answer of the evaluation that moved it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ContextMove)]
+pub(crate) struct ContextMoveDoc {
+    /// Whether earlier evaluations were replayed; `false` when the context was
+    /// made with `replay_on_escalation: false` (it started fresh: its earlier
+    /// variables are gone).
+    replayed: bool,
+    /// How many earlier evaluations ran again in the container.
+    replayed_evaluations: u64,
+    /// What those evaluations had done in the isolate and so did again.
+    repeated_side_effects: Vec<SideEffectDoc>,
+    /// Earlier evaluations past the history's caps were not kept: the
+    /// replayed state may be partial.
+    history_truncated: bool,
+    /// Replayed evaluations that failed in the container, each `#N: what it said`.
+    replay_failures: Vec<String>,
+}
+
+/// What ran a request, where, and why there.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Placement)]
+pub(crate) struct PlacementDoc {
+    tier: TierDoc,
+    reason: String,
+    /// Set when an isolate answered needs-escalation and the request ran again
+    /// in the container: `{"reason": "missing-module", "name": "numpy"}`,
+    /// `{"reason": "subprocess"}`, ...
+    #[schema(value_type = Option<Object>)]
+    escalated: Option<JsonObject>,
+    /// Set when this evaluation moved its context to the container.
+    context_moved: Option<ContextMoveDoc>,
+}
+
+/// Any JSON object (for documentation only).
+type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// Which tier ran something.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+#[schema(as = TierKind)]
+pub(crate) enum TierDoc {
+    /// A WebAssembly isolate.
+    Isolate,
+    /// A Linux container.
+    Container,
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/network", tag = "network",

@@ -325,7 +325,6 @@ impl Kernel {
                 let result = evaluation.result.take().unwrap_or_else(|| EvalResult::Crashed {
                     message: "the kernel ended the evaluation without a result".into(),
                 });
-                self.oom_at_idle = oom_after;
                 self.go_idle(container, pipes, HeldOutput::default());
                 return Ok(evaluation.finish(result, started, cpu_time));
             }
@@ -401,9 +400,7 @@ impl Kernel {
     fn go_idle(&mut self, container: &ContainerSandbox, pipes: Pipes, held: HeldOutput) {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(drain_idle(pipes, held, stopped));
-        if self.oom_at_idle.is_none() {
-            self.oom_at_idle = container.cgroup().oom_kills();
-        }
+        self.oom_at_idle = container.cgroup().oom_kills();
         self.state = State::Idle { stop, task };
     }
 }

@@ -491,6 +491,13 @@ async fn child_processes_output_is_captured() {
     assert!(outcome.is_ok(), "{}", show(&outcome));
     assert_eq!(outcome.stdout_text(), "from-child\n");
     assert_eq!(outcome.stderr_text(), "from-shell\n");
+    // A forked child that runs on past the code ends there, and never answers for the kernel.
+    let forked = sandbox
+        .eval(&mut python, "pid = os.fork()\nif pid == 0:\n    print('in child')\nelse:\n    os.waitpid(pid, 0)\n    print('in parent')\npid")
+        .await;
+    assert_eq!(forked.stdout_text(), "in child\nin parent\n", "{}", show(&forked));
+    assert_ne!(forked.value().map(|v| v.text.as_str()), Some("0"), "the answer is the parent's");
+    assert_eq!(sandbox.value(&mut python, "'still ' + 'here'").await, "'still here'");
     // A child cannot read the kernel's requests: its stdin is /dev/null.
     let cat = sandbox.eval(&mut python, "subprocess.run(['cat']).returncode").await;
     assert_eq!(cat.value().map(|v| v.text.as_str()), Some("0"), "{}", show(&cat));

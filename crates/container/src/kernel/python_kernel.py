@@ -435,8 +435,11 @@ def _evaluate(code):
     return result
 
 
+_KERNEL_PID = os.getpid()
+
+
 def _serve():
-    _send({"t": "ready", "pid": os.getpid()})
+    _send({"t": "ready", "pid": _KERNEL_PID})
     while True:
         line = _requests.readline()
         if not line:
@@ -449,6 +452,11 @@ def _serve():
             print(f"airlock kernel: bad request: {error!r}", file=sys.__stderr__)
             continue
         result = _evaluate(code)
+        if os.getpid() != _KERNEL_PID:
+            # A child the code forked (os.fork) and left to run on: it must
+            # neither answer for the kernel nor read its requests.
+            _flush_user_streams()
+            os._exit(0)
         try:
             _emit_open_figures()
         except BaseException as error:

@@ -22,7 +22,9 @@
 //! # Ok(()) }
 //! ```
 
+mod code;
 mod config;
+mod contexts;
 mod disk;
 mod egress;
 mod error;
@@ -55,6 +57,7 @@ pub use disk::{
 };
 pub use airlock_egress::EgressConfig;
 pub use egress::{EGRESS_CA_DIR, SANDBOX_EGRESS_DIR};
+pub use contexts::{ContextInfo, ContextMove, ContextOptions, MAX_REPLAY_BYTES, MAX_REPLAY_EVALUATIONS};
 pub use error::{Error, Result};
 pub use events::{
     COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, MAX_WATCHED_DIRECTORIES, SandboxEvent,

@@ -16,14 +16,14 @@ use airlock_container::{
     ProcessStatus, PtySession, PtySize, SandboxSpec, Signal, container_name,
 };
 use airlock_core::{
-    CodeError, EscalationReason, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, Limits, Needs, SandboxId,
-    SandboxName, Termination, TierKind, Workspace, WorkspaceDir, confined::Owner,
+    EscalationReason, EvalOutcome, ExecOutcome, ExecRequest, Limits, Needs, SandboxId,
+    SandboxName, TierKind, Workspace, WorkspaceDir, confined::Owner,
 };
-use airlock_wasm::interpreter::ContextInfo;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::config::{SandboxConfig, TierPreference};
+use crate::config::SandboxConfig;
+use crate::contexts::{ContextHandle, ContextMove};
 use crate::error::{Error, Result};
 use crate::events::{EVENT_BUFFER, EventStream, Lifecycle, SandboxEvent, WorkspaceWatch};
 use crate::files::{self, FileEntry};
@@ -39,6 +39,16 @@ pub struct Placement {
     /// Set when an isolate answered needs-escalation and the request ran again
     /// in the container.
     pub escalated: Option<EscalationReason>,
+    /// Set on the evaluation that moved a context from its isolate to a
+    /// kernel in the container: what was replayed, and what that repeated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_moved: Option<ContextMove>,
+}
+
+impl Placement {
+    pub fn new(tier: TierKind, reason: &str) -> Self {
+        Self { tier, reason: reason.to_string(), escalated: None, context_moved: None }
+    }
 }
 
 /// The outcome of a command, and where it ran.
@@ -61,7 +71,7 @@ pub(crate) struct SandboxInner {
     pub id: SandboxId,
     pub name: SandboxName,
     pub config: SandboxConfig,
-    workspace: Workspace,
+    pub(crate) workspace: Workspace,
     /// The workspace as a directory handle: every host-side file operation
     /// goes through it (DESIGN.md decision 1), never through a host path.
     dir: WorkspaceDir,
@@ -72,9 +82,9 @@ pub(crate) struct SandboxInner {
     /// Set when an isolate (or the host, before the container's owner was
     /// known) may have written to the workspace as the host's user since the
     /// workspace was last handed to the container's user.
-    isolate_wrote: AtomicBool,
-    /// This sandbox's contexts and their languages.
-    contexts: Mutex<HashMap<String, Language>>,
+    pub(crate) isolate_wrote: AtomicBool,
+    /// This sandbox's contexts, by id.
+    pub(crate) contexts: Mutex<HashMap<String, Arc<ContextHandle>>>,
     /// Contexts being made: they count against `max_contexts` (changed under
     /// the `contexts` lock).
     contexts_pending: AtomicUsize,
@@ -288,13 +298,13 @@ impl tokio::io::AsyncWrite for SandboxPortStream {
 
 /// A context being made, counted against `max_contexts` until it is in the
 /// sandbox's table (or failed).
-struct ContextSlot<'a> {
+pub(crate) struct ContextSlot<'a> {
     inner: &'a SandboxInner,
     filled: bool,
 }
 
 impl<'a> ContextSlot<'a> {
-    fn take(inner: &'a SandboxInner) -> Result<Self> {
+    pub(crate) fn take(inner: &'a SandboxInner) -> Result<Self> {
         let contexts = lock(&inner.contexts);
         let held = contexts.len() + inner.contexts_pending.load(Ordering::SeqCst);
         let max = inner.config.max_contexts;
@@ -306,9 +316,9 @@ impl<'a> ContextSlot<'a> {
     }
 
     /// Puts the new context in the table in place of the slot, in one step.
-    fn fill(mut self, id: String, language: Language) {
+    pub(crate) fn fill(mut self, id: String, handle: Arc<ContextHandle>) {
         let mut contexts = lock(&self.inner.contexts);
-        contexts.insert(id, language);
+        contexts.insert(id, handle);
         self.inner.contexts_pending.fetch_sub(1, Ordering::SeqCst);
         self.filled = true;
     }
@@ -324,7 +334,7 @@ impl Drop for ContextSlot<'_> {
 }
 
 /// Marks a sandbox busy for as long as it lives.
-struct Active<'a> {
+pub(crate) struct Active<'a> {
     inner: &'a SandboxInner,
     _shared: tokio::sync::RwLockReadGuard<'a, ()>,
 }
@@ -367,7 +377,7 @@ impl Sandbox {
     }
 
     /// Starts an operation: waits out a sleep in progress, wakes the sandbox.
-    async fn begin(&self) -> Result<Active<'_>> {
+    pub(crate) async fn begin(&self) -> Result<Active<'_>> {
         let shared = self.inner.lifecycle.read().await;
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         let active = Active { inner: &self.inner, _shared: shared };
@@ -379,7 +389,7 @@ impl Sandbox {
         Ok(active)
     }
 
-    fn record(
+    pub(crate) fn record(
         &self,
         kind: ExecutionKind,
         tier: TierKind,
@@ -416,7 +426,7 @@ impl Sandbox {
     }
 
     /// Remembers (once) that the sandbox moved to the container tier, and why.
-    fn note_escalation(&self, reason: &str) -> Result<()> {
+    pub(crate) fn note_escalation(&self, reason: &str) -> Result<()> {
         if lock(&self.inner.record).escalated.is_some() {
             return Ok(());
         }
@@ -462,7 +472,7 @@ impl Sandbox {
             }
         };
         self.record(ExecutionKind::Exec, outcome.tier, started_at, outcome.wall_time, outcome.cpu_time)?;
-        Ok(RunOutcome { outcome, placement: Placement { tier, reason: reason.to_string(), escalated: None } })
+        Ok(RunOutcome { outcome, placement: Placement::new(tier, reason) })
     }
 
     /// Runs a command in the container as another user of its image (such as
@@ -479,119 +489,8 @@ impl Sandbox {
         self.record(ExecutionKind::Exec, TierKind::Container, started_at, outcome.wall_time, outcome.cpu_time)?;
         Ok(RunOutcome {
             outcome,
-            placement: Placement { tier: TierKind::Container, reason: reason.into(), escalated: None },
+            placement: Placement::new(TierKind::Container, reason),
         })
-    }
-
-    /// Evaluates code once in a fresh context (isolates first). Code the
-    /// interpreter answers needs-escalation for runs again in the container
-    /// (`python3 -c`, `node -e`) with the same workspace.
-    pub async fn code(&self, language: Language, code: &str) -> Result<CodeOutcome> {
-        self.evaluate(language, code, None).await
-    }
-
-    /// Evaluates code in a context made by [`create_context`](Self::create_context);
-    /// state is kept between calls. Escalation runs that one snippet in the
-    /// container (the context's state does not travel).
-    pub async fn code_in(&self, context: &str, code: &str) -> Result<CodeOutcome> {
-        // From this sandbox's own table: a context of another sandbox is not found,
-        // and one busy evaluating is waited for (by the registry), not missed.
-        let language = lock(&self.inner.contexts).get(context).copied();
-        match language {
-            Some(language) => self.evaluate(language, code, Some(context)).await,
-            None => Err(airlock_core::Error::NoSuchContext(context.to_string()).into()),
-        }
-    }
-
-    async fn evaluate(&self, language: Language, code: &str, context: Option<&str>) -> Result<CodeOutcome> {
-        let _active = self.begin().await?;
-        let route = route(&Needs::of_code(language), self.inner.config.tier)?;
-        let started_at = SystemTime::now();
-        if route.tier == TierKind::Container {
-            let outcome = self.code_in_container(language, code).await?;
-            self.record(ExecutionKind::Code, TierKind::Container, started_at, outcome.wall_time, outcome.cpu_time)?;
-            let placement = Placement { tier: TierKind::Container, reason: route.reason.into(), escalated: None };
-            return Ok(CodeOutcome { outcome, placement });
-        }
-        let interpreters = &self.runtime.inner.interpreters;
-        self.inner.isolate_wrote.store(true, Ordering::SeqCst);
-        let outcome = match context {
-            Some(id) => interpreters.eval(id, code).await?,
-            None => {
-                let (workspace, limits) = (self.inner.workspace.clone(), self.inner.config.limits);
-                interpreters.run_with_outbound(language, workspace, code, limits, Some(self.outbound())).await?
-            }
-        };
-        self.record(ExecutionKind::Code, TierKind::Isolate, started_at, outcome.wall_time, outcome.cpu_time)?;
-        let EvalResult::NeedsEscalation { reason } = &outcome.result else {
-            return Ok(CodeOutcome {
-                outcome,
-                placement: Placement { tier: TierKind::Isolate, reason: route.reason.into(), escalated: None },
-            });
-        };
-        if self.inner.config.tier == TierPreference::Isolate {
-            // Pinned to isolates: the answer stands, for the caller to see.
-            return Ok(CodeOutcome {
-                outcome,
-                placement: Placement { tier: TierKind::Isolate, reason: route.reason.into(), escalated: None },
-            });
-        }
-        let reason = reason.clone();
-        let started_at = SystemTime::now();
-        let escalated = self.code_in_container(language, code).await?;
-        self.note_escalation(&format!("the {language} interpreter answered needs-escalation: {reason}"))?;
-        self.record(ExecutionKind::Code, TierKind::Container, started_at, escalated.wall_time, escalated.cpu_time)?;
-        let placement = Placement {
-            tier: TierKind::Container,
-            reason: format!("the isolate answered needs-escalation ({reason})"),
-            escalated: Some(reason),
-        };
-        Ok(CodeOutcome { outcome: escalated, placement })
-    }
-
-    async fn code_in_container(&self, language: Language, code: &str) -> Result<EvalOutcome> {
-        let request = match language {
-            Language::Python => ExecRequest::new("python3").args(["-c", code]),
-            Language::JavaScript => ExecRequest::new("node").args(["-e", code]),
-        }
-        .limits(self.inner.config.limits);
-        let container = self.container().await?;
-        let outcome = container.exec(request).await?;
-        Ok(eval_outcome_of(outcome))
-    }
-
-    /// Makes an interpreter context in this sandbox; its id is for [`code_in`](Self::code_in).
-    /// At most `max_contexts` at once: past it, [`Error::SandboxLimit`].
-    pub async fn create_context(&self, language: Language) -> Result<String> {
-        let _active = self.begin().await?;
-        let slot = ContextSlot::take(&self.inner)?;
-        let id = self
-            .runtime
-            .inner
-            .interpreters
-            .create_context_with_outbound(
-                language,
-                self.inner.workspace.clone(),
-                self.inner.config.limits,
-                Some(self.outbound()),
-            )
-            .await?;
-        slot.fill(id.clone(), language);
-        Ok(id)
-    }
-
-    /// This sandbox's contexts.
-    pub fn contexts(&self) -> Vec<ContextInfo> {
-        let ours = lock(&self.inner.contexts).clone();
-        self.runtime.inner.interpreters.list().into_iter().filter(|info| ours.contains_key(&info.id)).collect()
-    }
-
-    pub fn delete_context(&self, id: &str) -> Result<()> {
-        if lock(&self.inner.contexts).remove(id).is_none() {
-            return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
-        }
-        self.runtime.inner.interpreters.delete(id)?;
-        Ok(())
     }
 
     // Files, from the host, for both tiers, through the confined layer.
@@ -958,14 +857,20 @@ impl Sandbox {
             container.stop().await?;
             self.inner.container_stopped.store(true, Ordering::SeqCst);
         }
-        let contexts: Vec<String> = lock(&self.inner.contexts).drain().map(|(id, _)| id).collect();
-        for id in contexts {
-            let _ = self.runtime.inner.interpreters.delete(&id);
-        }
+        self.drop_contexts();
         self.runtime.inner.store.set_state(self.inner.id, SandboxState::Sleeping)?;
         lock(&self.inner.record).state = SandboxState::Sleeping;
         self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Slept });
         Ok(())
+    }
+
+    /// Forgets every context: isolate instances go at once, kernels when an
+    /// evaluation running on them ends (and with the container anyway).
+    fn drop_contexts(&self) {
+        let contexts: Vec<String> = lock(&self.inner.contexts).drain().map(|(id, _)| id).collect();
+        for id in contexts {
+            let _ = self.runtime.inner.interpreters.delete(&id);
+        }
     }
 
     /// Wakes the sandbox now (any operation does this too), starting its container if it has one.
@@ -991,10 +896,7 @@ impl Sandbox {
                 }
             }
         }
-        let contexts: Vec<String> = lock(&self.inner.contexts).drain().map(|(id, _)| id).collect();
-        for id in contexts {
-            let _ = self.runtime.inner.interpreters.delete(&id);
-        }
+        self.drop_contexts();
         self.stop_proxy();
         self.runtime.inner.store.delete(self.inner.id)?;
         self.runtime.forget(self.inner.id);
@@ -1020,37 +922,5 @@ async fn adopt_running(engine: &airlock_container::DockerEngine, id: &str) -> Re
     Ok(Some(container))
 }
 
-/// A command's outcome read as an evaluation: exit 0 is success (no value),
-/// another code a runtime error carrying what the program said on stderr.
-fn eval_outcome_of(outcome: ExecOutcome) -> EvalOutcome {
-    let stderr = String::from_utf8_lossy(&outcome.stderr).into_owned();
-    let result = match &outcome.termination {
-        Termination::Exited { code: 0 } => EvalResult::Ok { value: None },
-        Termination::Exited { code } => {
-            let last_line = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or_default();
-            let (kind, message) = match last_line.split_once(": ") {
-                Some((kind, message)) if !kind.contains(' ') => (kind.to_string(), message.to_string()),
-                _ => (format!("exit status {code}"), last_line.to_string()),
-            };
-            EvalResult::RuntimeError(CodeError { kind, message, traceback: stderr.clone(), line: None })
-        }
-        Termination::LimitExceeded(limit) => EvalResult::LimitExceeded(*limit),
-        Termination::Crashed { message } => EvalResult::Crashed { message: message.clone() },
-        other => EvalResult::Crashed { message: format!("{other:?}") },
-    };
-    EvalOutcome {
-        result,
-        stdout: outcome.stdout,
-        stderr: outcome.stderr,
-        stdout_truncated: outcome.stdout_truncated,
-        stderr_truncated: outcome.stderr_truncated,
-        wall_time: outcome.wall_time,
-        cpu_time: outcome.cpu_time,
-        displays: Vec::new(),
-        displays_truncated: false,
-        side_effects: Vec::new(),
-        side_effects_truncated: false,
-    }
-}
 
 

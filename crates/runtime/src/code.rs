@@ -1,0 +1,277 @@
+//! Code in a sandbox: one-shot snippets and contexts, isolates first. A
+//! snippet the isolate answers needs-escalation for runs in a kernel in the
+//! container instead, and a context moves there with its state (replayed),
+//! unless the isolate already did something a second run would do again.
+
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use airlock_core::{EscalationReason, EvalOutcome, EvalResult, Language, Needs, OutputSender, TierKind};
+
+use crate::config::TierPreference;
+use crate::contexts::{ContextHandle, ContextInfo, ContextMove, ContextOptions, Home};
+use crate::error::Result;
+use crate::router::route;
+use crate::runtime::lock;
+use crate::sandbox::{CodeOutcome, ContextSlot, Placement, Sandbox};
+use crate::store::ExecutionKind;
+
+/// Why a context's evaluation ran in the container without asking the isolate.
+const LIVES_IN_CONTAINER: &str = "the context lives in the container since it escalated";
+
+impl Sandbox {
+    /// Evaluates code once in a fresh context (isolates first). Code the
+    /// interpreter answers needs-escalation for runs again in a fresh kernel
+    /// in the container, with the same workspace, unless the isolate already
+    /// changed files or sent requests before it stopped: then it is not run
+    /// twice, and the answer (needs-escalation) lists what it did.
+    pub async fn code(&self, language: Language, code: &str) -> Result<CodeOutcome> {
+        self.one_shot(language, code, None).await
+    }
+
+    /// As [`code`](Self::code), with stdout and stderr sent to `output` as
+    /// they are written, in either tier. After an escalation the container's
+    /// output follows what the isolate wrote before it stopped.
+    pub async fn code_streaming(&self, language: Language, code: &str, output: OutputSender) -> Result<CodeOutcome> {
+        self.one_shot(language, code, Some(output)).await
+    }
+
+    /// Evaluates code in a context made by [`create_context`](Self::create_context);
+    /// state is kept between calls. When the isolate answers needs-escalation,
+    /// the context moves to a kernel in the container: its earlier successful
+    /// evaluations are replayed there (unless made with
+    /// `replay_on_escalation: false`), then the code runs, and it lives there
+    /// from then on ([`Placement::context_moved`] says what moved).
+    pub async fn code_in(&self, context: &str, code: &str) -> Result<CodeOutcome> {
+        self.in_context(context, code, None).await
+    }
+
+    /// As [`code_in`](Self::code_in), with output sent to `output` as it is written.
+    pub async fn code_in_streaming(&self, context: &str, code: &str, output: OutputSender) -> Result<CodeOutcome> {
+        self.in_context(context, code, Some(output)).await
+    }
+
+    async fn one_shot(&self, language: Language, code: &str, output: Option<OutputSender>) -> Result<CodeOutcome> {
+        let _active = self.begin().await?;
+        let route = route(&Needs::of_code(language), self.inner.config.tier)?;
+        let started_at = SystemTime::now();
+        if route.tier == TierKind::Container {
+            let outcome = self.in_fresh_kernel(language, code, output.as_ref()).await?;
+            self.record(ExecutionKind::Code, TierKind::Container, started_at, outcome.wall_time, outcome.cpu_time)?;
+            return Ok(CodeOutcome { outcome, placement: Placement::new(TierKind::Container, route.reason) });
+        }
+        self.inner.isolate_wrote.store(true, Ordering::SeqCst);
+        let (workspace, limits) = (self.inner.workspace.clone(), self.inner.config.limits);
+        let outcome = self
+            .runtime
+            .inner
+            .interpreters
+            .run_streaming(language, workspace, code, limits, Some(self.outbound()), output.clone())
+            .await?;
+        self.record(ExecutionKind::Code, TierKind::Isolate, started_at, outcome.wall_time, outcome.cpu_time)?;
+        let Some(reason) = self.should_escalate(&outcome) else {
+            return Ok(CodeOutcome { outcome, placement: Placement::new(TierKind::Isolate, route.reason) });
+        };
+        if !outcome.side_effects.is_empty() {
+            return Ok(not_run_twice(outcome, &reason));
+        }
+        let started_at = SystemTime::now();
+        let escalated = self.in_fresh_kernel(language, code, output.as_ref()).await?;
+        self.note_escalation(&format!("the {language} interpreter answered needs-escalation: {reason}"))?;
+        self.record(ExecutionKind::Code, TierKind::Container, started_at, escalated.wall_time, escalated.cpu_time)?;
+        let mut placement =
+            Placement::new(TierKind::Container, &format!("the isolate answered needs-escalation ({reason})"));
+        placement.escalated = Some(reason);
+        Ok(CodeOutcome { outcome: escalated, placement })
+    }
+
+    /// The reason to escalate an isolate's answer, unless the sandbox is
+    /// pinned to isolates (then the answer stands, for the caller to see).
+    fn should_escalate(&self, outcome: &EvalOutcome) -> Option<EscalationReason> {
+        match &outcome.result {
+            EvalResult::NeedsEscalation { reason } if self.inner.config.tier != TierPreference::Isolate => {
+                Some(reason.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs `code` in a kernel of its own, dropped (and its processes
+    /// killed) when it answers.
+    async fn in_fresh_kernel(
+        &self,
+        language: Language,
+        code: &str,
+        output: Option<&OutputSender>,
+    ) -> Result<EvalOutcome> {
+        let container = self.container().await?;
+        let mut kernel = container.start_kernel(language).await?;
+        Ok(kernel.eval(&container, code, &self.inner.config.limits, output).await?)
+    }
+
+    async fn in_context(&self, id: &str, code: &str, output: Option<OutputSender>) -> Result<CodeOutcome> {
+        let _active = self.begin().await?;
+        // From this sandbox's own table: a context of another sandbox is not found.
+        let handle = lock(&self.inner.contexts).get(id).cloned();
+        let Some(handle) = handle else {
+            return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
+        };
+        // One evaluation at a time per context: the next waits here.
+        let mut home = handle.home.lock().await;
+        let started_at = SystemTime::now();
+        let limits = self.inner.config.limits;
+        if let Home::Container(kernel) = &mut *home {
+            let container = self.container().await?;
+            let outcome = kernel.eval(&container, code, &limits, output.as_ref()).await?;
+            handle.count_container_evaluation(kernel.restarts());
+            self.record(ExecutionKind::Code, TierKind::Container, started_at, outcome.wall_time, outcome.cpu_time)?;
+            return Ok(CodeOutcome { outcome, placement: Placement::new(TierKind::Container, LIVES_IN_CONTAINER) });
+        }
+        let route = route(&Needs::of_code(handle.language), self.inner.config.tier)?;
+        self.inner.isolate_wrote.store(true, Ordering::SeqCst);
+        let interpreters = &self.runtime.inner.interpreters;
+        let outcome = interpreters.eval_streaming(id, code, output.clone()).await?;
+        self.record(ExecutionKind::Code, TierKind::Isolate, started_at, outcome.wall_time, outcome.cpu_time)?;
+        let Some(reason) = self.should_escalate(&outcome) else {
+            lock(&handle.history).note(code, &outcome);
+            return Ok(CodeOutcome { outcome, placement: Placement::new(TierKind::Isolate, route.reason) });
+        };
+        if !outcome.side_effects.is_empty() {
+            return Ok(not_run_twice(outcome, &reason));
+        }
+
+        // The move: a kernel in the container, the history replayed in it,
+        // then the code that needed it.
+        let started_at = SystemTime::now();
+        let container = self.container().await?;
+        let mut kernel = container.start_kernel(handle.language).await?;
+        let mut moved = ContextMove { replayed: handle.options.replay_on_escalation, ..ContextMove::default() };
+        if handle.options.replay_on_escalation {
+            let history: Vec<_> = lock(&handle.history).entries().cloned().collect();
+            moved.history_truncated = lock(&handle.history).truncated;
+            for (n, earlier) in history.iter().enumerate() {
+                let replayed = kernel.eval(&container, &earlier.code, &limits, None).await?;
+                moved.replayed_evaluations += 1;
+                for effect in &earlier.side_effects {
+                    if !moved.repeated_side_effects.contains(effect) {
+                        moved.repeated_side_effects.push(effect.clone());
+                    }
+                }
+                if !replayed.is_ok() {
+                    moved.replay_failures.push(format!("#{}: {}", n + 1, describe(&replayed.result)));
+                }
+            }
+        }
+        let escalated = kernel.eval(&container, code, &limits, output.as_ref()).await?;
+        lock(&handle.history).clear();
+        handle.count_container_evaluation(kernel.restarts());
+        *home = Home::Container(Box::new(kernel));
+        // The isolate's instance is no longer this context's state.
+        let _ = interpreters.delete(id);
+        self.note_escalation(&format!("the {} interpreter answered needs-escalation: {reason}", handle.language))?;
+        self.record(ExecutionKind::Code, TierKind::Container, started_at, escalated.wall_time, escalated.cpu_time)?;
+        let mut placement = Placement::new(
+            TierKind::Container,
+            &format!("the isolate answered needs-escalation ({reason}); the context moved to the container"),
+        );
+        placement.escalated = Some(reason);
+        placement.context_moved = Some(moved);
+        Ok(CodeOutcome { outcome: escalated, placement })
+    }
+
+    /// Makes an interpreter context in this sandbox; its id is for [`code_in`](Self::code_in).
+    /// At most `max_contexts` at once: past it, [`Error::SandboxLimit`].
+    pub async fn create_context(&self, language: Language) -> Result<String> {
+        self.create_context_with(language, ContextOptions::default()).await
+    }
+
+    /// As [`create_context`](Self::create_context), with options. In a sandbox
+    /// pinned to containers the context is a kernel in the container from the start.
+    pub async fn create_context_with(&self, language: Language, options: ContextOptions) -> Result<String> {
+        let _active = self.begin().await?;
+        let slot = ContextSlot::take(&self.inner)?;
+        let route = route(&Needs::of_code(language), self.inner.config.tier)?;
+        let (id, home) = if route.tier == TierKind::Container {
+            let container = self.container().await?;
+            let kernel = container.start_kernel(language).await?;
+            (uuid::Uuid::new_v4().simple().to_string(), Home::Container(Box::new(kernel)))
+        } else {
+            let id = self
+                .runtime
+                .inner
+                .interpreters
+                .create_context_with_outbound(
+                    language,
+                    self.inner.workspace.clone(),
+                    self.inner.config.limits,
+                    Some(self.outbound()),
+                )
+                .await?;
+            (id, Home::Isolate)
+        };
+        let tier = route.tier;
+        slot.fill(id.clone(), ContextHandle::new(language, options, tier, home));
+        Ok(id)
+    }
+
+    /// This sandbox's contexts.
+    pub fn contexts(&self) -> Vec<ContextInfo> {
+        let ours: Vec<(String, std::sync::Arc<ContextHandle>)> =
+            lock(&self.inner.contexts).iter().map(|(id, handle)| (id.clone(), handle.clone())).collect();
+        let isolates = self.runtime.inner.interpreters.list();
+        ours.into_iter()
+            .map(|(id, handle)| {
+                let counts = *lock(&handle.counts);
+                let (evaluations, resets) = match isolates.iter().find(|info| info.id == id) {
+                    Some(isolate) if counts.tier == TierKind::Isolate => (isolate.evaluations, isolate.resets),
+                    _ => (counts.evaluations, counts.resets),
+                };
+                ContextInfo {
+                    id,
+                    language: handle.language,
+                    tier: counts.tier,
+                    evaluations,
+                    resets,
+                    options: handle.options,
+                }
+            })
+            .collect()
+    }
+
+    /// Deletes a context: its isolate instance, or its kernel (killed once an
+    /// evaluation running on it ends).
+    pub fn delete_context(&self, id: &str) -> Result<()> {
+        let Some(handle) = lock(&self.inner.contexts).remove(id) else {
+            return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
+        };
+        if lock(&handle.counts).tier == TierKind::Isolate {
+            self.runtime.inner.interpreters.delete(id)?;
+        }
+        Ok(())
+    }
+}
+
+/// The isolate's answer to a snippet that needs the container but already
+/// changed files or sent requests: running it again would do those twice.
+fn not_run_twice(outcome: EvalOutcome, reason: &EscalationReason) -> CodeOutcome {
+    let did: Vec<String> = outcome.side_effects.iter().map(ToString::to_string).collect();
+    let reason = format!(
+        "the isolate answered needs-escalation ({reason}) after it had already done what a second run would do again ({}{}); \
+         not run again in the container: run it in a sandbox pinned to containers, or split it so the part that needs the container comes first",
+        did.join(", "),
+        if outcome.side_effects_truncated { ", ..." } else { "" },
+    );
+    CodeOutcome { outcome, placement: Placement::new(TierKind::Isolate, &reason) }
+}
+
+/// One line for a result that was not a success.
+fn describe(result: &EvalResult) -> String {
+    match result {
+        EvalResult::Ok { .. } => "ok".into(),
+        EvalResult::SyntaxError(error) | EvalResult::RuntimeError(error) => format!("{}: {}", error.kind, error.message),
+        EvalResult::NeedsEscalation { reason } => format!("needs-escalation ({reason})"),
+        EvalResult::LimitExceeded(hit) => hit.to_string(),
+        EvalResult::Crashed { message } => format!("crashed: {message}"),
+        _ => format!("{result:?}"),
+    }
+}

@@ -7,6 +7,7 @@
 mod density;
 mod egress;
 mod http;
+mod kernel;
 mod pip;
 mod report;
 mod stats;

@@ -103,6 +103,24 @@ pub const CASES: &[Case] = &[
         true,
         "idle container sandboxes (runc) running at once: how many before a limit, cgroup memory each",
     ),
+    case(
+        "kernel-eval",
+        "interpreter",
+        true,
+        "`x + 1` in a Python context living in a container kernel, paired with `python3 -c` per evaluation",
+    ),
+    case(
+        "kernel-escalation-replay",
+        "interpreter",
+        false,
+        "a Python context moving to the container with 10 earlier evaluations replayed, paired with a move without replay",
+    ),
+    case(
+        "kernel-pandas",
+        "interpreter",
+        false,
+        "a pandas groupby on a 100000-row CSV in a container kernel, paired with plain `docker exec`",
+    ),
     case("workload-primes", "workload", false, "count primes below 10000 by trial division"),
     case("workload-fft", "workload", false, "a 1024-point radix-2 FFT, find the peak"),
     case("workload-json", "workload", true, "serialise and parse 2000 records"),
@@ -134,7 +152,7 @@ pub const CASES: &[Case] = &[
 
 /// Whether a case makes containers (the run prepares the container tier first).
 pub fn needs_container(case: &Case) -> bool {
-    ["runc-", "runsc-", "tti-", "workload-", "escalation-", "peer-docker-", "egress-", "pip-", "density-containers"].iter().any(|p| case.name.starts_with(p))
+    ["runc-", "runsc-", "tti-", "workload-", "escalation-", "peer-docker-", "egress-", "pip-", "density-containers", "kernel-"].iter().any(|p| case.name.starts_with(p))
 }
 
 /// The published TTI medians the report prints beside Airlock's, in seconds
@@ -269,7 +287,7 @@ fn ms(duration: Duration) -> f64 {
 
 /// Runs `one` `warmup` times untimed, then `repetitions` times; each call
 /// returns the time it measured (so set-up and teardown stay outside).
-async fn measure<F, Fut>(warmup: usize, repetitions: usize, mut one: F) -> Result<Vec<f64>>
+pub(super) async fn measure<F, Fut>(warmup: usize, repetitions: usize, mut one: F) -> Result<Vec<f64>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Duration>>,
@@ -456,6 +474,9 @@ impl Suite {
             "throughput-js" => self.throughput(case).await,
             "http-eval" => self.http_eval(case).await,
             "escalation-python" => self.escalation(case).await,
+            "kernel-eval" => self.kernel_eval(case).await,
+            "kernel-escalation-replay" => self.kernel_escalation(case).await,
+            "kernel-pandas" => self.kernel_pandas(case).await,
             name if name.starts_with("workload-") => self.workload(case).await,
             "egress-latency" | "egress-download" => self.egress(case).await,
             "pip-install" => self.pip_install(case).await,
@@ -1129,7 +1150,7 @@ impl Suite {
     }
 
     /// Adds "b over a" when both were measured in this run.
-    fn compare(&mut self, what: &str, a: &str, b: &str) {
+    pub(super) fn compare(&mut self, what: &str, a: &str, b: &str) {
         let median = |name: &str| self.medians.iter().find(|(n, _)| n == name).map(|(_, m)| *m);
         if let (Some(ma), Some(mb)) = (median(a), median(b)) {
             self.comparisons.push(Comparison {

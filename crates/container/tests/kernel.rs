@@ -172,6 +172,11 @@ async fn python_state_and_values_persist_in_one_process() {
     let value = listed.value().unwrap();
     assert_eq!(value.text, "[41, 'a', None]");
     assert_eq!(value.json.as_deref(), Some("[41, \"a\", null]"));
+    // Text beyond ASCII travels both ways, lone surrogates included.
+    assert_eq!(sandbox.value(&mut kernel, "'héllo ✓ 😀'").await, "'héllo ✓ 😀'");
+    let surrogate = sandbox.eval(&mut kernel, "display({'text/html': 'a' + chr(0xd800)}, raw=True)\nchr(0xd800)").await;
+    assert_eq!(surrogate.value().map(|v| v.text.as_str()), Some("'\\ud800'"), "{}", show(&surrogate));
+    assert_eq!(surrogate.displays.first().and_then(|d| d.get("text/html")), Some("a?"), "{}", show(&surrogate));
     let object = sandbox.eval(&mut kernel, "object()").await;
     assert!(object.value().unwrap().json.is_none(), "not JSON-serialisable");
     let none = sandbox.eval(&mut kernel, "None").await;
@@ -414,6 +419,7 @@ async fn node_keeps_state_and_reports_errors_and_displays() {
     let value = outcome.value().unwrap();
     assert_eq!((value.text.as_str(), value.json.as_deref()), ("42", Some("42")));
     assert_eq!(sandbox.value(&mut kernel, "'s' + x").await, "\"s41\"");
+    assert_eq!(sandbox.value(&mut kernel, "'é ✓ 😀' + String.fromCharCode(0xd800)").await, "\"é ✓ 😀\\ud800\"");
     assert_eq!(sandbox.value(&mut kernel, "process.pid").await, pid.to_string());
     assert_eq!(sandbox.value(&mut kernel, "({a: [1, 2]})").await, "{\"a\":[1,2]}");
     // A returned promise is awaited, and top-level await works.

@@ -21,6 +21,7 @@ mod policy_cli;
 mod remote;
 mod sandbox_cli;
 mod serve_cli;
+mod setup_progress;
 mod token_cli;
 
 /// The CLI runs one thing at a time: a small pool is quicker to set up.
@@ -58,7 +59,8 @@ enum Command {
     /// Make the host ready: install btrfs-progs (sandbox disk quotas) and the Docker engine
     /// (started with no default bridge and no iptables rules) and runsc where missing, then build
     /// the base image from Debian packages if its recipe changed. Needs root on Debian; a no-op
-    /// when all is there.
+    /// when all is there. The build shows its stages (bars on a terminal, one line per stage
+    /// otherwise) and keeps the tools' full output in /var/log/airlock/base-image-<hash>.log.
     Setup(SetupArgs),
     /// Create, list and destroy sandboxes by name (kept in the runtime's home).
     #[command(subcommand)]
@@ -228,7 +230,10 @@ fn finish(result: Result<ExitCode>) -> ExitCode {
 }
 
 async fn setup(args: SetupArgs) -> Result<ExitCode> {
-    use airlock::container::{DockerEngine, EngineOptions, ImageRecipe, ensure_base_image};
+    use airlock::container::{
+        DEFAULT_BUILD_LOG_DIR, DockerEngine, EngineOptions, Error as ContainerError, ImageRecipe, ensure_base_image_with,
+        image_exists,
+    };
     // Each sandbox's disk quota lives on a btrfs image the runtime makes with mkfs.btrfs.
     airlock::runtime::install_disk_tools()?;
     eprintln!("airlock: btrfs-progs ready (sandbox disk quotas)");
@@ -244,8 +249,19 @@ async fn setup(args: SetupArgs) -> Result<ExitCode> {
         None => eprintln!("airlock: warning: {}", airlock::container::NO_REMAP_ADVICE),
     }
     if !args.no_image {
-        let progress: airlock::container::Progress = Arc::new(|line: &str| eprintln!("airlock: {line}"));
-        let image = ensure_base_image(&engine, &ImageRecipe::default(), progress).await?;
+        let recipe = ImageRecipe::default();
+        if image_exists(&engine, &recipe.tag()).await? {
+            eprintln!("airlock: base image {} is already built (its recipe is unchanged)", recipe.tag());
+        }
+        let log_dir = std::path::Path::new(DEFAULT_BUILD_LOG_DIR);
+        let image = match ensure_base_image_with(&engine, &recipe, log_dir, setup_progress::build_reporter()).await {
+            Ok(image) => image,
+            Err(ContainerError::ImageBuildStage { image, stage, reason, log, tail }) => {
+                setup_progress::print_stage_failure(&image, stage, &reason, &log, &tail);
+                return Ok(ExitCode::from(EXIT_ERROR));
+            }
+            Err(other) => return Err(other.into()),
+        };
         eprintln!("airlock: base image {image} ready");
         println!("{image}");
     }

@@ -419,17 +419,10 @@ pub async fn code(args: CodeArgs) -> Result<ExitCode> {
     let sandbox = runtime.sandbox(&args.name).await?;
     // Output is printed live, as the code writes it (both tiers).
     let evaluation = async {
-        // Until the runtime's streaming calls land: the output at the end.
-        let ran = match &args.context {
-            Some(context) => sandbox.code_in(context, &args.code).await,
-            None => sandbox.code(args.lang, &args.code).await,
-        };
-        if let Ok(ran) = &ran {
-            let echo = echo_output();
-            echo(OutputChunk { stream: OutputStream::Stdout, bytes: ran.outcome.stdout.clone() });
-            echo(OutputChunk { stream: OutputStream::Stderr, bytes: ran.outcome.stderr.clone() });
+        match &args.context {
+            Some(context) => sandbox.code_in_streaming(context, &args.code, echo_output()).await,
+            None => sandbox.code_streaming(args.lang, &args.code, echo_output()).await,
         }
-        ran
     };
     let ran = match interruptible(evaluation).await {
         Interruptible::Done(ran) => ran?,

@@ -16,7 +16,7 @@ use airlock_core::{
     DisplayOutput, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, OutputChunk, OutputSender,
     OutputStream, SideEffect, StdinSource, Termination, TierKind, Workspace, limits::MAX_DEADLINE,
 };
-use airlock_runtime::{CodeOutcome, Placement, RunOutcome, Sandbox};
+use airlock_runtime::{CodeOutcome, ContextInfo, ContextOptions, Placement, RunOutcome, Sandbox};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -440,16 +440,10 @@ enum Target {
 /// Evaluates `code`, calling `output` with each stdout and stderr chunk as
 /// the code writes it (both tiers).
 async fn evaluate(sandbox: &Sandbox, target: &Target, code: &str, output: OutputSender) -> Result<CodeOutcome, ApiError> {
-    // Until the runtime's streaming calls land: the output at the end.
     let ran = match target {
-        Target::Fresh(language) => sandbox.code(*language, code).await?,
-        Target::Context(context) => sandbox.code_in(context, code).await?,
+        Target::Fresh(language) => sandbox.code_streaming(*language, code, output).await?,
+        Target::Context(context) => sandbox.code_in_streaming(context, code, output).await?,
     };
-    for (stream, bytes) in [(OutputStream::Stdout, &ran.outcome.stdout), (OutputStream::Stderr, &ran.outcome.stderr)] {
-        if !bytes.is_empty() {
-            output(OutputChunk { stream, bytes: bytes.clone() });
-        }
-    }
     Ok(ran)
 }
 
@@ -634,8 +628,7 @@ pub(crate) async fn run(
     let outcome = outcome.map_err(airlock_runtime::Error::from)?;
     refuse_engine_capacity(&outcome.result)?;
     state.ops().count_run(outcome.cpu_time);
-    let placement =
-        Placement { tier: TierKind::Isolate, reason: "a one-shot run is an isolate's".into(), escalated: None };
+    let placement = Placement::new(TierKind::Isolate, "a one-shot run is an isolate's");
     Ok(Json(CodeAnswer::whole(outcome, placement)))
 }
 
@@ -645,6 +638,10 @@ pub(crate) async fn run(
 pub(crate) struct ContextBody {
     #[schema(value_type = String)]
     language: Language,
+    /// When an evaluation needs the container, replay the context's earlier
+    /// successful evaluations there first (their side effects happen again);
+    /// with `false` the context starts fresh in the container. Default `true`.
+    replay_on_escalation: Option<bool>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -660,14 +657,15 @@ pub(crate) async fn create_context(
     StrictJson(body): StrictJson<ContextBody>,
 ) -> Result<(StatusCode, Json<ContextCreated>), ApiError> {
     let sandbox = state.sandbox(&name)?;
-    let id = sandbox.create_context(body.language).await?;
+    let mut options = ContextOptions::default();
+    if let Some(replay) = body.replay_on_escalation {
+        options.replay_on_escalation = replay;
+    }
+    let id = sandbox.create_context_with(body.language, options).await?;
     Ok((StatusCode::CREATED, Json(ContextCreated { id, language: body.language })))
 }
 
-pub(crate) async fn list_contexts(
-    state: Scope,
-    Path(name): Path<String>,
-) -> Result<Json<Vec<airlock_wasm::interpreter::ContextInfo>>, ApiError> {
+pub(crate) async fn list_contexts(state: Scope, Path(name): Path<String>) -> Result<Json<Vec<ContextInfo>>, ApiError> {
     Ok(Json(state.sandbox(&name)?.contexts()))
 }
 

@@ -217,7 +217,7 @@ fn create_context() {}
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/contexts", tag = "execution",
     params(("name" = String, Path, description = "The sandbox's name")),
-    responses((status = 200, description = "The sandbox's contexts", body = Vec<Object>)))]
+    responses((status = 200, description = "The sandbox's contexts", body = Vec<ContextInfoDoc>)))]
 fn list_contexts() {}
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{name}/contexts/{id}", tag = "execution",
@@ -569,6 +569,29 @@ pub(crate) struct PlacementDoc {
 
 /// Any JSON object (for documentation only).
 type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// How a context behaves, chosen when it is made.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ContextOptions)]
+pub(crate) struct ContextOptionsDoc {
+    /// Replay earlier evaluations when the context moves to the container.
+    replay_on_escalation: bool,
+}
+
+/// One context as the sandbox lists it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ContextInfo)]
+pub(crate) struct ContextInfoDoc {
+    id: String,
+    /// `python` or `javascript`.
+    language: String,
+    /// Where it lives now: `isolate`, or `container` once it escalated.
+    tier: TierDoc,
+    evaluations: u64,
+    /// How many times it lost its state to a limit or a crash.
+    resets: u64,
+    options: ContextOptionsDoc,
+}
 
 /// Which tier ran something.
 #[derive(serde::Serialize, utoipa::ToSchema)]

@@ -151,7 +151,12 @@ fn recorder() -> (OutputSender, Seen) {
 }
 
 async fn process_exists(sandbox: &ContainerSandbox, pid: u32) -> bool {
-    let outcome = sandbox.exec(ExecRequest::new("test").args(["-d", &format!("/proc/{pid}")])).await.unwrap();
+    path_exists(sandbox, &format!("/proc/{pid}")).await
+}
+
+/// Whether `path` exists in the container.
+async fn path_exists(sandbox: &ContainerSandbox, path: &str) -> bool {
+    let outcome = sandbox.exec(ExecRequest::new("test").args(["-e", path])).await.unwrap();
     matches!(outcome.termination, airlock_core::Termination::Exited { code: 0 })
 }
 
@@ -550,4 +555,37 @@ async fn kernels_work_under_gvisor() {
     let mut node = sandbox.kernel(Language::JavaScript).await;
     sandbox.eval(&mut node, "let y = 1").await;
     assert_eq!(sandbox.value(&mut node, "y + 1").await, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_written_between_evaluations_goes_to_the_next_and_never_stalls_the_link() {
+    let sandbox = TestSandbox::new().await;
+    let mut kernel = sandbox.kernel(Language::Python).await;
+    let code = "import threading, time, sys\ndef later():\n    time.sleep(0.3)\n    print('late', flush=True)\nthreading.Thread(target=later).start()";
+    let started = sandbox.eval(&mut kernel, code).await;
+    assert!(started.is_ok() && started.stdout.is_empty(), "{}", show(&started));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let next = sandbox.eval(&mut kernel, "1").await;
+    assert_eq!(next.stdout_text(), "late\n", "{}", show(&next));
+
+    // A thread flooding stdout while no evaluation listens: other commands on
+    // the sandbox's agent link go on, and the next evaluation gets a bounded part.
+    // 25 MiB, past what the link buffers for one run (8 MiB) and the pipes.
+    let flood = "def flood():\n    chunk = 'f' * 65536\n    for _ in range(400):\n        sys.stdout.write(chunk)\n    open('/tmp/flood-done', 'w').close()\nthreading.Thread(target=flood).start()";
+    sandbox.eval(&mut kernel, flood).await;
+    let exec =
+        tokio::time::timeout(Duration::from_secs(20), sandbox.sandbox.exec(ExecRequest::new("echo").args(["through"])))
+            .await
+            .expect("an exec is not stalled by an idle kernel's output")
+            .unwrap();
+    assert_eq!(exec.stdout_text(), "through\n");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !path_exists(&sandbox.sandbox, "/tmp/flood-done").await {
+        assert!(Instant::now() < give_up, "the flood never finished: the idle kernel's pipe is not drained");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = sandbox.eval(&mut kernel, "2").await;
+    assert_eq!(after.value().map(|v| v.text.as_str()), Some("2"), "{}", show(&after));
+    assert!(after.stdout.len() <= airlock_container::IDLE_OUTPUT_BYTES + 65536, "{} bytes", after.stdout.len());
+    assert!(after.stdout_truncated, "what was dropped is flagged");
 }

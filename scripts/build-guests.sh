@@ -26,6 +26,14 @@ fi
 if [ "$("$TOOLS/bin/python" -m pip show componentize-py 2>/dev/null | sed -n 's/^Version: //p')" != "$COMPONENTIZE_PY_VERSION" ]; then
     "$TOOLS/bin/python" -m pip install --quiet "componentize-py==$COMPONENTIZE_PY_VERSION"
 fi
+# The IANA time-zone data for zoneinfo (the pure-Python tzdata package, pinned), which
+# guests/python/stdlib_bundle.py bundles with the standard library at build time.
+TZDATA_VERSION=2026.6
+PY_DEPS=target/python-deps
+if [ "$(sed -n 's/^Version: //p' "$PY_DEPS"/tzdata-*.dist-info/METADATA 2>/dev/null)" != "$TZDATA_VERSION" ]; then
+    rm -rf "$PY_DEPS"
+    "$TOOLS/bin/python" -m pip install --quiet --no-deps --target "$PY_DEPS" "tzdata==$TZDATA_VERSION"
+fi
 # Its world is the interpreter world plus wasi:http/outgoing-handler (guests/python/airlock.py).
 # The wasi:http WIT comes from where cargo already has it: the wasmtime-wasi-http crate the host
 # links (its wit/ directory, found through cargo metadata); nothing of it is kept in this repository.
@@ -47,5 +55,5 @@ world python-interpreter {
 }
 WIT
 "$TOOLS/bin/python" -c 'import sys, componentize_py; sys.argv[0] = "componentize-py"; sys.exit(componentize_py.script())' \
-    -d "$PY_WIT" -w python-interpreter componentize app -p python -o out/python.wasm >/dev/null
+    -d "$PY_WIT" -w python-interpreter componentize app -p python -p "$PY_DEPS" -o out/python.wasm >/dev/null
 echo "guests built into guests/out: $(ls out | tr '\n' ' ')"

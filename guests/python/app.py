@@ -50,6 +50,7 @@ import textwrap  # noqa: F401
 import time  # noqa: F401
 import typing  # noqa: F401
 import uuid  # noqa: F401
+import stdlib_bundle  # noqa: F401  (the rest of the standard library, on first use)
 
 from componentize_py_types import Err
 from wit_world import exports

@@ -110,12 +110,13 @@ impl Sandbox {
     }
 
     async fn in_context(&self, id: &str, code: &str, output: Option<OutputSender>) -> Result<CodeOutcome> {
-        let _active = self.begin().await?;
-        // From this sandbox's own table: a context of another sandbox is not found.
+        // From this sandbox's own table: a context of another sandbox is not
+        // found, and asking for one that is gone does not wake the sandbox.
         let handle = lock(&self.inner.contexts).get(id).cloned();
         let Some(handle) = handle else {
             return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
         };
+        let _active = self.begin().await?;
         // One evaluation at a time per context: the next waits here.
         let mut home = handle.home.lock().await;
         let started_at = SystemTime::now();

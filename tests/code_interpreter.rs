@@ -204,3 +204,33 @@ async fn output_arrives_while_the_code_runs_in_both_tiers() {
         assert!(answer.outcome.stdout_text().ends_with("second\n"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_reports_the_side_effects_replay_repeats_and_a_half_run_snippet_does_not_move() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("notebook-effects").await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+    let context = sandbox.create_context(Language::Python).await.unwrap();
+    let wrote = sandbox.code_in(&context, "with open('notes.txt', 'a') as f:\n    f.write('x\\n')").await.unwrap();
+    assert!(wrote.outcome.is_ok(), "{:?}", wrote.outcome.result);
+
+    // Half-run: it appended, then needed the container. It stays in the isolate, not run twice.
+    let half = sandbox.code_in(&context, "with open('notes.txt', 'a') as f:\n    f.write('y\\n')\nimport pandas").await.unwrap();
+    assert_eq!(half.placement.tier, TierKind::Isolate);
+    assert!(matches!(half.outcome.result, EvalResult::NeedsEscalation { .. }));
+    assert!(half.placement.context_moved.is_none());
+    assert_eq!(sandbox.read_file("notes.txt").await.unwrap(), b"x\ny\n");
+    assert_eq!(sandbox.contexts().iter().find(|c| c.id == context).unwrap().tier, TierKind::Isolate);
+
+    // A clean escalation moves it; replay appends 'x' again, and the answer says so.
+    let moved = sandbox.code_in(&context, "import pandas\n'moved'").await.unwrap();
+    assert_eq!(moved.placement.tier, TierKind::Container);
+    let report = moved.placement.context_moved.clone().unwrap();
+    assert_eq!(report.replayed_evaluations, 1, "{report:?}");
+    assert!(
+        report.repeated_side_effects.iter().any(|e| matches!(e, SideEffect::File { path, .. } if path.ends_with("notes.txt"))),
+        "{report:?}"
+    );
+    assert_eq!(sandbox.read_file("notes.txt").await.unwrap(), b"x\ny\nx\n", "replay ran the write again");
+}

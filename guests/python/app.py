@@ -204,8 +204,15 @@ def display(*objs, raw=False):
             _host.display(pairs)
 
 
+# Types whose values never have a rich representation: a last value of one
+# of them skips looking for `_repr_*_` methods (the common case, kept cheap).
+_PLAIN_TYPES = frozenset((int, float, complex, str, bytes, bool, list, tuple, dict, set, frozenset, range))
+
+
 def _display_last_value(value):
     """A last value with a rich representation is shown as a display too."""
+    if type(value) in _PLAIN_TYPES:
+        return
     pairs = _rich_pairs(value)
     if pairs:
         pairs.append(("text/plain", _host.DisplayData_Text(_plain(value))))
@@ -219,8 +226,9 @@ def _file_change_recorder():
     """Installs an audit hook (which code cannot remove) that reports to the
     host the file changes the evaluated code makes: opening for writing,
     removing, renaming, making directories, links, truncating, changing
-    modes and times, shutil's copies, moves and tree removals. Returns
-    (start, stop) for an evaluation; outside one the hook does nothing.
+    modes and times, shutil's copies, moves and tree removals. Returns its
+    state: an evaluation sets "on" (and empties "seen") while the code runs;
+    otherwise the hook does nothing.
     Reads record nothing. A cooperative record for the caller (what
     re-running the code would repeat), not a security boundary."""
     # Changes reported per evaluation; one past it tells the host some were dropped.
@@ -321,18 +329,10 @@ def _file_change_recorder():
                 pass
 
     sys.addaudithook(hook)
-
-    def start():
-        state["seen"] = set()
-        state["on"] = True
-
-    def stop():
-        state["on"] = False
-
-    return start, stop
+    return state
 
 
-_start_recording, _stop_recording = _file_change_recorder()
+_recording = _file_change_recorder()
 # Outbound HTTP goes through the host's wasi:http hook under the sandbox's
 # network policy: `airlock.fetch`, `urllib.request.urlopen` and `http.client`.
 import airlock  # noqa: E402
@@ -499,7 +499,9 @@ class Evaluator(exports.Evaluator):
         except ValueError as error:
             # Source the compiler refuses before parsing it.
             raise Err(ev.EvalError_Syntax(_code_error(error, None)))
-        _start_recording()
+        if _recording["seen"]:
+            _recording["seen"] = set()
+        _recording["on"] = True
         try:
             if head is not None:
                 exec(head, _namespace)
@@ -523,7 +525,7 @@ class Evaluator(exports.Evaluator):
             # exit() in a context ends the snippet, not the interpreter.
             raise Err(ev.EvalError_Runtime(_code_error(error)))
         finally:
-            _stop_recording()
+            _recording["on"] = False
             sys.stdout.flush()
             sys.stderr.flush()
 

@@ -246,44 +246,23 @@ impl InterpreterContext {
     /// `output` as the guest writes them (up to the output cap), while the
     /// outcome still carries the whole captured copy.
     pub async fn eval_streaming(&mut self, code: &str, output: Option<OutputSender>) -> EvalOutcome {
-        let streaming = output.is_some();
-        if let Some(live) = self.live.as_ref().filter(|_| streaming) {
-            for pipe in [&live.stdout, &live.stderr] {
-                pipe.set_sender(output.clone());
-            }
-        }
-        let outcome = self.evaluate(code, output).await;
-        if let Some(live) = self.live.as_ref().filter(|_| streaming) {
-            for pipe in [&live.stdout, &live.stderr] {
-                pipe.set_sender(None);
-            }
-        }
-        outcome
-    }
-
-    async fn evaluate(&mut self, code: &str, output: Option<OutputSender>) -> EvalOutcome {
         let started = Instant::now();
         if self.workspace.is_none() && code != WARM_UP_SNIPPET {
             // It would find no workspace, and could not find one after binding either.
             return without_output(EvalResult::Crashed { message: "context has no workspace yet".into() }, started);
         }
         self.evaluations += 1;
-        if self.live.is_none() {
-            // A context reset by its last evaluation gets a new instance, whose
-            // pipes are new too: they stream to this evaluation's caller.
-            if let Err(result) = self.instantiate().await {
-                return without_output(result, started);
-            }
-            if let Some(live) = self.live.as_ref() {
-                for pipe in [&live.stdout, &live.stderr] {
-                    pipe.set_sender(output.clone());
-                }
-            }
+        if self.live.is_none()
+            && let Err(result) = self.instantiate().await
+        {
+            return without_output(result, started);
         }
         let limits = self.limits;
         let Some(live) = self.live.as_mut() else {
             return without_output(EvalResult::Crashed { message: "context is not running".into() }, started);
         };
+        // Streams to this caller until the evaluation ends or is dropped.
+        let _streaming = output.map(|sender| StreamingTo::new([&live.stdout, &live.stderr], sender));
         live.store.data_mut().limiter.restart_deadline(&limits);
         live.store.data_mut().record.clear();
         // The epoch has moved on since the last evaluation: without this the
@@ -342,6 +321,30 @@ impl InterpreterContext {
             self.resets += 1;
         }
         outcome
+    }
+}
+
+/// A context's output pipes streaming to one evaluation's caller; they stop
+/// when this is dropped (the evaluation ended, or its future was dropped), so
+/// a later evaluation never streams to an earlier caller.
+struct StreamingTo {
+    pipes: [CapturePipe; 2],
+}
+
+impl StreamingTo {
+    fn new(pipes: [&CapturePipe; 2], sender: OutputSender) -> Self {
+        for pipe in pipes {
+            pipe.set_sender(Some(sender.clone()));
+        }
+        Self { pipes: pipes.map(CapturePipe::clone) }
+    }
+}
+
+impl Drop for StreamingTo {
+    fn drop(&mut self) {
+        for pipe in &self.pipes {
+            pipe.set_sender(None);
+        }
     }
 }
 

@@ -159,7 +159,9 @@ def _call_repr(obj, name):
 
 
 def _rich_pairs(obj):
-    """The (mime, data) pairs of `obj`'s rich representations, if any."""
+    """The (mime, data) pairs of `obj`'s rich representations, if any: what
+    `_repr_mimebundle_` gives first, then the `_repr_*_` methods for the
+    types it did not give."""
     pairs = []
     bundle = _call_repr(obj, "_repr_mimebundle_")
     if isinstance(bundle, dict):
@@ -167,10 +169,20 @@ def _rich_pairs(obj):
             data = _display_data(str(mime), value)
             if data is not None:
                 pairs.append((str(mime), data))
+    given = {mime for mime, _ in pairs}
     for name, mime in _REPR_METHODS:
+        if mime in given:
+            continue
         data = _display_data(mime, _call_repr(obj, name))
         if data is not None:
             pairs.append((mime, data))
+    return pairs
+
+
+def _with_plain(pairs, obj):
+    """`pairs` and, unless they have one, `obj`'s repr as text/plain."""
+    if not any(mime == "text/plain" for mime, _ in pairs):
+        pairs.append(("text/plain", _host.DisplayData_Text(_plain(obj))))
     return pairs
 
 
@@ -198,8 +210,7 @@ def display(*objs, raw=False):
                 if data is not None:
                     pairs.append((str(mime), data))
         else:
-            pairs = _rich_pairs(obj)
-            pairs.append(("text/plain", _host.DisplayData_Text(_plain(obj))))
+            pairs = _with_plain(_rich_pairs(obj), obj)
         if pairs:
             _host.display(pairs)
 
@@ -215,8 +226,7 @@ def _display_last_value(value):
         return
     pairs = _rich_pairs(value)
     if pairs:
-        pairs.append(("text/plain", _host.DisplayData_Text(_plain(value))))
-        _host.display(pairs)
+        _host.display(_with_plain(pairs, value))
 
 
 builtins.display = display

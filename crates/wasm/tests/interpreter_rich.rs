@@ -155,6 +155,42 @@ async fn python_helper_classes_show_their_type() {
 }
 
 #[tokio::test]
+async fn a_repr_mimebundle_comes_first_and_is_not_repeated() {
+    let fixture = Fixture::new();
+    let code = r#"
+class Both:
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {"text/html": "<b>bundle</b>", "text/plain": "plain from bundle"}
+    def _repr_html_(self):
+        return "<b>method</b>"
+    def _repr_markdown_(self):
+        return "*method*"
+display(Both())
+"#;
+    let id = context(Language::Python, &fixture).await;
+    let outcome = eval(&id, code).await;
+    ok(&outcome);
+    assert_eq!(outcome.displays.len(), 1);
+    let shown = &outcome.displays[0];
+    assert_eq!(shown.get("text/html"), Some("<b>bundle</b>"));
+    assert_eq!(shown.get("text/plain"), Some("plain from bundle"));
+    assert_eq!(shown.get("text/markdown"), Some("*method*"));
+    assert!(!outcome.displays_truncated, "nothing was dropped");
+
+    let code = r#"display({
+  _repr_mimebundle_() { return { "text/html": "<b>bundle</b>", "text/plain": "plain" }; },
+  _repr_html_() { return "<b>method</b>"; },
+})"#;
+    let id = context(Language::JavaScript, &fixture).await;
+    let outcome = eval(&id, code).await;
+    ok(&outcome);
+    assert_eq!(outcome.displays.len(), 1);
+    assert_eq!(outcome.displays[0].get("text/html"), Some("<b>bundle</b>"));
+    assert_eq!(outcome.displays[0].get("text/plain"), Some("plain"));
+    assert!(!outcome.displays_truncated);
+}
+
+#[tokio::test]
 async fn raw_bundles_are_shown_as_given() {
     let fixture = Fixture::new();
     let id = context(Language::Python, &fixture).await;

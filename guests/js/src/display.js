@@ -78,16 +78,20 @@
         }
       }
       for (const [name, mime] of METHODS) {
+        if (pairs.some((pair) => pair[0] === mime)) continue;
         const text = encode(mime, call(object, name));
         if (text != null) pairs.push([mime, text]);
       }
     }
     return pairs;
   }
-  function bundleOf(object) {
-    const pairs = richBundle(object);
-    pairs.push(["text/plain", repr(object)]);
+  // With the object's text as text/plain, unless it gave one.
+  function withPlain(pairs, object) {
+    if (!pairs.some((pair) => pair[0] === "text/plain")) pairs.push(["text/plain", repr(object)]);
     return pairs;
+  }
+  function bundleOf(object) {
+    return withPlain(richBundle(object), object);
   }
   function rawBundle(object) {
     if (object === null || typeof object !== "object") {
@@ -115,8 +119,7 @@
   function autoDisplay(value) {
     const pairs = richBundle(value);
     if (pairs.length === 0) return;
-    pairs.push(["text/plain", repr(value)]);
-    showNative(JSON.stringify(pairs));
+    showNative(JSON.stringify(withPlain(pairs, value)));
   }
   Object.defineProperty(globalThis, "display", { value: display, writable: true, configurable: true });
   Object.defineProperty(globalThis, "__airlockAutoDisplay", { value: autoDisplay });

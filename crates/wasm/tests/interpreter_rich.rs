@@ -343,6 +343,30 @@ async fn output_reaches_the_caller_while_the_code_runs() {
 }
 
 #[tokio::test]
+async fn stderr_streams_as_stderr() {
+    let fixture = Fixture::new();
+    let id = context(Language::Python, &fixture).await;
+    let (sender, seen) = recording_sender();
+    let code = "import sys, time\nprint('warn', file=sys.stderr)\ntime.sleep(0.4)\nprint('out')";
+    let outcome = interpreters().eval_streaming(&id, code, Some(sender)).await.unwrap();
+    let returned = Instant::now();
+    ok(&outcome);
+    let seen = seen.lock().unwrap();
+    // Written as it came (print may write the text and the newline apart),
+    // all of it before the sleep.
+    let (at, _) = &seen[0];
+    assert!(returned.duration_since(*at) >= Duration::from_millis(300), "stderr came at the end");
+    let before_stdout: Vec<u8> = seen
+        .iter()
+        .take_while(|(_, chunk)| chunk.stream == airlock_core::OutputStream::Stderr)
+        .flat_map(|(_, chunk)| chunk.bytes.clone())
+        .collect();
+    assert_eq!(before_stdout, b"warn\n");
+    assert_eq!(seen.last().unwrap().1.stream, airlock_core::OutputStream::Stdout);
+    assert_eq!(outcome.stderr_text(), "warn\n");
+}
+
+#[tokio::test]
 async fn streamed_output_stops_at_the_output_cap() {
     let fixture = Fixture::new();
     let small = Limits { output_bytes: 1000, ..limits() };

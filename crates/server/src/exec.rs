@@ -304,7 +304,6 @@ pub(crate) struct CodeBody {
 #[schema(as = DisplayOutput)]
 pub(crate) struct DisplayView {
     /// MIME type to representation.
-    #[schema(additional_properties = true, value_type = BTreeMap<String, String>)]
     data: BTreeMap<String, String>,
 }
 

@@ -83,7 +83,8 @@ fn open_dir(path: &Path) -> Result<OwnedFd> {
 }
 
 /// Rebuilds the freshly made layer directory `layer` in `home` (an empty
-/// directory) and bind-mounts `home` over it. Refuses a layer that holds data.
+/// directory, or one holding a snapshot's layer: its data is kept) and
+/// bind-mounts `home` over it. Refuses a Docker layer that holds data.
 pub(crate) fn move_layer(moved: &MovedLayer) -> Result<()> {
     let MovedLayer { layer, home } = moved;
     let from = open_dir(layer)?;
@@ -93,9 +94,28 @@ pub(crate) fn move_layer(moved: &MovedLayer) -> Result<()> {
         entries.push((name.to_owned(), kind));
         Ok(())
     })?;
-    for_each_entry(&to, home, |name, _| {
-        Err(Error::Invalid { what: "writable layer home", reason: format!("{} holds {name:?}", home.display()) })
+    // A home may already hold a layer's data (`diff` and `work`, with the
+    // `link` and `lower` of the layer it came from): a restored or forked
+    // snapshot's. Its data stays; Docker's own small files replace the old ones.
+    let mut prefilled = false;
+    for_each_entry(&to, home, |name, kind| match (name, kind) {
+        ("diff", FileType::Directory) => {
+            prefilled = true;
+            Ok(())
+        }
+        // `work` is overlay's scratch space, `merged` its (unmounted) mount point.
+        ("work" | "merged", FileType::Directory) => Ok(()),
+        ("link" | "lower", FileType::RegularFile) => Ok(()),
+        _ => Err(Error::Invalid { what: "writable layer home", reason: format!("{} holds {name:?}", home.display()) }),
     })?;
+    if prefilled {
+        for name in ["link", "lower"] {
+            match rustix::fs::unlinkat(&to, name, AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(errno) => return Err(io_error("remove", &home.join(name))(errno)),
+            }
+        }
+    }
     for (name, kind) in entries {
         let stat = rustix::fs::statat(&from, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(io_error("stat", &layer.join(&name)))?;
@@ -112,7 +132,7 @@ pub(crate) fn move_layer(moved: &MovedLayer) -> Result<()> {
                     Mode::empty(),
                 )
                 .map_err(io_error("open", &layer.join(&name)))?;
-                if name == "diff" {
+                if name == "diff" && !prefilled {
                     for_each_entry(&sub, &layer.join(&name), |entry, _| {
                         Err(Error::Invalid {
                             what: "writable layer",
@@ -120,7 +140,10 @@ pub(crate) fn move_layer(moved: &MovedLayer) -> Result<()> {
                         })
                     })?;
                 }
-                rustix::fs::mkdirat(&to, name.as_str(), Mode::empty()).map_err(io_error("make", &home.join(&name)))?;
+                match rustix::fs::mkdirat(&to, name.as_str(), Mode::empty()) {
+                    Err(rustix::io::Errno::EXIST) if prefilled => {}
+                    made => made.map_err(io_error("make", &home.join(&name)))?,
+                }
                 rustix::fs::openat(
                     &to,
                     name.as_str(),

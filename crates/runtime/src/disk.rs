@@ -193,6 +193,12 @@ impl HomeDisk {
         if !mounted.layer_mounts(name).is_empty() {
             return Ok(Some(home));
         }
+        // A layer a restore or fork put there: the new container takes it.
+        if rustix::fs::unlinkat(&sandbox, LAYER_FROM_SNAPSHOT, rustix::fs::AtFlags::empty()).is_ok()
+            && is_subvolume(sandbox.as_fd(), LAYER_DIR)
+        {
+            return Ok(Some(home));
+        }
         match btrfs::destroy_subvolume(sandbox.as_fd(), LAYER_DIR) {
             Err(error) if error.kind() != io::ErrorKind::NotFound => {
                 return Err(failed("deleting the previous writable layer")(error));
@@ -244,6 +250,207 @@ impl HomeDisk {
 
 /// A sandbox directory's subdirectory holding its container's writable layer.
 pub(crate) const LAYER_DIR: &str = "layer";
+/// Left in a sandbox directory whose `layer` came from a snapshot (a restore
+/// or a fork): the next container keeps that layer instead of an empty one.
+pub(crate) const LAYER_FROM_SNAPSHOT: &str = "layer.from-snapshot";
+/// Where snapshots live, beneath the mount point (`home/sandboxes/.snapshots`):
+/// on the same btrfs filesystem as the sandboxes, so that they share extents.
+pub(crate) const SNAPSHOTS_DIR: &str = ".snapshots";
+/// A snapshot's read-only copy of its sandbox directory (workspace included).
+pub(crate) const SNAPSHOT_SANDBOX: &str = "sandbox";
+/// A snapshot's read-only copy of its sandbox's writable layer.
+pub(crate) const SNAPSHOT_LAYER: &str = "layer";
+/// btrfs gives every subvolume's root directory this inode number.
+const SUBVOLUME_ROOT_INODE: u64 = 256;
+
+/// Whether `name` in `dir` is the root of a subvolume.
+fn is_subvolume(dir: BorrowedFd<'_>, name: &str) -> bool {
+    rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|stat| stat.st_ino == SUBVOLUME_ROOT_INODE && (stat.st_mode & libc::S_IFMT) == libc::S_IFDIR)
+}
+
+impl HomeDisk {
+    /// The mount point, open, when snapshots can be taken (the home's
+    /// sandboxes live on btrfs); else why not.
+    fn snapshot_root(&self) -> Result<(&Mounted, BorrowedFd<'_>)> {
+        match &self.mounted {
+            Some(mounted @ Mounted { root: Some(root), .. }) => Ok((mounted, root.as_fd())),
+            _ => Err(Error::Disk(format!(
+                "snapshots need the home's btrfs disk, and it is not set up ({})",
+                match &self.status {
+                    DiskStatus::NotEnforced { reason } => reason.as_str(),
+                    DiskStatus::Enforced { .. } => "closed",
+                }
+            ))),
+        }
+    }
+
+    /// `home/sandboxes/.snapshots/<id>`, opened (made when `create`).
+    fn snapshot_dir_fd(&self, id: &str, create: bool) -> Result<OwnedFd> {
+        let (_, root) = self.snapshot_root()?;
+        let failed = |step: &'static str| move |e: rustix::io::Errno| Error::Disk(format!("{step} snapshot {id}: {e}"));
+        if create {
+            match rustix::fs::mkdirat(root, SNAPSHOTS_DIR, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(failed("making the snapshots directory for")(e)),
+            }
+        }
+        let all = open_beneath(root, SNAPSHOTS_DIR).map_err(|e| Error::Disk(format!("opening the snapshots directory: {e}")))?;
+        if create {
+            rustix::fs::mkdirat(&all, id, Mode::from_raw_mode(0o700)).map_err(failed("making the directory of"))?;
+        }
+        open_beneath(all.as_fd(), id).map_err(|e| Error::Disk(format!("opening snapshot {id}: {e}")))
+    }
+
+    /// Takes read-only snapshots of the sandbox directory `dir` (its
+    /// workspace) and of its writable layer when it has one, into
+    /// `.snapshots/<id>/`. Returns whether the layer was captured. The caller
+    /// keeps the sandbox still (its container paused) meanwhile.
+    pub(crate) fn take_snapshot(&self, dir: &Path, id: &str) -> Result<bool> {
+        let (mounted, root) = self.snapshot_root()?;
+        let (_, name) = mounted.child(dir)?;
+        let failed = |step: &'static str| move |e: io::Error| Error::Disk(format!("{step} for snapshot {id}: {e}"));
+        let sandbox = open_beneath(root, name).map_err(failed("opening the sandbox's directory"))?;
+        let target = self.snapshot_dir_fd(id, true)?;
+        let taken = btrfs::snapshot(target.as_fd(), SNAPSHOT_SANDBOX, sandbox.as_fd(), true, None)
+            .map_err(failed("snapshotting the sandbox's directory"))
+            .and_then(|()| {
+                if !is_subvolume(sandbox.as_fd(), LAYER_DIR) {
+                    return Ok(false);
+                }
+                let layer = open_beneath(sandbox.as_fd(), LAYER_DIR).map_err(failed("opening the writable layer"))?;
+                btrfs::snapshot(target.as_fd(), SNAPSHOT_LAYER, layer.as_fd(), true, None)
+                    .map_err(failed("snapshotting the writable layer"))?;
+                Ok(true)
+            });
+        if taken.is_err() {
+            drop(target);
+            let _ = self.remove_snapshot(id);
+        }
+        taken
+    }
+
+    /// Snapshot `id`'s directory (its subvolumes and manifest), open.
+    pub(crate) fn open_snapshot_dir(&self, id: &str) -> Result<OwnedFd> {
+        self.snapshot_dir_fd(id, false)
+    }
+
+    /// The snapshot's read-only directories, open: its sandbox directory and
+    /// its writable layer (when it has one).
+    pub(crate) fn open_snapshot(&self, id: &str) -> Result<(OwnedFd, Option<OwnedFd>)> {
+        let dir = self.snapshot_dir_fd(id, false)?;
+        let sandbox = open_beneath(dir.as_fd(), SNAPSHOT_SANDBOX)
+            .map_err(|e| Error::Disk(format!("snapshot {id} has no sandbox directory: {e}")))?;
+        let layer = if is_subvolume(dir.as_fd(), SNAPSHOT_LAYER) {
+            Some(open_beneath(dir.as_fd(), SNAPSHOT_LAYER).map_err(|e| Error::Disk(format!("opening snapshot {id}'s layer: {e}")))?)
+        } else {
+            None
+        };
+        Ok((sandbox, layer))
+    }
+
+    /// Deletes snapshot `id`'s subvolumes and directory; a missing one is no error.
+    pub(crate) fn remove_snapshot(&self, id: &str) -> Result<()> {
+        let (_, root) = self.snapshot_root()?;
+        let Ok(all) = open_beneath(root, SNAPSHOTS_DIR) else { return Ok(()) };
+        let Ok(dir) = open_beneath(all.as_fd(), id) else { return Ok(()) };
+        for part in [SNAPSHOT_LAYER, SNAPSHOT_SANDBOX] {
+            match btrfs::destroy_subvolume(dir.as_fd(), part) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                    return Err(Error::Disk(format!("deleting snapshot {id}'s {part}: {error}")));
+                }
+                _ => {}
+            }
+        }
+        // Its own files (the manifest): the directory is the runtime's, no sandbox's.
+        if let Ok(listed) = rustix::fs::openat(&dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            && let Ok(entries) = rustix::fs::Dir::read_from(&listed)
+        {
+            for entry in entries.flatten() {
+                if entry.file_type() == rustix::fs::FileType::RegularFile {
+                    let _ = rustix::fs::unlinkat(&dir, entry.file_name(), rustix::fs::AtFlags::empty());
+                }
+            }
+        }
+        drop(dir);
+        match rustix::fs::unlinkat(&all, id, rustix::fs::AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(Error::Disk(format!("deleting snapshot {id}'s directory: {e}"))),
+        }
+    }
+
+    /// Makes the sandbox directory `dir` a writable copy (copy-on-write) of
+    /// snapshot `id`, its writable layer included (marked for the next
+    /// container, [`LAYER_FROM_SNAPSHOT`]). `replace`: `dir` exists and is
+    /// swapped for the copy in one step (`RENAME_EXCHANGE`), then deleted;
+    /// else `dir` is new, in a new quota group of `disk_bytes`. Either way the
+    /// copy is made aside first: a failure leaves `dir` as it was.
+    pub(crate) fn copy_snapshot_to(&self, id: &str, dir: &Path, disk_bytes: u64, replace: bool) -> Result<()> {
+        let (mounted, root) = self.snapshot_root()?;
+        let (_, name) = mounted.child(dir)?;
+        let group = quota_group_of(name);
+        let failed = |step: &'static str| move |e: io::Error| Error::Disk(format!("{step} from snapshot {id}: {e}"));
+        let (sandbox, layer) = self.open_snapshot(id)?;
+        if !replace {
+            btrfs::create_qgroup(root, group).map_err(failed("making the quota group"))?;
+            btrfs::limit_qgroup(root, group, disk_bytes).map_err(failed("limiting the quota group"))?;
+        }
+        let incoming = format!(".incoming-{name}");
+        // A copy left by a crash at this very step goes first.
+        let _ = self.destroy_sandbox_subvolume(root, &incoming);
+        let made = (|| {
+            btrfs::snapshot(root, &incoming, sandbox.as_fd(), false, Some(group)).map_err(failed("copying the sandbox directory"))?;
+            let copy = open_beneath(root, &incoming).map_err(failed("opening the copy"))?;
+            // A nested subvolume shows in its parent's snapshot as an empty directory.
+            match rustix::fs::unlinkat(&copy, LAYER_DIR, rustix::fs::AtFlags::REMOVEDIR) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(failed("clearing the layer's place")(e.into())),
+            }
+            if let Some(layer) = &layer {
+                btrfs::snapshot(copy.as_fd(), LAYER_DIR, layer.as_fd(), false, Some(group))
+                    .map_err(failed("copying the writable layer"))?;
+                let marker = rustix::fs::openat(
+                    &copy,
+                    LAYER_FROM_SNAPSHOT,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| failed("marking the layer")(e.into()))?;
+                drop(marker);
+            }
+            Ok(())
+        })();
+        if let Err(error) = made {
+            let _ = self.destroy_sandbox_subvolume(root, &incoming);
+            if !replace {
+                let _ = btrfs::destroy_qgroup(root, group);
+            }
+            return Err(error);
+        }
+        if replace {
+            rustix::fs::renameat_with(root, incoming.as_str(), root, name, rustix::fs::RenameFlags::EXCHANGE)
+                .map_err(|e| failed("swapping in the copy")(e.into()))?;
+            // What was the sandbox's directory is now at `incoming`.
+            if let Err(error) = self.destroy_sandbox_subvolume(root, &incoming) {
+                tracing::warn!(%error, "deleting a sandbox's directory replaced by a restore failed; it is deleted with the next restore");
+            }
+        } else {
+            rustix::fs::renameat(root, incoming.as_str(), root, name).map_err(|e| failed("putting the copy in place")(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the sandbox subvolume `name` beneath the mount point, its layer first.
+    fn destroy_sandbox_subvolume(&self, root: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+        if let Ok(dir) = open_beneath(root, name) {
+            match btrfs::destroy_subvolume(dir.as_fd(), LAYER_DIR) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
+        }
+        btrfs::destroy_subvolume(root, name)
+    }
+}
 
 /// Opens the directory `name` directly beneath `root`, following no link.
 fn open_beneath(root: BorrowedFd<'_>, name: &str) -> io::Result<OwnedFd> {
@@ -592,6 +799,8 @@ mod btrfs {
     const QGROUP_LIMIT: libc::Ioctl = ioc(READ, 43, size_of::<QgroupLimitArgs>());
     const SUBVOL_CREATE_V2: libc::Ioctl = ioc(WRITE, 24, size_of::<VolArgsV2>());
     const SNAP_DESTROY: libc::Ioctl = ioc(WRITE, 15, size_of::<VolArgs>());
+    const SNAP_CREATE_V2: libc::Ioctl = ioc(WRITE, 23, size_of::<VolArgsV2>());
+    const SUBVOL_RDONLY: u64 = 1 << 1;
 
     const QUOTA_CTL_ENABLE_SIMPLE_QUOTA: u64 = 4;
     const QGROUP_LIMIT_MAX_RFER: u64 = 1;
@@ -715,6 +924,42 @@ mod btrfs {
         call(parent, SUBVOL_CREATE_V2, &mut args)
     }
 
+    /// Snapshots the subvolume open as `source` to `name` in the directory
+    /// `parent`: read-only when asked, in the quota group `qgroupid` when given.
+    pub fn snapshot(
+        parent: BorrowedFd<'_>,
+        name: &str,
+        source: BorrowedFd<'_>,
+        readonly: bool,
+        qgroupid: Option<u64>,
+    ) -> io::Result<()> {
+        let mut inherit = QgroupInherit {
+            flags: 0,
+            num_qgroups: 1,
+            num_ref_copies: 0,
+            num_excl_copies: 0,
+            lim: QgroupLimit::default(),
+            qgroups: [qgroupid.unwrap_or(0)],
+        };
+        let mut flags = if readonly { SUBVOL_RDONLY } else { 0 };
+        let (mut size, mut pointer) = (0, 0);
+        if qgroupid.is_some() {
+            flags |= SUBVOL_QGROUP_INHERIT;
+            size = size_of::<QgroupInherit>() as u64;
+            pointer = std::ptr::from_mut(&mut inherit) as u64;
+        }
+        let mut args = VolArgsV2 {
+            fd: i64::from(source.as_raw_fd()),
+            transid: 0,
+            flags,
+            size,
+            qgroup_inherit: pointer,
+            unused: [0; 2],
+            name: name_field(name)?,
+        };
+        call(parent, SNAP_CREATE_V2, &mut args)
+    }
+
     /// Deletes subvolume `name` in `parent` at once (the kernel frees its
     /// extents in the background). Fails with ENOTEMPTY when it holds subvolumes.
     pub fn destroy_subvolume(parent: BorrowedFd<'_>, name: &str) -> io::Result<()> {
@@ -733,6 +978,7 @@ mod btrfs {
             assert_eq!(QGROUP_LIMIT as u64, 0x8030_942b);
             assert_eq!(SUBVOL_CREATE_V2 as u64, 0x5000_9418);
             assert_eq!(SNAP_DESTROY as u64, 0x5000_940f);
+            assert_eq!(SNAP_CREATE_V2 as u64, 0x5000_9417);
             assert_eq!(size_of::<QgroupInherit>(), 80);
         }
     }

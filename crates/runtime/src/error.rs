@@ -80,6 +80,12 @@ pub enum Error {
     /// sandbox's socket).
     #[error("egress: {0}")]
     Egress(String),
+    /// No snapshot has this id (or the caller may not see it).
+    #[error("no snapshot {0}")]
+    NoSuchSnapshot(String),
+    /// A snapshot failed its verification: nothing was restored or forked.
+    #[error("snapshot {id} is damaged and was not used: {reason}")]
+    SnapshotDamaged { id: String, reason: String },
     /// Another process owns the home (`holder` says which, from its lock file).
     #[error("the home {home} is in use by {holder}; one process owns a home at a time (use its API, or wait)")]
     HomeInUse { home: PathBuf, holder: String },

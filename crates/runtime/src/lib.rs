@@ -39,6 +39,7 @@ mod router;
 mod runtime;
 mod sandbox;
 mod secrets;
+mod snapshot;
 mod store;
 
 pub use config::{
@@ -72,6 +73,9 @@ pub use router::{Route, route};
 pub use runtime::{
     DATABASE_FILE, DEFAULT_PRICE_PER_VCPU_SECOND, IDLE_SWEEP_INTERVAL, PRIVATE_DIR_MODE, RUNTIME_WARM_CONTEXTS,
     Runtime, RuntimeOptions, SandboxInfo, Usage, UsageQuery, default_home,
+};
+pub use snapshot::{
+    DEFAULT_MAX_SNAPSHOTS_PER_SANDBOX, MAX_FORKS, MAX_SNAPSHOT_DEPTH, MAX_SNAPSHOT_ENTRIES, MAX_SNAPSHOT_LABEL_BYTES, SnapshotInfo,
 };
 pub use sandbox::{CodeOutcome, Placement, RunOutcome, Sandbox, SandboxPortStream, SandboxPty};
 pub use store::{

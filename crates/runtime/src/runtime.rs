@@ -76,6 +76,9 @@ pub struct RuntimeOptions {
     /// The egress proxy's limits and the extra roots it trusts when it dials
     /// HTTPS itself (defaults: [`airlock_egress::EgressConfig`]).
     pub egress: airlock_egress::EgressConfig,
+    /// Snapshots kept per sandbox: taking one more deletes the oldest
+    /// (default [`crate::DEFAULT_MAX_SNAPSHOTS_PER_SANDBOX`]; at least 1).
+    pub max_snapshots_per_sandbox: usize,
 }
 
 impl RuntimeOptions {
@@ -96,6 +99,7 @@ impl RuntimeOptions {
             home_role: "an embedding program".to_string(),
             network_deny: Vec::new(),
             egress: airlock_egress::EgressConfig::default(),
+            max_snapshots_per_sandbox: crate::snapshot::DEFAULT_MAX_SNAPSHOTS_PER_SANDBOX,
         }
     }
 }
@@ -408,7 +412,7 @@ impl Runtime {
         }
     }
 
-    fn load(&self, record: SandboxRecord) -> Result<Sandbox> {
+    pub(crate) fn load(&self, record: SandboxRecord) -> Result<Sandbox> {
         let mut sandboxes = lock(&self.inner.sandboxes);
         let inner = match sandboxes.get(&record.id) {
             Some(inner) => inner.clone(),
@@ -538,7 +542,7 @@ impl Runtime {
 }
 
 /// Closes a directory the runtime made to every other host user ([`PRIVATE_DIR_MODE`]).
-fn make_private(dir: &Path) -> Result<()> {
+pub(crate) fn make_private(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE)).map_err(|source| Error::File {
         operation: "close to other users",

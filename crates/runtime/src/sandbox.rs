@@ -74,11 +74,11 @@ pub(crate) struct SandboxInner {
     pub(crate) workspace: Workspace,
     /// The workspace as a directory handle: every host-side file operation
     /// goes through it (DESIGN.md decision 1), never through a host path.
-    dir: WorkspaceDir,
+    pub(crate) dir: WorkspaceDir,
     record: Mutex<SandboxRecord>,
-    container: tokio::sync::Mutex<Option<ContainerSandbox>>,
+    pub(crate) container: tokio::sync::Mutex<Option<ContainerSandbox>>,
     /// Set when the container was stopped by sleep; the next use starts it.
-    container_stopped: AtomicBool,
+    pub(crate) container_stopped: AtomicBool,
     /// Set when an isolate (or the host, before the container's owner was
     /// known) may have written to the workspace as the host's user since the
     /// workspace was last handed to the container's user.
@@ -96,7 +96,7 @@ pub(crate) struct SandboxInner {
     /// Terminal sessions and port streams whose handles are alive: each keeps
     /// the sandbox awake.
     open_streams: AtomicUsize,
-    lifecycle: tokio::sync::RwLock<()>,
+    pub(crate) lifecycle: tokio::sync::RwLock<()>,
     in_flight: AtomicUsize,
     last_active: Mutex<Instant>,
     events: broadcast::Sender<SandboxEvent>,
@@ -866,7 +866,7 @@ impl Sandbox {
 
     /// Forgets every context: isolate instances go at once, kernels when an
     /// evaluation running on them ends (and with the container anyway).
-    fn drop_contexts(&self) {
+    pub(crate) fn drop_contexts(&self) {
         let contexts: Vec<String> = lock(&self.inner.contexts).drain().map(|(id, _)| id).collect();
         for id in contexts {
             let _ = self.runtime.inner.interpreters.delete(&id);

@@ -25,8 +25,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// is there: the sandboxes' `owner` column and the `tokens` table. Version 3
 /// adds the `previews` table (exposed ports). Version 4 adds the `secrets`
 /// table (the egress credentials; see `secrets.rs`). Version 5 adds the
-/// `egress` table (every decision of the egress proxy).
-const SCHEMA_VERSION: i64 = 5;
+/// `egress` table (every decision of the egress proxy). Version 6 adds the
+/// `snapshots` and `snapshot_origins` tables (`snapshot.rs`).
+const SCHEMA_VERSION: i64 = 6;
 
 /// Version 1, as it was made: kept so that a new home passes through the same
 /// migrations as an old one.
@@ -158,6 +159,7 @@ fn migrate(connection: &Connection, path: &Path) -> Result<()> {
     connection.execute_batch(SCHEMA_PREVIEWS).map_err(Error::store(path))?;
     connection.execute_batch(SCHEMA_SECRETS).map_err(Error::store(path))?;
     connection.execute_batch(SCHEMA_EGRESS).map_err(Error::store(path))?;
+    connection.execute_batch(crate::snapshot::SCHEMA_SNAPSHOTS).map_err(Error::store(path))?;
     connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(Error::store(path))?;
     Ok(())
 }
@@ -249,6 +251,15 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         let connection = open_connection(path)?;
         Ok(Self { path: path.to_path_buf(), connection: Mutex::new(connection) })
+    }
+
+    /// The connection, for the snapshot records' own queries (`snapshot.rs`).
+    pub(crate) fn connection(&self) -> MutexGuard<'_, Connection> {
+        self.lock()
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {

@@ -4,6 +4,9 @@
 //! from the bundle on first use (`asyncio`, `unittest`, `sqlite3`, `zoneinfo`)
 //! or imported at build time (`json`), through the library, from a warm cache.
 //!
+//! Before timing, prints the resident memory each idle context adds (20
+//! contexts that evaluated `1`), as benches/context_memory.rs measures it.
+//!
 //! Compares Python components side by side in one run: set
 //! `AIRLOCK_BENCH_PYTHON_DIRS` to `label=dir,label=dir` (each dir holding a
 //! `python.wasm`); by default, `guests/out` alone.
@@ -45,6 +48,15 @@ fn components() -> Vec<(String, PathBuf)> {
     }
 }
 
+/// Idle contexts created to measure the memory each adds.
+const MEMORY_CONTEXTS: usize = 20;
+
+fn resident_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -62,6 +74,22 @@ fn bench(c: &mut Criterion) {
         runtime.block_on(cold.guest(Language::Python)).unwrap();
         let interpreters = Interpreters::new(IsolateEngine::new(config()).unwrap(), &dir);
         runtime.block_on(interpreters.guest(Language::Python)).unwrap();
+        // One context first, so the batch measures contexts, not the guest's first use.
+        let first = runtime.block_on(interpreters.create_context(Language::Python, workspace.clone(), limits)).unwrap();
+        runtime.block_on(interpreters.eval(&first, "1")).unwrap();
+        let before = resident_kib();
+        let mut ids = Vec::new();
+        for _ in 0..MEMORY_CONTEXTS {
+            let id =
+                runtime.block_on(interpreters.create_context(Language::Python, workspace.clone(), limits)).unwrap();
+            runtime.block_on(interpreters.eval(&id, "1")).unwrap();
+            ids.push(id);
+        }
+        let per_context = (resident_kib().saturating_sub(before)) / MEMORY_CONTEXTS as u64;
+        println!("{label}: {per_context} KiB resident per idle context ({MEMORY_CONTEXTS} contexts)");
+        for id in ids.into_iter().chain([first]) {
+            interpreters.delete(&id).unwrap();
+        }
         for (name, code) in SNIPPETS {
             // Skip what this component cannot import (a component before the bundle).
             let probe = runtime.block_on(interpreters.run(Language::Python, workspace.clone(), code, limits)).unwrap();

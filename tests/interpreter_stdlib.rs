@@ -62,6 +62,9 @@ async fn modules_that_asked_for_a_container_now_import() {
     let code = format!("import {modules}\n'imported'");
     let outcome = run(&fixture, &code).await;
     assert_eq!(json_value(&outcome), "\"imported\"");
+    // A module imported at build time reloads (from the bundle: its file is gone).
+    let outcome = run(&fixture, "import importlib, json\nimportlib.reload(json).dumps([1])").await;
+    assert_eq!(json_value(&outcome), "\"[1]\"");
 }
 
 #[tokio::test]

@@ -42,6 +42,7 @@ mod preview;
 mod pty;
 pub mod problem;
 mod sandboxes;
+mod snapshots;
 
 pub use auth::{ADMIN_TOKEN_FILE, AdminToken, Caller, RequireAdmin, Scope, ensure_admin_token};
 pub use ops::{DEFAULT_PREVIEW_DOMAIN, ServerOptions};
@@ -173,6 +174,7 @@ pub fn app(state: AppState) -> Router {
         .merge(preview::routes())
         .merge(network::routes())
         .merge(ops::routes())
+        .merge(snapshots::routes())
         // Every `/v1` route, and only those: a request without a live token
         // is refused here, before any handler (health and metrics are outside).
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));

@@ -73,6 +73,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         usage, openapi_json, healthz, readyz, metrics,
         get_network, put_network, list_secrets, put_secret, delete_secret,
         git_checkout,
+        crate::snapshots::create_snapshot_doc, crate::snapshots::list_sandbox_snapshots_doc,
+        crate::snapshots::list_snapshots_doc, crate::snapshots::get_snapshot_doc, crate::snapshots::delete_snapshot_doc,
+        crate::snapshots::restore_snapshot_doc, crate::snapshots::fork_snapshot_doc,
     ),
     components(schemas(Problem, DisplayView)),
     modifiers(&Security),
@@ -84,6 +87,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (name = "processes", description = "Background processes"),
         (name = "previews", description = "Ports exposed as preview URLs"),
         (name = "network", description = "A sandbox's outbound network policy, and the runtime's secrets (admin)"),
+        (name = "snapshots", description = "Sandbox snapshots: take, list, delete, restore, fork"),
         (name = "operations", description = "Health, readiness, metrics, usage and this document"),
     )
 )]

@@ -164,16 +164,18 @@ async fn sleep_and_wake_keep_files_and_installed_packages() {
     let context = sandbox.create_context(Language::Python).await.unwrap();
     let container_id = sandbox.info().container_id.unwrap();
 
-    // Idle past its timeout: asleep, container stopped, contexts dropped.
+    // Idle past its timeout: asleep, container stopped, contexts kept (rebuilt when next used).
     let give_up = Instant::now() + Duration::from_secs(20);
     while sandbox.info().state != SandboxState::Sleeping {
         assert!(Instant::now() < give_up, "the sandbox never slept");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(container_status(&container_id), "exited");
-    assert!(sandbox.contexts().is_empty());
-    assert!(sandbox.code_in(&context, "1").await.is_err(), "a context survived sleep");
+    assert_eq!(sandbox.contexts().len(), 1, "the context is kept by a sleep");
     assert_eq!(runtime.list().unwrap()[0].state, SandboxState::Sleeping, "the registry says asleep");
+    let restored = sandbox.code_in(&context, "1").await.unwrap();
+    assert!(restored.outcome.is_ok(), "{:?}", restored.outcome.result);
+    assert!(restored.placement.context_restored.is_some(), "the context was rebuilt, and said so");
 
     // The next request wakes it, with files and the installed program intact.
     let woke = sandbox.exec(bash("cat /workspace/kept.txt; greet")).await.unwrap();

@@ -3,18 +3,22 @@
 //! container instead, and a context moves there with its state (replayed),
 //! unless the isolate already did something a second run would do again.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use airlock_core::{EscalationReason, EvalOutcome, EvalResult, Language, Needs, OutputSender, TierKind};
 
 use crate::config::TierPreference;
-use crate::contexts::{ContextHandle, ContextInfo, ContextMove, ContextOptions, Home};
+use crate::contexts::{
+    ContextFork, ContextHandle, ContextInfo, ContextMove, ContextOptions, ContextReplay, History, Home, Noted,
+    Replayable,
+};
 use crate::error::Result;
 use crate::router::route;
 use crate::runtime::lock;
 use crate::sandbox::{CodeOutcome, ContextSlot, Placement, Sandbox};
-use crate::store::ExecutionKind;
+use crate::store::{ExecutionKind, StoredContext};
 
 /// Why a context's evaluation ran in the container without asking the isolate.
 const LIVES_IN_CONTAINER: &str = "the context lives in the container since it escalated";
@@ -119,22 +123,68 @@ impl Sandbox {
         let _active = self.begin().await?;
         // One evaluation at a time per context: the next waits here.
         let mut home = handle.home.lock().await;
+        // Dormant since its sandbox slept or the runtime was reopened: rebuilt
+        // first, by replaying its history where it lived.
+        let restored = if matches!(*home, Home::Dormant) {
+            let tier = lock(&handle.counts).tier;
+            let (entries, truncated) = {
+                let history = lock(&handle.history);
+                (history.entries().cloned().collect::<Vec<_>>(), history.truncated)
+            };
+            let replay = handle.options.replay_on_escalation;
+            let (live, isolate, report) = self.replay_into(handle.language, tier, &entries, truncated, replay).await?;
+            if !replay {
+                // It came back empty: its history no longer describes it.
+                lock(&handle.history).clear();
+                self.runtime.inner.store.clear_context_history(self.inner.id, id)?;
+            }
+            *lock(&handle.isolate) = isolate;
+            *home = live;
+            Some(report)
+        } else {
+            None
+        };
+        let answer = self.evaluate(id, &handle, &mut home, code, output).await;
+        drop(home);
+        // Deleted while this ran: what a restore or a move made goes too.
+        let still_ours = lock(&self.inner.contexts).get(id).is_some_and(|ours| Arc::ptr_eq(ours, &handle));
+        if !still_ours && let Some(isolate) = lock(&handle.isolate).take() {
+            let _ = self.runtime.inner.interpreters.delete(&isolate);
+        }
+        let mut answer = answer?;
+        answer.placement.context_restored = restored;
+        Ok(answer)
+    }
+
+    /// One evaluation in a live context (`home` is locked, never dormant).
+    async fn evaluate(
+        &self,
+        id: &str,
+        handle: &ContextHandle,
+        home: &mut Home,
+        code: &str,
+        output: Option<OutputSender>,
+    ) -> Result<CodeOutcome> {
         let started_at = SystemTime::now();
         let limits = self.inner.config.limits;
-        if let Home::Container(kernel) = &mut *home {
+        if let Home::Container(kernel) = home {
             let container = self.container().await?;
             let outcome = kernel.eval(&container, code, &limits, output.as_ref()).await?;
             handle.count_container_evaluation(kernel.restarts());
+            self.note_history(id, handle, code, &outcome)?;
             self.record(ExecutionKind::Code, TierKind::Container, started_at, outcome.wall_time, outcome.cpu_time)?;
             return Ok(CodeOutcome { outcome, placement: Placement::new(TierKind::Container, LIVES_IN_CONTAINER) });
         }
+        let Some(isolate) = lock(&handle.isolate).clone() else {
+            return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
+        };
         let route = route(&Needs::of_code(handle.language), self.inner.config.tier)?;
         self.inner.isolate_wrote.store(true, Ordering::SeqCst);
         let interpreters = &self.runtime.inner.interpreters;
-        let outcome = interpreters.eval_streaming(id, code, output.clone()).await?;
+        let outcome = interpreters.eval_streaming(&isolate, code, output.clone()).await?;
         self.record(ExecutionKind::Code, TierKind::Isolate, started_at, outcome.wall_time, outcome.cpu_time)?;
         let Some(reason) = self.should_escalate(&outcome) else {
-            lock(&handle.history).note(code, &outcome);
+            self.note_history(id, handle, code, &outcome)?;
             return Ok(CodeOutcome { outcome, placement: Placement::new(TierKind::Isolate, route.reason) });
         };
         if !outcome.side_effects.is_empty() {
@@ -164,11 +214,22 @@ impl Sandbox {
             }
         }
         let escalated = kernel.eval(&container, code, &limits, output.as_ref()).await?;
-        lock(&handle.history).clear();
+        // The history goes on in the container (what a later restore or fork
+        // replays there): the replayed entries, then this one. Without replay
+        // the kernel started empty, and so does its history.
+        let store = &self.runtime.inner.store;
+        if !handle.options.replay_on_escalation {
+            lock(&handle.history).clear();
+            store.clear_context_history(self.inner.id, id)?;
+        }
+        store.set_context_tier(self.inner.id, id, TierKind::Container)?;
         handle.count_container_evaluation(kernel.restarts());
+        self.note_history(id, handle, code, &escalated)?;
         *home = Home::Container(Box::new(kernel));
         // The isolate's instance is no longer this context's state.
-        let _ = interpreters.delete(id);
+        if let Some(isolate) = lock(&handle.isolate).take() {
+            let _ = interpreters.delete(&isolate);
+        }
         self.note_escalation(&format!("the {} interpreter answered needs-escalation: {reason}", handle.language))?;
         self.record(ExecutionKind::Code, TierKind::Container, started_at, escalated.wall_time, escalated.cpu_time)?;
         let mut placement = Placement::new(
@@ -180,8 +241,81 @@ impl Sandbox {
         Ok(CodeOutcome { outcome: escalated, placement })
     }
 
+    /// Keeps a successful evaluation in the context's history, and in the
+    /// registry (or forgets the history, when the context lost its state).
+    fn note_history(&self, id: &str, handle: &ContextHandle, code: &str, outcome: &EvalOutcome) -> Result<()> {
+        let noted = lock(&handle.history).note(code, outcome);
+        let store = &self.runtime.inner.store;
+        match noted {
+            Noted::Nothing => Ok(()),
+            Noted::Cleared => store.clear_context_history(self.inner.id, id),
+            Noted::Added { seq, keep_from, truncated } => {
+                let entry = Replayable { code: code.to_string(), side_effects: outcome.side_effects.clone() };
+                store.add_context_history(self.inner.id, id, seq, &entry, keep_from, truncated)
+            }
+        }
+    }
+
+    /// A live context of `language` in `tier` (a new isolate instance, or a
+    /// new kernel in the container) with `entries` replayed in it, in order,
+    /// unless `replay` is off; with the new isolate instance's id, and what
+    /// the replay did. The replay's CPU is billed as one execution.
+    async fn replay_into(
+        &self,
+        language: Language,
+        tier: TierKind,
+        entries: &[Replayable],
+        truncated: bool,
+        replay: bool,
+    ) -> Result<(Home, Option<String>, ContextReplay)> {
+        let started_at = SystemTime::now();
+        let limits = self.inner.config.limits;
+        let mut report = ContextReplay::new(tier, replay, replay && truncated);
+        let entries = if replay { entries } else { &[] };
+        let (mut wall, mut cpu) = (Duration::ZERO, Duration::ZERO);
+        if tier == TierKind::Container {
+            let container = self.container().await?;
+            let mut kernel = container.start_kernel(language).await?;
+            for (n, earlier) in entries.iter().enumerate() {
+                let replayed = kernel.eval(&container, &earlier.code, &limits, None).await?;
+                (wall, cpu) = (wall + replayed.wall_time, cpu + replayed.cpu_time);
+                report.count(n + 1, earlier, &replayed.result);
+            }
+            if !entries.is_empty() {
+                self.record(ExecutionKind::Code, TierKind::Container, started_at, wall, cpu)?;
+            }
+            return Ok((Home::Container(Box::new(kernel)), None, report));
+        }
+        self.inner.isolate_wrote.store(true, Ordering::SeqCst);
+        let interpreters = &self.runtime.inner.interpreters;
+        let isolate = interpreters
+            .create_context_with_outbound(language, self.inner.workspace.clone(), limits, Some(self.outbound()))
+            .await?;
+        for (n, earlier) in entries.iter().enumerate() {
+            let replayed = match interpreters.eval(&isolate, &earlier.code).await {
+                Ok(replayed) => replayed,
+                Err(error) => {
+                    let _ = interpreters.delete(&isolate);
+                    return Err(error.into());
+                }
+            };
+            (wall, cpu) = (wall + replayed.wall_time, cpu + replayed.cpu_time);
+            report.count(n + 1, earlier, &replayed.result);
+        }
+        if !entries.is_empty()
+            && let Err(error) = self.record(ExecutionKind::Code, TierKind::Isolate, started_at, wall, cpu)
+        {
+            let _ = interpreters.delete(&isolate);
+            return Err(error);
+        }
+        Ok((Home::Isolate, Some(isolate), report))
+    }
+
     /// Makes an interpreter context in this sandbox; its id is for [`code_in`](Self::code_in).
     /// At most `max_contexts` at once: past it, [`Error::SandboxLimit`].
+    /// The context is kept in the registry: it outlives a sleep of the
+    /// sandbox and a restart of the runtime (rebuilt by replay, see
+    /// [`Placement::context_restored`]) until it is deleted.
     pub async fn create_context(&self, language: Language) -> Result<String> {
         self.create_context_with(language, ContextOptions::default()).await
     }
@@ -192,12 +326,12 @@ impl Sandbox {
         let _active = self.begin().await?;
         let slot = ContextSlot::take(&self.inner)?;
         let route = route(&Needs::of_code(language), self.inner.config.tier)?;
-        let (id, home) = if route.tier == TierKind::Container {
+        let (home, isolate) = if route.tier == TierKind::Container {
             let container = self.container().await?;
             let kernel = container.start_kernel(language).await?;
-            (uuid::Uuid::new_v4().simple().to_string(), Home::Container(Box::new(kernel)))
+            (Home::Container(Box::new(kernel)), None)
         } else {
-            let id = self
+            let isolate = self
                 .runtime
                 .inner
                 .interpreters
@@ -208,14 +342,71 @@ impl Sandbox {
                     Some(self.outbound()),
                 )
                 .await?;
-            (id, Home::Isolate)
+            (Home::Isolate, Some(isolate))
         };
+        // Its own id, not its instance's: it outlives instances (and runtimes).
+        let id = uuid::Uuid::new_v4().simple().to_string();
         let tier = route.tier;
-        slot.fill(id.clone(), ContextHandle::new(language, options, tier, home));
+        let stored = StoredContext { id: id.clone(), language, options, tier, truncated: false, history: Vec::new() };
+        self.store_new_context(&stored, isolate.as_deref())?;
+        slot.fill(id.clone(), ContextHandle::new(language, options, tier, home, isolate, History::default()));
         Ok(id)
     }
 
-    /// This sandbox's contexts.
+    /// Records a new context; on failure its isolate instance goes.
+    fn store_new_context(&self, stored: &StoredContext, isolate: Option<&str>) -> Result<()> {
+        let inserted = self.runtime.inner.store.insert_context(self.inner.id, stored);
+        if inserted.is_err()
+            && let Some(isolate) = isolate
+        {
+            let _ = self.runtime.inner.interpreters.delete(isolate);
+        }
+        inserted
+    }
+
+    /// Forks context `id`: a new context in this sandbox, in the same tier
+    /// and with the same options, holding the same variables, functions and
+    /// imports, made by replaying the source's kept history into a fresh
+    /// isolate instance (or a fresh kernel, for a context that lives in the
+    /// container). The source is not touched (an evaluation running on it
+    /// is waited for, then its history copied) and the two diverge from
+    /// then on. A snapshot *by replay*: the fork's code ran again, so side
+    /// effects repeat and time, randomness and the workspace's current
+    /// contents may give other values ([`ContextReplay`]); the fork replays
+    /// even a context made with `replay_on_escalation: false`. Counts
+    /// against `max_contexts`.
+    pub async fn fork_context(&self, id: &str) -> Result<ContextFork> {
+        let handle = lock(&self.inner.contexts).get(id).cloned();
+        let Some(handle) = handle else {
+            return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
+        };
+        let _active = self.begin().await?;
+        let slot = ContextSlot::take(&self.inner)?;
+        // Between two evaluations of the source.
+        let (numbered, truncated, tier) = {
+            let _between = handle.home.lock().await;
+            let history = lock(&handle.history);
+            (history.numbered().cloned().collect::<Vec<_>>(), history.truncated, lock(&handle.counts).tier)
+        };
+        let entries: Vec<Replayable> = numbered.iter().map(|(_, entry)| entry.clone()).collect();
+        let (home, isolate, replay) = self.replay_into(handle.language, tier, &entries, truncated, true).await?;
+        let fork = uuid::Uuid::new_v4().simple().to_string();
+        let stored = StoredContext {
+            id: fork.clone(),
+            language: handle.language,
+            options: handle.options,
+            tier,
+            truncated,
+            history: numbered.clone(),
+        };
+        self.store_new_context(&stored, isolate.as_deref())?;
+        let history = History::restored(numbered, truncated);
+        slot.fill(fork.clone(), ContextHandle::new(handle.language, handle.options, tier, home, isolate, history));
+        Ok(ContextFork { id: fork, source: id.to_string(), language: handle.language, replay })
+    }
+
+    /// This sandbox's contexts (dormant ones included: they are rebuilt on
+    /// their next evaluation).
     pub fn contexts(&self) -> Vec<ContextInfo> {
         let ours: Vec<(String, std::sync::Arc<ContextHandle>)> =
             lock(&self.inner.contexts).iter().map(|(id, handle)| (id.clone(), handle.clone())).collect();
@@ -223,7 +414,8 @@ impl Sandbox {
         ours.into_iter()
             .map(|(id, handle)| {
                 let counts = *lock(&handle.counts);
-                let (evaluations, resets) = match isolates.iter().find(|info| info.id == id) {
+                let isolate = lock(&handle.isolate).clone();
+                let (evaluations, resets) = match isolates.iter().find(|info| Some(&info.id) == isolate.as_ref()) {
                     Some(isolate) if counts.tier == TierKind::Isolate => (isolate.evaluations, isolate.resets),
                     _ => (counts.evaluations, counts.resets),
                 };
@@ -240,15 +432,15 @@ impl Sandbox {
     }
 
     /// Deletes a context: its isolate instance, or its kernel (killed once an
-    /// evaluation running on it ends).
+    /// evaluation running on it ends), and what the registry kept of it.
     pub fn delete_context(&self, id: &str) -> Result<()> {
         let Some(handle) = lock(&self.inner.contexts).remove(id) else {
             return Err(airlock_core::Error::NoSuchContext(id.to_string()).into());
         };
-        if lock(&handle.counts).tier == TierKind::Isolate {
-            self.runtime.inner.interpreters.delete(id)?;
+        if let Some(isolate) = lock(&handle.isolate).take() {
+            let _ = self.runtime.inner.interpreters.delete(&isolate);
         }
-        Ok(())
+        self.runtime.inner.store.delete_context(self.inner.id, id)
     }
 }
 
@@ -266,7 +458,7 @@ fn not_run_twice(outcome: EvalOutcome, reason: &EscalationReason) -> CodeOutcome
 }
 
 /// One line for a result that was not a success.
-fn describe(result: &EvalResult) -> String {
+pub(crate) fn describe(result: &EvalResult) -> String {
     match result {
         EvalResult::Ok { .. } => "ok".into(),
         EvalResult::SyntaxError(error) | EvalResult::RuntimeError(error) => format!("{}: {}", error.kind, error.message),

@@ -1,6 +1,14 @@
 //! A sandbox's interpreter contexts: where each lives (an isolate, or a
 //! kernel in the container after it escalated), the history kept to replay it
 //! there, and what a move reports.
+//!
+//! The history is also what makes a context outlive its instance: it is kept
+//! in the registry as evaluations succeed (`store.rs`, within the caps below),
+//! so a context whose sandbox slept, or whose runtime was reopened on the same
+//! home, is rebuilt on its next evaluation by replaying it
+//! ([`ContextReplay`]), and [`fork_context`](crate::Sandbox::fork_context)
+//! makes a copy the same way. These are snapshots *by replay*: the code runs
+//! again; no memory image of an instance or a kernel is taken.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -11,12 +19,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::lock;
 
-/// Most earlier evaluations a context keeps to replay when it moves to the
-/// container; past it the oldest are dropped and the move says the state may
-/// be partial.
+/// Most earlier evaluations a context keeps to replay (when it moves to the
+/// container, is restored after a sleep or a restart, or is forked); past it
+/// the oldest are dropped and the replay says the state may be partial. The
+/// same cap bounds the rows a context holds in the registry.
 pub const MAX_REPLAY_EVALUATIONS: usize = 1_000;
 /// Most bytes of code a context keeps to replay (all kept evaluations
-/// together); protects the host's memory from a context fed megabytes of code.
+/// together); protects the host's memory, and the registry on disk, from a
+/// context fed megabytes of code.
 pub const MAX_REPLAY_BYTES: usize = 4 * 1024 * 1024;
 
 /// How a context behaves, chosen when it is made.
@@ -27,7 +37,11 @@ pub struct ContextOptions {
     /// successful evaluations in the new kernel first, so its variables and
     /// imports come along. Replaying repeats their side effects (see
     /// [`ContextMove`]); with `false` the context starts fresh in the
-    /// container, and the answer says so.
+    /// container, and the answer says so. `false` also means the context is
+    /// never replayed on its own: after its sandbox slept or its runtime was
+    /// reopened it comes back empty ([`ContextReplay::replayed`] is `false`).
+    /// An explicit [`fork_context`](crate::Sandbox::fork_context) replays it
+    /// whatever this says.
     pub replay_on_escalation: bool,
 }
 
@@ -60,6 +74,76 @@ pub struct ContextMove {
     pub replay_failures: Vec<String>,
 }
 
+/// What a replay of a context's history did: on the first evaluation after
+/// its sandbox slept or its runtime was reopened ([`crate::Placement::context_restored`]),
+/// or when it was forked ([`ContextFork`]).
+///
+/// Replay runs the kept code again, in order, in a fresh instance (or kernel):
+/// it repeats the side effects listed here (files written, requests sent),
+/// and anything that depends on time, randomness, the environment or the
+/// workspace's current contents may come out different. Objects that are
+/// not made by code (open files, sockets, threads, a running generator's
+/// position) are whatever the replayed code makes them again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContextReplay {
+    /// Where the context was rebuilt: `isolate`, or `container` for one that
+    /// had moved there (a new kernel).
+    pub tier: TierKind,
+    /// Whether the history was replayed; `false` for a context made with
+    /// `replay_on_escalation: false`, which came back empty.
+    pub replayed: bool,
+    /// How many earlier evaluations ran again.
+    pub replayed_evaluations: usize,
+    /// What those evaluations had done the first time, and so did again.
+    /// Their output was not shown again.
+    pub repeated_side_effects: Vec<SideEffect>,
+    /// Earlier evaluations beyond [`MAX_REPLAY_EVALUATIONS`] or
+    /// [`MAX_REPLAY_BYTES`] were not kept: the state may be partial.
+    pub history_truncated: bool,
+    /// Replayed evaluations that did not succeed this time, each as
+    /// `#N: what it said`: the state may differ from what it was.
+    pub replay_failures: Vec<String>,
+}
+
+impl ContextReplay {
+    pub(crate) fn new(tier: TierKind, replayed: bool, history_truncated: bool) -> Self {
+        Self {
+            tier,
+            replayed,
+            replayed_evaluations: 0,
+            repeated_side_effects: Vec::new(),
+            history_truncated,
+            replay_failures: Vec::new(),
+        }
+    }
+
+    /// Counts one replayed evaluation, `n` from 1, and how it went.
+    pub(crate) fn count(&mut self, n: usize, earlier: &Replayable, result: &EvalResult) {
+        self.replayed_evaluations += 1;
+        for effect in &earlier.side_effects {
+            if !self.repeated_side_effects.contains(effect) {
+                self.repeated_side_effects.push(effect.clone());
+            }
+        }
+        if !matches!(result, EvalResult::Ok { .. }) {
+            self.replay_failures.push(format!("#{n}: {}", crate::code::describe(result)));
+        }
+    }
+}
+
+/// A context made by [`fork_context`](crate::Sandbox::fork_context): its id,
+/// and what replaying the source's history into it did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContextFork {
+    /// The new context's id.
+    pub id: String,
+    /// The context it was forked from (unchanged by the fork).
+    pub source: String,
+    pub language: Language,
+    #[serde(flatten)]
+    pub replay: ContextReplay,
+}
+
 /// One context as the sandbox lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ContextInfo {
@@ -74,44 +158,74 @@ pub struct ContextInfo {
 }
 
 /// A successful earlier evaluation, kept to replay.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Replayable {
     pub code: String,
     pub side_effects: Vec<SideEffect>,
 }
 
-/// The code a context ran successfully, oldest first, within the caps.
+/// The code a context ran successfully, oldest first, within the caps. Each
+/// entry has a sequence number, its key in the registry.
 #[derive(Debug, Default)]
 pub(crate) struct History {
-    entries: VecDeque<Replayable>,
+    entries: VecDeque<(u64, Replayable)>,
     bytes: usize,
+    next_seq: u64,
     pub truncated: bool,
 }
 
+/// What [`History::note`] changed, for the registry to do the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Noted {
+    Nothing,
+    /// The history was emptied (the context lost its state).
+    Cleared,
+    /// The evaluation was kept as entry `seq`; entries before `keep_from`
+    /// were dropped (the caps).
+    Added {
+        seq: u64,
+        keep_from: u64,
+        truncated: bool,
+    },
+}
+
 impl History {
+    /// A history as the registry kept it.
+    pub fn restored(entries: Vec<(u64, Replayable)>, truncated: bool) -> Self {
+        let bytes = entries.iter().map(|(_, entry)| entry.code.len()).sum();
+        let next_seq = entries.last().map_or(0, |(seq, _)| seq + 1);
+        Self { entries: entries.into(), bytes, next_seq, truncated }
+    }
+
     /// Keeps `code` if it succeeded; a limit or a crash reset the context, so
     /// the history goes with its state.
-    pub fn note(&mut self, code: &str, outcome: &EvalOutcome) {
+    pub fn note(&mut self, code: &str, outcome: &EvalOutcome) -> Noted {
         match outcome.result {
             EvalResult::Ok { .. } => {}
             EvalResult::LimitExceeded(_) | EvalResult::Crashed { .. } => {
+                let had = !self.entries.is_empty() || self.truncated;
                 self.clear();
-                return;
+                return if had { Noted::Cleared } else { Noted::Nothing };
             }
-            _ => return,
+            _ => return Noted::Nothing,
         }
         if code.trim().is_empty() {
-            return;
+            return Noted::Nothing;
         }
-        self.entries.push_back(Replayable { code: code.to_string(), side_effects: outcome.side_effects.clone() });
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries
+            .push_back((seq, Replayable { code: code.to_string(), side_effects: outcome.side_effects.clone() }));
         self.bytes += code.len();
         while self.entries.len() > MAX_REPLAY_EVALUATIONS || self.bytes > MAX_REPLAY_BYTES {
             match self.entries.pop_front() {
-                Some(dropped) => self.bytes -= dropped.code.len(),
+                Some((_, dropped)) => self.bytes -= dropped.code.len(),
                 None => break,
             }
             self.truncated = true;
         }
+        let keep_from = self.entries.front().map_or(seq + 1, |(first, _)| *first);
+        Noted::Added { seq, keep_from, truncated: self.truncated }
     }
 
     pub fn clear(&mut self) {
@@ -121,6 +235,11 @@ impl History {
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Replayable> {
+        self.entries.iter().map(|(_, entry)| entry)
+    }
+
+    /// The entries with their sequence numbers, oldest first.
+    pub fn numbered(&self) -> impl Iterator<Item = &(u64, Replayable)> {
         self.entries.iter()
     }
 
@@ -132,10 +251,14 @@ impl History {
 
 /// Where a context's state lives.
 pub(crate) enum Home {
-    /// In the isolate interpreters' registry, under the context's id.
+    /// In the isolate interpreters' registry, under the id in
+    /// [`ContextHandle::isolate`].
     Isolate,
     /// In a kernel inside the sandbox's container.
     Container(Box<Kernel>),
+    /// Nowhere live: its sandbox slept, or the runtime was reopened. The next
+    /// evaluation rebuilds it in [`Counts::tier`] by replaying its history.
+    Dormant,
 }
 
 /// What [`ContextInfo`] reports, readable without waiting for an evaluation.
@@ -148,12 +271,15 @@ pub(crate) struct Counts {
 }
 
 /// A context of the sandbox. Its home is locked for a whole evaluation (and
-/// a move), so evaluations on one context run one at a time.
+/// a move or a restore), so evaluations on one context run one at a time.
 pub(crate) struct ContextHandle {
     pub language: Language,
     pub options: ContextOptions,
-    /// Kept while the context lives in an isolate.
+    /// What it ran successfully, in either tier (mirrored in the registry).
     pub history: Mutex<History>,
+    /// Its instance's id in the isolate interpreters' registry, while it has
+    /// one (not the context's own id: that one outlives instances).
+    pub isolate: Mutex<Option<String>>,
     pub counts: Mutex<Counts>,
     pub home: tokio::sync::Mutex<Home>,
 }
@@ -169,11 +295,19 @@ impl std::fmt::Debug for ContextHandle {
 }
 
 impl ContextHandle {
-    pub fn new(language: Language, options: ContextOptions, tier: TierKind, home: Home) -> Arc<Self> {
+    pub fn new(
+        language: Language,
+        options: ContextOptions,
+        tier: TierKind,
+        home: Home,
+        isolate: Option<String>,
+        history: History,
+    ) -> Arc<Self> {
         Arc::new(Self {
             language,
             options,
-            history: Mutex::default(),
+            history: Mutex::new(history),
+            isolate: Mutex::new(isolate),
             counts: Mutex::new(Counts { tier, evaluations: 0, resets: 0 }),
             home: tokio::sync::Mutex::new(home),
         })
@@ -223,6 +357,22 @@ mod tests {
         let hit = LimitExceeded { limit: Limit::Deadline, value: 1 };
         history.note("while True: pass", &outcome(EvalResult::LimitExceeded(hit)));
         assert_eq!(history.len(), 0);
+    }
+
+    #[test]
+    fn history_numbers_its_entries_and_says_what_the_registry_must_drop() {
+        let mut history = History::default();
+        let ok = outcome(EvalResult::Ok { value: None });
+        assert_eq!(history.note("a = 1", &ok), Noted::Added { seq: 0, keep_from: 0, truncated: false });
+        assert_eq!(history.note("   ", &ok), Noted::Nothing);
+        let big = "#".repeat(MAX_REPLAY_BYTES - 2);
+        assert_eq!(history.note(&big, &ok), Noted::Added { seq: 1, keep_from: 1, truncated: true });
+        let restored = History::restored(history.numbered().cloned().collect(), history.truncated);
+        assert_eq!(restored.bytes, history.bytes);
+        assert_eq!(restored.next_seq, 2);
+        let hit = LimitExceeded { limit: Limit::Deadline, value: 1 };
+        assert_eq!(history.note("loop", &outcome(EvalResult::LimitExceeded(hit))), Noted::Cleared);
+        assert_eq!(history.note("loop", &outcome(EvalResult::LimitExceeded(hit))), Noted::Nothing);
     }
 
     #[test]

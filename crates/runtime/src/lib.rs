@@ -5,8 +5,8 @@
 //! each request on the cheapest tier that can do it: WebAssembly isolates
 //! first, the sandbox's container when the request needs a full Linux or an
 //! isolate answers needs-escalation. Idle sandboxes sleep (containers
-//! stopped, contexts dropped) and wake on the next request; every execution's
-//! active CPU is metered.
+//! stopped, contexts kept and rebuilt by replay when next used) and wake on
+//! the next request; every execution's active CPU is metered.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), airlock_runtime::Error> {
@@ -58,7 +58,9 @@ pub use disk::{
 };
 pub use airlock_egress::EgressConfig;
 pub use egress::{EGRESS_CA_DIR, SANDBOX_EGRESS_DIR};
-pub use contexts::{ContextInfo, ContextMove, ContextOptions, MAX_REPLAY_BYTES, MAX_REPLAY_EVALUATIONS};
+pub use contexts::{
+    ContextFork, ContextInfo, ContextMove, ContextOptions, ContextReplay, MAX_REPLAY_BYTES, MAX_REPLAY_EVALUATIONS,
+};
 pub use error::{Error, Result};
 pub use events::{
     COALESCE_WINDOW, EVENT_BUFFER, EventStream, FileChange, Lifecycle, MAX_WATCHED_DIRECTORIES, SandboxEvent,

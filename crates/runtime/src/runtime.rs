@@ -420,6 +420,8 @@ impl Runtime {
                 let workspace = self.workspace_dir(record.id);
                 let network = Arc::new(self.effective_policy(&record.config.policy.network));
                 let inner = Arc::new(SandboxInner::new(record, &workspace, network)?);
+                // Its contexts, dormant: rebuilt by replay when next used.
+                inner.adopt_stored_contexts(self.inner.store.contexts(inner.id)?);
                 sandboxes.insert(inner.id, inner.clone());
                 inner
             }

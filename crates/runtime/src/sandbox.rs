@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::config::SandboxConfig;
-use crate::contexts::{ContextHandle, ContextMove};
+use crate::contexts::{ContextHandle, ContextMove, ContextReplay, History, Home};
 use crate::error::{Error, Result};
 use crate::events::{EVENT_BUFFER, EventStream, Lifecycle, SandboxEvent, WorkspaceWatch};
 use crate::files::{self, FileEntry};
@@ -43,11 +43,16 @@ pub struct Placement {
     /// kernel in the container: what was replayed, and what that repeated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_moved: Option<ContextMove>,
+    /// Set on the first evaluation of a context after its sandbox slept or
+    /// its runtime was reopened: the context was rebuilt by replaying its
+    /// history before this evaluation ran, and this says what that did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_restored: Option<ContextReplay>,
 }
 
 impl Placement {
     pub fn new(tier: TierKind, reason: &str) -> Self {
-        Self { tier, reason: reason.to_string(), escalated: None, context_moved: None }
+        Self { tier, reason: reason.to_string(), escalated: None, context_moved: None, context_restored: None }
     }
 }
 
@@ -149,6 +154,23 @@ impl SandboxInner {
     /// The sandbox's record as it is now (its current network policy included).
     pub(crate) fn record(&self) -> std::sync::MutexGuard<'_, SandboxRecord> {
         lock(&self.record)
+    }
+
+    /// Takes in the contexts the registry kept for this sandbox (when it is
+    /// loaded): each dormant until its next evaluation. A stored
+    /// context the table cannot hold any more (a changed limit) stays stored.
+    pub(crate) fn adopt_stored_contexts(&self, stored: Vec<crate::store::StoredContext>) {
+        let mut contexts = lock(&self.contexts);
+        for context in stored {
+            if contexts.len() >= self.config.max_contexts {
+                tracing::warn!(sandbox = %self.name, context = %context.id, "a stored context is past max_contexts; not loaded");
+                continue;
+            }
+            let history = History::restored(context.history, context.truncated);
+            let handle =
+                ContextHandle::new(context.language, context.options, context.tier, Home::Dormant, None, history);
+            contexts.insert(context.id, handle);
+        }
     }
 
     pub fn container_id(&self) -> Option<String> {
@@ -843,7 +865,8 @@ impl Sandbox {
     }
 
     /// Puts the sandbox to sleep now: its container stopped (filesystem kept),
-    /// its contexts dropped. Waits for running operations to end.
+    /// its contexts' instances and kernels let go (each context is kept, and
+    /// rebuilt by replay on its next evaluation). Waits for running operations to end.
     pub async fn sleep(&self) -> Result<()> {
         let alone = self.inner.lifecycle.write().await;
         self.sleep_alone(alone).await
@@ -857,19 +880,42 @@ impl Sandbox {
             container.stop().await?;
             self.inner.container_stopped.store(true, Ordering::SeqCst);
         }
-        self.drop_contexts();
+        self.suspend_contexts().await;
         self.runtime.inner.store.set_state(self.inner.id, SandboxState::Sleeping)?;
         lock(&self.inner.record).state = SandboxState::Sleeping;
         self.inner.emit(SandboxEvent::Lifecycle { change: Lifecycle::Slept });
         Ok(())
     }
 
-    /// Forgets every context: isolate instances go at once, kernels when an
-    /// evaluation running on them ends (and with the container anyway).
+    /// Lets go of every context's live state (isolate instances, kernels)
+    /// and keeps the contexts: each is dormant until its next evaluation
+    /// rebuilds it from its history (kept in the registry). Called with the
+    /// lifecycle lock held alone, so no evaluation holds a context's home.
+    async fn suspend_contexts(&self) {
+        let contexts: Vec<Arc<ContextHandle>> = lock(&self.inner.contexts).values().cloned().collect();
+        for handle in contexts {
+            let mut home = handle.home.lock().await;
+            if let Some(isolate) = lock(&handle.isolate).take() {
+                let _ = self.runtime.inner.interpreters.delete(&isolate);
+            }
+            // A kernel is dropped here (its process tree killed, if the
+            // container still ran it).
+            *home = Home::Dormant;
+        }
+    }
+
+    /// Forgets every context, in memory and in the registry: isolate
+    /// instances go at once, kernels when an evaluation running on them ends
+    /// (and with the container anyway).
     pub(crate) fn drop_contexts(&self) {
-        let contexts: Vec<String> = lock(&self.inner.contexts).drain().map(|(id, _)| id).collect();
-        for id in contexts {
-            let _ = self.runtime.inner.interpreters.delete(&id);
+        let contexts: Vec<Arc<ContextHandle>> = lock(&self.inner.contexts).drain().map(|(_, handle)| handle).collect();
+        for handle in contexts {
+            if let Some(isolate) = lock(&handle.isolate).take() {
+                let _ = self.runtime.inner.interpreters.delete(&isolate);
+            }
+        }
+        if let Err(error) = self.runtime.inner.store.delete_contexts(self.inner.id) {
+            tracing::warn!(%error, sandbox = %self.inner.name, "forgetting the sandbox's stored contexts failed");
         }
     }
 

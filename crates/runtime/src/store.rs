@@ -26,8 +26,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// adds the `previews` table (exposed ports). Version 4 adds the `secrets`
 /// table (the egress credentials; see `secrets.rs`). Version 5 adds the
 /// `egress` table (every decision of the egress proxy). Version 6 adds the
-/// `snapshots` and `snapshot_origins` tables (`snapshot.rs`).
-const SCHEMA_VERSION: i64 = 6;
+/// `snapshots` and `snapshot_origins` tables (`snapshot.rs`). Version 7 adds
+/// the `contexts` and `context_history` tables (interpreter contexts kept
+/// across sleep and restarts, see [`SCHEMA_CONTEXTS`]).
+const SCHEMA_VERSION: i64 = 7;
 
 /// Version 1, as it was made: kept so that a new home passes through the same
 /// migrations as an old one.
@@ -113,6 +115,60 @@ CREATE TABLE IF NOT EXISTS egress (
 CREATE INDEX IF NOT EXISTS egress_by_sandbox ON egress (sandbox_id, at_ms);
 ";
 
+/// Version 7's new tables: a sandbox's interpreter contexts (`contexts.rs`),
+/// one row each, and the code each ran successfully, one row per kept
+/// evaluation, numbered by `seq`, to be replayed when the context is rebuilt
+/// (after a sleep or a restart) or forked. The rows of a context are bounded
+/// by the history's caps ([`crate::MAX_REPLAY_EVALUATIONS`],
+/// [`crate::MAX_REPLAY_BYTES`], and the side effects an evaluation records),
+/// and the contexts of a sandbox by its `max_contexts`. They go with their
+/// context and with their sandbox.
+const SCHEMA_CONTEXTS: &str = "
+CREATE TABLE IF NOT EXISTS contexts (
+    sandbox_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    language TEXT NOT NULL,
+    options TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    truncated INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (sandbox_id, id)
+);
+CREATE TABLE IF NOT EXISTS context_history (
+    sandbox_id TEXT NOT NULL,
+    context_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    side_effects TEXT NOT NULL,
+    PRIMARY KEY (sandbox_id, context_id, seq)
+);
+";
+
+/// One interpreter context as the registry keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredContext {
+    pub id: String,
+    pub language: airlock_core::Language,
+    pub options: crate::contexts::ContextOptions,
+    /// Where it lives (and is rebuilt): isolate, or container once it moved.
+    pub tier: TierKind,
+    /// Earlier evaluations were dropped by the caps.
+    pub truncated: bool,
+    /// Its history, oldest first, with sequence numbers.
+    pub history: Vec<(u64, crate::contexts::Replayable)>,
+}
+
+fn tier_text(tier: TierKind) -> &'static str {
+    match tier {
+        TierKind::Container => "container",
+        _ => "isolate",
+    }
+}
+
+fn seq_value(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
 /// Opens `path` in WAL mode and brings its schema to [`SCHEMA_VERSION`], in
 /// one immediate transaction (two processes opening one home at once migrate
 /// it once). Migrations only add: a home made by an older Airlock opens with
@@ -160,6 +216,7 @@ fn migrate(connection: &Connection, path: &Path) -> Result<()> {
     connection.execute_batch(SCHEMA_SECRETS).map_err(Error::store(path))?;
     connection.execute_batch(SCHEMA_EGRESS).map_err(Error::store(path))?;
     connection.execute_batch(crate::snapshot::SCHEMA_SNAPSHOTS).map_err(Error::store(path))?;
+    connection.execute_batch(SCHEMA_CONTEXTS).map_err(Error::store(path))?;
     connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(Error::store(path))?;
     Ok(())
 }
@@ -405,16 +462,192 @@ impl Store {
         Ok(records)
     }
 
-    /// Removes a sandbox and its exposed ports, in one transaction.
+    /// Removes a sandbox, its exposed ports and its contexts, in one transaction.
     pub fn delete(&self, id: SandboxId) -> Result<()> {
         let mut connection = self.lock();
         let transaction = connection.transaction().map_err(self.err())?;
         transaction
             .execute("DELETE FROM previews WHERE sandbox_id = ?1", params![id.to_string()])
             .map_err(self.err())?;
+        transaction
+            .execute("DELETE FROM context_history WHERE sandbox_id = ?1", params![id.to_string()])
+            .map_err(self.err())?;
+        transaction
+            .execute("DELETE FROM contexts WHERE sandbox_id = ?1", params![id.to_string()])
+            .map_err(self.err())?;
         transaction.execute("DELETE FROM sandboxes WHERE id = ?1", params![id.to_string()]).map_err(self.err())?;
         transaction.commit().map_err(self.err())?;
         Ok(())
+    }
+
+    /// Adds a context of sandbox `sandbox` with its history (a fork's copy;
+    /// empty for a new context), in one transaction.
+    pub(crate) fn insert_context(&self, sandbox: SandboxId, context: &StoredContext) -> Result<()> {
+        let options = serde_json::to_string(&context.options)
+            .map_err(|e| Error::Invalid { what: "context options", reason: e.to_string() })?;
+        let sandbox = sandbox.to_string();
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        transaction
+            .execute(
+                "INSERT INTO contexts (sandbox_id, id, language, options, tier, truncated, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    sandbox,
+                    context.id,
+                    context.language.as_str(),
+                    options,
+                    tier_text(context.tier),
+                    context.truncated,
+                    millis(SystemTime::now())
+                ],
+            )
+            .map_err(self.err())?;
+        for (seq, entry) in &context.history {
+            insert_history(&transaction, &sandbox, &context.id, *seq, entry).map_err(self.err())?;
+        }
+        transaction.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Keeps evaluation `seq` of a context and drops its entries before
+    /// `keep_from` (the caps), in one transaction.
+    pub(crate) fn add_context_history(
+        &self,
+        sandbox: SandboxId,
+        context: &str,
+        seq: u64,
+        entry: &crate::contexts::Replayable,
+        keep_from: u64,
+        truncated: bool,
+    ) -> Result<()> {
+        let sandbox = sandbox.to_string();
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        insert_history(&transaction, &sandbox, context, seq, entry).map_err(self.err())?;
+        transaction
+            .execute(
+                "DELETE FROM context_history WHERE sandbox_id = ?1 AND context_id = ?2 AND seq < ?3",
+                params![sandbox, context, seq_value(keep_from)],
+            )
+            .map_err(self.err())?;
+        transaction
+            .execute(
+                "UPDATE contexts SET truncated = ?3 WHERE sandbox_id = ?1 AND id = ?2",
+                params![sandbox, context, truncated],
+            )
+            .map_err(self.err())?;
+        transaction.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Empties a context's history (it lost its state).
+    pub(crate) fn clear_context_history(&self, sandbox: SandboxId, context: &str) -> Result<()> {
+        let sandbox = sandbox.to_string();
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        transaction
+            .execute("DELETE FROM context_history WHERE sandbox_id = ?1 AND context_id = ?2", params![sandbox, context])
+            .map_err(self.err())?;
+        transaction
+            .execute("UPDATE contexts SET truncated = 0 WHERE sandbox_id = ?1 AND id = ?2", params![sandbox, context])
+            .map_err(self.err())?;
+        transaction.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records where a context lives now (it moved to the container).
+    pub(crate) fn set_context_tier(&self, sandbox: SandboxId, context: &str, tier: TierKind) -> Result<()> {
+        self.lock()
+            .execute(
+                "UPDATE contexts SET tier = ?3 WHERE sandbox_id = ?1 AND id = ?2",
+                params![sandbox.to_string(), context, tier_text(tier)],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Removes a context and its history.
+    pub(crate) fn delete_context(&self, sandbox: SandboxId, context: &str) -> Result<()> {
+        let sandbox = sandbox.to_string();
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        transaction
+            .execute("DELETE FROM context_history WHERE sandbox_id = ?1 AND context_id = ?2", params![sandbox, context])
+            .map_err(self.err())?;
+        transaction
+            .execute("DELETE FROM contexts WHERE sandbox_id = ?1 AND id = ?2", params![sandbox, context])
+            .map_err(self.err())?;
+        transaction.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Removes every context of sandbox `sandbox` and their histories.
+    pub(crate) fn delete_contexts(&self, sandbox: SandboxId) -> Result<()> {
+        let sandbox = sandbox.to_string();
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(self.err())?;
+        transaction
+            .execute("DELETE FROM context_history WHERE sandbox_id = ?1", params![sandbox])
+            .map_err(self.err())?;
+        transaction.execute("DELETE FROM contexts WHERE sandbox_id = ?1", params![sandbox]).map_err(self.err())?;
+        transaction.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The contexts of sandbox `sandbox`, oldest first, with their histories.
+    pub(crate) fn contexts(&self, sandbox: SandboxId) -> Result<Vec<StoredContext>> {
+        let sandbox = sandbox.to_string();
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT id, language, options, tier, truncated FROM contexts WHERE sandbox_id = ?1
+                 ORDER BY created_at_ms, id",
+            )
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map(params![sandbox], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, bool>(4)?,
+                ))
+            })
+            .map_err(self.err())?;
+        let rows = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(self.err())?;
+        let mut history = connection
+            .prepare_cached(
+                "SELECT seq, code, side_effects FROM context_history WHERE sandbox_id = ?1 AND context_id = ?2
+                 ORDER BY seq",
+            )
+            .map_err(self.err())?;
+        let bad = |what: &str, id: &str, reason: String| Error::Invalid {
+            what: "registry row",
+            reason: format!("{what} of context {id}: {reason}"),
+        };
+        let mut contexts = Vec::with_capacity(rows.len());
+        for (id, language, options, tier, truncated) in rows {
+            let language = language.parse().map_err(|e| bad("language", &id, format!("{e}")))?;
+            let options = serde_json::from_str(&options).map_err(|e| bad("options", &id, e.to_string()))?;
+            let tier = if tier == "container" { TierKind::Container } else { TierKind::Isolate };
+            let entries = history
+                .query_map(params![sandbox, id], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+                })
+                .map_err(self.err())?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(self.err())?;
+            let mut kept = Vec::with_capacity(entries.len());
+            for (seq, code, effects) in entries {
+                let side_effects =
+                    serde_json::from_str(&effects).map_err(|e| bad("side effects", &id, e.to_string()))?;
+                kept.push((u64::try_from(seq).unwrap_or(0), crate::contexts::Replayable { code, side_effects }));
+            }
+            contexts.push(StoredContext { id, language, options, tier, truncated, history: kept });
+        }
+        Ok(contexts)
     }
 
     /// Records `port` of sandbox `id` as exposed, with the SHA-256 of its
@@ -870,6 +1103,23 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String> {
 
 type Row = (String, String, i64, String, String, Option<String>, Option<String>, Option<String>);
 
+fn insert_history(
+    connection: &Connection,
+    sandbox: &str,
+    context: &str,
+    seq: u64,
+    entry: &crate::contexts::Replayable,
+) -> rusqlite::Result<usize> {
+    let effects = serde_json::to_string(&entry.side_effects).unwrap_or_else(|_| "[]".to_string());
+    // Only for a context that is still there: an evaluation that ends after
+    // its context was deleted leaves no rows behind.
+    connection.execute(
+        "INSERT OR REPLACE INTO context_history (sandbox_id, context_id, seq, code, side_effects)
+         SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM contexts WHERE sandbox_id = ?1 AND id = ?2)",
+        params![sandbox, context, seq_value(seq), entry.code, effects],
+    )
+}
+
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SandboxRecord>> {
     let raw: Row =
         (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?);
@@ -959,6 +1209,68 @@ mod tests {
         assert_eq!(store.list().unwrap().len(), 1);
         store.delete(first.id).unwrap();
         assert!(store.by_name(&first.name).unwrap().is_none());
+    }
+
+    /// Contexts and their histories survive reopening, follow the caps'
+    /// drops, and go with their context and their sandbox; a version 6 home
+    /// (before contexts were kept) gains the tables.
+    #[test]
+    fn contexts_are_kept_with_their_history_and_go_with_their_sandbox() {
+        use crate::contexts::{ContextOptions, Replayable};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            old.execute_batch("ALTER TABLE sandboxes ADD COLUMN owner TEXT").unwrap();
+            old.execute_batch("PRAGMA user_version = 6").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let sandbox = record("notebook");
+        store.insert(&sandbox).unwrap();
+        let entry = |code: &str| Replayable { code: code.into(), side_effects: Vec::new() };
+        let context = StoredContext {
+            id: "c1".into(),
+            language: airlock_core::Language::Python,
+            options: ContextOptions { replay_on_escalation: false },
+            tier: TierKind::Isolate,
+            truncated: false,
+            history: vec![(0, entry("a = 1"))],
+        };
+        store.insert_context(sandbox.id, &context).unwrap();
+        store.add_context_history(sandbox.id, "c1", 1, &entry("b = 2"), 1, true).unwrap();
+        store.set_context_tier(sandbox.id, "c1", TierKind::Container).unwrap();
+        store
+            .insert_context(sandbox.id, &StoredContext { id: "c2".into(), history: Vec::new(), ..context.clone() })
+            .unwrap();
+        // A context deleted while its evaluation ran leaves no row behind.
+        store.delete_context(sandbox.id, "c2").unwrap();
+        store.add_context_history(sandbox.id, "c2", 0, &entry("late = 1"), 0, false).unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let kept = store.contexts(sandbox.id).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].tier, TierKind::Container);
+        assert!(kept[0].truncated);
+        assert!(!kept[0].options.replay_on_escalation);
+        assert_eq!(kept[0].history, vec![(1, entry("b = 2"))]);
+        let orphans: i64 = store
+            .lock()
+            .query_row("SELECT COUNT(*) FROM context_history WHERE context_id = 'c2'", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(orphans, 0);
+        store.clear_context_history(sandbox.id, "c1").unwrap();
+        assert!(store.contexts(sandbox.id).unwrap()[0].history.is_empty());
+        store.add_context_history(sandbox.id, "c1", 2, &entry("c = 3"), 2, false).unwrap();
+        store.delete(sandbox.id).unwrap();
+        let rows: i64 = store
+            .lock()
+            .query_row("SELECT (SELECT COUNT(*) FROM contexts) + (SELECT COUNT(*) FROM context_history)", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(rows, 0);
     }
 
     #[test]

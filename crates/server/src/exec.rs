@@ -16,7 +16,7 @@ use airlock_core::{
     DisplayOutput, EvalOutcome, EvalResult, ExecOutcome, ExecRequest, Language, OutputChunk, OutputSender,
     OutputStream, SideEffect, StdinSource, Termination, TierKind, Workspace, limits::MAX_DEADLINE,
 };
-use airlock_runtime::{CodeOutcome, ContextInfo, ContextOptions, Placement, RunOutcome, Sandbox};
+use airlock_runtime::{CodeOutcome, ContextFork, ContextInfo, ContextOptions, Placement, RunOutcome, Sandbox};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -666,6 +666,18 @@ pub(crate) async fn create_context(
 
 pub(crate) async fn list_contexts(state: Scope, Path(name): Path<String>) -> Result<Json<Vec<ContextInfo>>, ApiError> {
     Ok(Json(state.sandbox(&name)?.contexts()))
+}
+
+/// `POST /v1/sandboxes/{name}/contexts/{id}/fork`: a new context in the same
+/// sandbox holding the source's variables, functions and imports, made by
+/// replaying its history (the source is unchanged); 201 with the new id and
+/// what the replay did.
+pub(crate) async fn fork_context(
+    state: Scope,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<ContextFork>), ApiError> {
+    let fork = state.sandbox(&name)?.fork_context(&id).await?;
+    Ok((StatusCode::CREATED, Json(fork)))
 }
 
 pub(crate) async fn delete_context(

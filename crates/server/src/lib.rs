@@ -161,6 +161,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/{name}/code", post(exec::code))
         .route("/sandboxes/{name}/contexts", post(exec::create_context).get(exec::list_contexts))
         .route("/sandboxes/{name}/contexts/{id}", axum::routing::delete(exec::delete_context))
+        .route("/sandboxes/{name}/contexts/{id}/fork", post(exec::fork_context))
         .route("/sandboxes/{name}/files", get(files::get_root))
         .route("/sandboxes/{name}/files/{*path}", get(files::get).put(files::put).delete(files::delete))
         .route("/sandboxes/{name}/mkdir", post(files::mkdir))

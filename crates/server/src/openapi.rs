@@ -65,7 +65,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     ),
     paths(
         create_sandbox, list_sandboxes, get_sandbox, delete_sandbox,
-        exec, code, run, create_context, list_contexts, delete_context,
+        exec, code, run, create_context, list_contexts, delete_context, fork_context,
         list_root, get_file, put_file, delete_file, mkdir, rename,
         start_process, list_processes, kill_processes, get_process, kill_process, process_logs,
         write_stdin, close_stdin, signal_process,
@@ -228,6 +228,15 @@ fn list_contexts() {}
     params(("name" = String, Path, description = "The sandbox's name"), ("id" = String, Path, description = "The context's id")),
     responses((status = 204, description = "The context is gone")))]
 fn delete_context() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/contexts/{id}/fork", tag = "execution",
+    params(("name" = String, Path, description = "The sandbox's name"), ("id" = String, Path, description = "The context to fork")),
+    responses(
+        (status = 201, description = "A new context holding the source's variables, functions and imports, made by replaying its history (the source is unchanged)", body = ContextForkDoc),
+        (status = 404, description = "No such sandbox or context", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The sandbox's context limit is reached", body = Problem, content_type = "application/problem+json"),
+    ))]
+fn fork_context() {}
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/files", tag = "files",
     params(
@@ -569,6 +578,43 @@ pub(crate) struct PlacementDoc {
     escalated: Option<JsonObject>,
     /// Set when this evaluation moved its context to the container.
     context_moved: Option<ContextMoveDoc>,
+    /// Set on a context's first evaluation after its sandbox slept or the
+    /// server restarted: the context was rebuilt by replaying its history.
+    context_restored: Option<ContextReplayDoc>,
+}
+
+/// What replaying a context's kept history did: when it was rebuilt after a
+/// sleep or a restart, or forked. Replay runs the code again: side effects
+/// repeat, and time, randomness and the workspace may give other values.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ContextReplay)]
+pub(crate) struct ContextReplayDoc {
+    /// Where the context was rebuilt: `isolate`, or `container` (a new kernel).
+    tier: TierDoc,
+    /// `false` for a context made with `replay_on_escalation: false`: it came back empty.
+    replayed: bool,
+    /// How many earlier evaluations ran again.
+    replayed_evaluations: u64,
+    /// What those evaluations had done the first time, and so did again.
+    repeated_side_effects: Vec<SideEffectDoc>,
+    /// Earlier evaluations past the history's caps were not kept: the state may be partial.
+    history_truncated: bool,
+    /// Replayed evaluations that failed this time, each `#N: what it said`.
+    replay_failures: Vec<String>,
+}
+
+/// A context made by forking another, by replay.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ContextFork)]
+pub(crate) struct ContextForkDoc {
+    /// The new context's id.
+    id: String,
+    /// The context it was forked from (unchanged).
+    source: String,
+    /// `python` or `javascript`.
+    language: String,
+    #[serde(flatten)]
+    replay: ContextReplayDoc,
 }
 
 /// Any JSON object (for documentation only).

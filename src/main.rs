@@ -22,6 +22,7 @@ mod remote;
 mod sandbox_cli;
 mod serve_cli;
 mod setup_progress;
+mod snapshot_cli;
 mod token_cli;
 
 /// The CLI runs one thing at a time: a small pool is quicker to set up.
@@ -65,6 +66,10 @@ enum Command {
     /// Create, list and destroy sandboxes by name (kept in the runtime's home).
     #[command(subcommand)]
     Sandbox(sandbox_cli::SandboxCommand),
+    /// Take, list, inspect, delete, restore and fork sandbox snapshots (files, installed
+    /// packages and configuration; not running processes).
+    #[command(subcommand)]
+    Snapshot(snapshot_cli::SnapshotCommand),
     /// Run a command in a sandbox, on the tier that can run it (created when missing).
     Exec(sandbox_cli::ExecArgs),
     /// Run Python or JavaScript in a sandbox: in an isolate, or in its container when the code needs it.
@@ -203,6 +208,7 @@ fn main() -> ExitCode {
             Command::Repl(args) => repl(args).await,
             Command::Setup(args) => setup(args).await,
             Command::Sandbox(command) => sandbox_cli::sandbox(command).await,
+            Command::Snapshot(command) => snapshot_cli::snapshot(command).await,
             Command::Exec(args) => sandbox_cli::exec(args).await,
             Command::Code(args) => sandbox_cli::code(args).await,
             Command::Files(args) => sandbox_cli::files(args).await,

@@ -375,3 +375,84 @@ async fn contexts_take_replay_on_escalation_and_list_their_tier_and_options() {
     assert_eq!(after.as_array().unwrap().len(), 2, "{after}");
     destroy("rich-contexts").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_evaluation_cannot_run_ends_with_one_error_event() {
+    require_docker();
+    let _cleanup = Cleanup(vec!["rich-no-image".into()]);
+    // A container sandbox whose image does not exist: its code cannot run.
+    create("rich-no-image", json!({ "tier": "container", "image": "airlock-test-no-such-image:0" })).await;
+    let events = stream("rich-no-image", json!({ "language": "python", "code": "print(1)" })).await.all().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].name, "error", "{events:?}");
+    let problem = events[0].json();
+    assert_eq!(problem["status"], 503, "{problem}");
+    assert_eq!(problem["code"], "unavailable", "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("container"), "{problem}");
+    // The JSON answer says the same with its status.
+    let json = post("/sandboxes/rich-no-image/code", json!({ "language": "python", "code": "print(1)" })).await;
+    assert_eq!(json.status(), StatusCode::SERVICE_UNAVAILABLE);
+    destroy("rich-no-image").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_destroyed_mid_stream_still_ends_its_stream_with_one_last_event() {
+    create("rich-destroyed", json!({ "tier": "isolate", "limits": { "deadline": 3000 } })).await;
+    let code = "import time\nprint('started', flush=True)\ntime.sleep(30)\nprint('never')";
+    let mut events = stream("rich-destroyed", json!({ "language": "python", "code": code })).await;
+    let first = events.next().await.unwrap();
+    assert_eq!(first.name, "stdout", "{first:?}");
+    let destroyed_at = Instant::now();
+    // The destroy waits for the running evaluation (at most its deadline).
+    destroy("rich-destroyed").await;
+    let mut rest = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(20), events.next()).await.expect("the stream ends") {
+        rest.push(event);
+    }
+    assert!(destroyed_at.elapsed() < Duration::from_secs(15), "{:?}", destroyed_at.elapsed());
+    let last = rest.last().expect("a last event");
+    assert!(last.name == "result" || last.name == "error", "{rest:?}");
+    assert_eq!(rest.iter().filter(|e| e.name == "result" || e.name == "error").count(), 1, "{rest:?}");
+    if last.name == "result" {
+        assert_eq!(last.json()["result"]["kind"], "limit-exceeded", "{rest:?}");
+    }
+    let output: Vec<u8> = rest.iter().filter(|e| e.name == "stdout").flat_map(Sse::bytes).collect();
+    assert!(!String::from_utf8_lossy(&output).contains("never"), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evaluation_that_moves_a_context_says_so_in_its_placement() {
+    require_docker();
+    let _cleanup = Cleanup(vec!["rich-move".into()]);
+    create("rich-move", json!({})).await;
+    let replaying = context("rich-move", json!({ "language": "python" })).await;
+    let fresh = context("rich-move", json!({ "language": "python", "replay_on_escalation": false })).await;
+    let escalate = "import subprocess\nsubprocess.run(['true'])\n'x' in globals()";
+    for id in [&replaying, &fresh] {
+        let set = post_json("/sandboxes/rich-move/code", json!({ "context": id, "code": "x = 41" })).await;
+        assert_eq!(set["placement"]["tier"], "isolate", "{set}");
+        assert!(set["placement"].get("context_moved").is_none(), "only a move says it moved: {set}");
+    }
+
+    let moved = post_json("/sandboxes/rich-move/code", json!({ "context": replaying, "code": escalate })).await;
+    assert_eq!(moved["placement"]["tier"], "container", "{moved}");
+    let context_moved = &moved["placement"]["context_moved"];
+    assert_eq!(context_moved["replayed"], true, "{moved}");
+    assert_eq!(context_moved["replayed_evaluations"], 1, "{moved}");
+    assert_eq!(moved["result"]["value"]["text"], "True", "{moved}");
+    let next = post_json("/sandboxes/rich-move/code", json!({ "context": replaying, "code": "x + 1" })).await;
+    assert_eq!(next["result"]["value"]["text"], "42", "{next}");
+    assert!(next["placement"].get("context_moved").is_none(), "{next}");
+
+    // As an event stream, the move is in the result event.
+    let events = stream("rich-move", json!({ "context": fresh, "code": escalate })).await.all().await;
+    let (_, _, result) = output_displays_result(&events);
+    assert_eq!(result["placement"]["context_moved"]["replayed"], false, "{result}");
+    assert_eq!(result["result"]["value"]["text"], "False", "the fresh context lost x: {result}");
+
+    let listed: Value = request(Method::GET, "/sandboxes/rich-move/contexts").send().await.unwrap().json().await.unwrap();
+    for context in listed.as_array().unwrap() {
+        assert_eq!(context["tier"], "container", "{listed}");
+    }
+    destroy("rich-move").await;
+}

@@ -24,9 +24,10 @@ use crate::runtime::lock;
 /// the oldest are dropped and the replay says the state may be partial. The
 /// same cap bounds the rows a context holds in the registry.
 pub const MAX_REPLAY_EVALUATIONS: usize = 1_000;
-/// Most bytes of code a context keeps to replay (all kept evaluations
-/// together); protects the host's memory, and the registry on disk, from a
-/// context fed megabytes of code.
+/// Most bytes a context keeps to replay: its kept evaluations' code and the
+/// side effects recorded with them (paths, URLs), all together; protects the
+/// host's memory, and the registry on disk, from a context fed megabytes of
+/// code or naming long paths.
 pub const MAX_REPLAY_BYTES: usize = 4 * 1024 * 1024;
 
 /// How a context behaves, chosen when it is made.
@@ -164,6 +165,23 @@ pub(crate) struct Replayable {
     pub side_effects: Vec<SideEffect>,
 }
 
+impl Replayable {
+    /// What it counts against [`MAX_REPLAY_BYTES`]: its code and the text of
+    /// its side effects.
+    fn weight(&self) -> usize {
+        let effects: usize = self
+            .side_effects
+            .iter()
+            .map(|effect| match effect {
+                SideEffect::File { operation, path } => operation.len() + path.len(),
+                SideEffect::Request { method, url } => method.len() + url.len(),
+                _ => 0,
+            })
+            .sum();
+        self.code.len() + effects
+    }
+}
+
 /// The code a context ran successfully, oldest first, within the caps. Each
 /// entry has a sequence number, its key in the registry.
 #[derive(Debug, Default)]
@@ -192,7 +210,7 @@ pub(crate) enum Noted {
 impl History {
     /// A history as the registry kept it.
     pub fn restored(entries: Vec<(u64, Replayable)>, truncated: bool) -> Self {
-        let bytes = entries.iter().map(|(_, entry)| entry.code.len()).sum();
+        let bytes = entries.iter().map(|(_, entry)| entry.weight()).sum();
         let next_seq = entries.last().map_or(0, |(seq, _)| seq + 1);
         Self { entries: entries.into(), bytes, next_seq, truncated }
     }
@@ -214,12 +232,12 @@ impl History {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries
-            .push_back((seq, Replayable { code: code.to_string(), side_effects: outcome.side_effects.clone() }));
-        self.bytes += code.len();
+        let entry = Replayable { code: code.to_string(), side_effects: outcome.side_effects.clone() };
+        self.bytes += entry.weight();
+        self.entries.push_back((seq, entry));
         while self.entries.len() > MAX_REPLAY_EVALUATIONS || self.bytes > MAX_REPLAY_BYTES {
             match self.entries.pop_front() {
-                Some((_, dropped)) => self.bytes -= dropped.code.len(),
+                Some((_, dropped)) => self.bytes -= dropped.weight(),
                 None => break,
             }
             self.truncated = true;
@@ -389,6 +407,17 @@ mod tests {
         history.note(&big, &outcome(EvalResult::Ok { value: None }));
         history.note(&big, &outcome(EvalResult::Ok { value: None }));
         assert_eq!(history.len(), 1);
+        assert!(history.truncated);
+        // Side effects count too: short code naming long paths is capped alike.
+        let mut history = History::default();
+        let mut naming = outcome(EvalResult::Ok { value: None });
+        let path = "p".repeat(64 * 1024);
+        naming.side_effects =
+            (0..64).map(|_| SideEffect::File { operation: "write".into(), path: path.clone() }).collect();
+        for _ in 0..4 {
+            history.note("w()", &naming);
+        }
+        assert!(history.bytes <= MAX_REPLAY_BYTES, "{} bytes kept", history.bytes);
         assert!(history.truncated);
     }
 }

@@ -479,3 +479,39 @@ async fn contexts_come_back_after_the_server_is_killed_with_sigkill() {
         post(&client, &server, &token, "/sandboxes/killed/contexts/nope/fork", serde_json::json!(null)).await;
     assert_eq!(status, 404);
 }
+
+/// Races: evaluations sent at once to a context that slept rebuild it once
+/// (one answer reports the restore, none is lost), and forks taken while the
+/// source is evaluating copy it between two evaluations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_evaluations_rebuild_a_slept_context_once() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = open(home.path()).await;
+    let sandbox = runtime.sandbox("racing").await.unwrap();
+    let context = sandbox.create_context(Language::Python).await.unwrap();
+    sandbox.code_in(&context, "total = 0").await.unwrap();
+    sandbox.sleep().await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (sandbox, context) = (sandbox.clone(), context.clone());
+        tasks.push(tokio::spawn(async move { sandbox.code_in(&context, "total += 1").await.unwrap() }));
+    }
+    let forker = {
+        let (sandbox, context) = (sandbox.clone(), context.clone());
+        tokio::spawn(async move { sandbox.fork_context(&context).await.unwrap() })
+    };
+    let mut restores = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert!(answer.outcome.is_ok(), "{:?}", answer.outcome.result);
+        restores += usize::from(answer.placement.context_restored.is_some());
+    }
+    assert_eq!(restores, 1, "the context was rebuilt more than once, or never");
+    assert_eq!(value_text(&sandbox.code_in(&context, "total").await.unwrap().outcome), "6");
+    let fork = forker.await.unwrap();
+    let forked: u64 = value_text(&sandbox.code_in(&fork.id, "total").await.unwrap().outcome).parse().unwrap();
+    assert!(forked <= 6, "the fork saw {forked}");
+    // The fork's count is its own from then on.
+    sandbox.code_in(&fork.id, "total = 100").await.unwrap();
+    assert_eq!(value_text(&sandbox.code_in(&context, "total").await.unwrap().outcome), "6");
+}

@@ -23,9 +23,13 @@ struct Server {
 }
 
 async fn serve(home: &Path) -> Server {
+    serve_with(home, QuotaMode::Required).await
+}
+
+async fn serve_with(home: &Path, quotas: QuotaMode) -> Server {
     let mut options = RuntimeOptions::new(home);
     options.isolates.cache_dir = Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache"));
-    options.disk = DiskOptions { quotas: QuotaMode::Required, image_bytes: Some(1024 * 1024 * 1024) };
+    options.disk = DiskOptions { quotas, image_bytes: Some(1024 * 1024 * 1024) };
     let runtime = Runtime::open(options).await.expect("opening the runtime with its btrfs home");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -154,4 +158,21 @@ async fn a_tenant_snapshots_restores_and_forks_and_another_tenant_sees_none_of_i
     for name in ["http-snap", "http-fork-a", "http-fork-b"] {
         server.runtime.destroy(name).await.unwrap();
     }
+}
+
+/// A home without the btrfs disk: taking a snapshot is `503` saying why, with no host path in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_btrfs_disk_a_snapshot_is_503() {
+    let home = tempfile::tempdir().unwrap();
+    let server = serve_with(home.path(), QuotaMode::Off).await;
+    let alice = server.runtime.tokens().create("alice", false).unwrap().secret().to_string();
+    let (status, made) = server.call(&alice, Method::POST, "/sandboxes", Some(json!({ "name": "plain" }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let (status, answer) = server.call(&alice, Method::POST, "/sandboxes/plain/snapshots", Some(json!({}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let detail = answer["detail"].as_str().unwrap();
+    assert!(detail.contains("btrfs disk"), "{answer}");
+    assert!(!detail.contains(home.path().to_str().unwrap()), "a host path in {answer}");
+    let (status, listed) = server.call(&alice, Method::GET, "/snapshots", None).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([])));
 }

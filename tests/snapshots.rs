@@ -292,3 +292,20 @@ async fn retention_deletes_the_oldest_and_delete_removes_a_snapshot() {
     assert_eq!(runtime.snapshots(Some("kept")).unwrap().len(), 1);
     assert!(matches!(runtime.delete_snapshot("snap-../../etc").await, Err(Error::NoSuchSnapshot(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_btrfs_disk_a_snapshot_is_refused_clearly_and_leaves_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let mut options = RuntimeOptions::new(home.path());
+    options.isolates.cache_dir = Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-cache"));
+    options.disk = DiskOptions { quotas: QuotaMode::Off, image_bytes: None };
+    let runtime = Runtime::open(options).await.unwrap();
+    let sandbox = runtime.sandbox("plain").await.unwrap();
+    sandbox.write_file("a.txt", b"a").await.unwrap();
+    let refused = sandbox.snapshot(None).await.unwrap_err();
+    assert!(matches!(refused, Error::SnapshotsUnavailable(_)), "{refused}");
+    assert!(refused.to_string().contains("btrfs disk"), "{refused}");
+    assert!(sandbox.snapshots().unwrap().is_empty());
+    assert!(!home.path().join("sandboxes/.snapshots").exists());
+    assert_eq!(sandbox.read_file("a.txt").await.unwrap(), b"a");
+}

@@ -275,8 +275,8 @@ impl HomeDisk {
     fn snapshot_root(&self) -> Result<(&Mounted, BorrowedFd<'_>)> {
         match &self.mounted {
             Some(mounted @ Mounted { root: Some(root), .. }) => Ok((mounted, root.as_fd())),
-            _ => Err(Error::Disk(format!(
-                "snapshots need the home's btrfs disk, and it is not set up ({})",
+            _ => Err(Error::SnapshotsUnavailable(format!(
+                "they need the home's btrfs disk (as disk quotas do), and it is not set up ({})",
                 match &self.status {
                     DiskStatus::NotEnforced { reason } => reason.as_str(),
                     DiskStatus::Enforced { .. } => "closed",

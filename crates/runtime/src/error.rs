@@ -83,6 +83,10 @@ pub enum Error {
     /// No snapshot has this id (or the caller may not see it).
     #[error("no snapshot {0}")]
     NoSuchSnapshot(String),
+    /// Snapshots cannot be taken or used in this runtime (its home's
+    /// sandboxes are not on the btrfs disk); the reason may name host paths.
+    #[error("snapshots are not available: {0}")]
+    SnapshotsUnavailable(String),
     /// A snapshot failed its verification: nothing was restored or forked.
     #[error("snapshot {id} is damaged and was not used: {reason}")]
     SnapshotDamaged { id: String, reason: String },

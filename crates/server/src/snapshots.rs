@@ -5,7 +5,7 @@
 //! with the snapshot, kept after its sandbox is destroyed); another tenant's
 //! is answered exactly as one that does not exist. Forks belong to the
 //! caller. A damaged snapshot is `409` with the file it found changed or
-//! missing, and nothing is changed.
+//! missing, and nothing is changed. A home without the btrfs disk is `503`.
 
 use airlock_runtime::{Error, SandboxInfo, SnapshotInfo};
 use axum::extract::Path;
@@ -51,6 +51,12 @@ fn answer(error: Error) -> ApiError {
     match error {
         Error::NoSuchSnapshot(id) => ApiError::not_found(format!("no snapshot {id}")),
         Error::SnapshotDamaged { .. } => ApiError::new(StatusCode::CONFLICT, Code::Conflict, error.to_string()),
+        // Its reason names host paths: the answer says what, not why.
+        Error::SnapshotsUnavailable(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            "snapshots need the home's btrfs disk (the one disk quotas use), and this server's home does not have it",
+        ),
         other => other.into(),
     }
 }

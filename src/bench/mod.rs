@@ -10,6 +10,7 @@ mod http;
 mod kernel;
 mod pip;
 mod report;
+mod snapshot;
 mod stats;
 mod suite;
 mod svg;

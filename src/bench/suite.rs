@@ -121,6 +121,12 @@ pub const CASES: &[Case] = &[
         false,
         "a pandas groupby on a 100000-row CSV in a container kernel, paired with plain `docker exec`",
     ),
+    case(
+        "snapshot",
+        "snapshot",
+        false,
+        "a sandbox with 3000 files (30 MiB) and a pip install in its container layer: snapshot, restore and a fork of 4, paired with setting the same state up from scratch (1 and 4 sandboxes)",
+    ),
     case("workload-primes", "workload", false, "count primes below 10000 by trial division"),
     case("workload-fft", "workload", false, "a 1024-point radix-2 FFT, find the peak"),
     case("workload-json", "workload", true, "serialise and parse 2000 records"),
@@ -152,7 +158,7 @@ pub const CASES: &[Case] = &[
 
 /// Whether a case makes containers (the run prepares the container tier first).
 pub fn needs_container(case: &Case) -> bool {
-    ["runc-", "runsc-", "tti-", "workload-", "escalation-", "peer-docker-", "egress-", "pip-", "density-containers", "kernel-"].iter().any(|p| case.name.starts_with(p))
+    ["runc-", "runsc-", "tti-", "workload-", "escalation-", "peer-docker-", "egress-", "pip-", "density-containers", "kernel-", "snapshot"].iter().any(|p| case.name.starts_with(p))
 }
 
 /// The published TTI medians the report prints beside Airlock's, in seconds
@@ -447,7 +453,7 @@ impl Suite {
     }
 
     /// A sandbox name no other case uses in this run.
-    fn fresh_name(&mut self) -> String {
+    pub(super) fn fresh_name(&mut self) -> String {
         self.next_name += 1;
         format!("bench-{}-{}", std::process::id(), self.next_name)
     }
@@ -477,6 +483,7 @@ impl Suite {
             "kernel-eval" => self.kernel_eval(case).await,
             "kernel-escalation-replay" => self.kernel_escalation(case).await,
             "kernel-pandas" => self.kernel_pandas(case).await,
+            "snapshot" => self.snapshots(case).await,
             name if name.starts_with("workload-") => self.workload(case).await,
             "egress-latency" | "egress-download" => self.egress(case).await,
             "pip-install" => self.pip_install(case).await,

@@ -162,3 +162,24 @@ fn files_summaries_and_live_output_through_the_server() {
     a_summary_line_per_display_without_out_dir(&served.home, "rich-summary");
     output_is_printed_as_it_is_written(&served.home, "rich-live");
 }
+
+/// Each `airlock code` is a process of its own that attaches to the same
+/// container's agent and starts a kernel there, while kernels of earlier
+/// processes may still run. Every one must start its own kernel and answer:
+/// run ids that restarted at 1 in every process made about half of these
+/// fail ("the kernel exited with code 0 while starting"), as the agent
+/// handed the new kernel's id to an old one.
+#[test]
+fn kernels_of_successive_cli_processes_in_one_container_do_not_collide() {
+    let (home, _one_at_a_time) = local_home();
+    let sandbox = "cli-kernels-successive";
+    let _ = airlock(&home, &["sandbox", "rm", sandbox]);
+    succeeded(&airlock(&home, &["sandbox", "create", sandbox, "--tier", "container"]));
+    for round in 0..8 {
+        let (lang, code, expected) =
+            if round % 2 == 0 { ("python", "print(6 * 7)", "42") } else { ("js", "console.log(6 * 7)", "42") };
+        let output = airlock(&home, &["code", sandbox, "--lang", lang, "-c", code]);
+        assert_eq!(succeeded(&output).trim(), expected, "round {round} ({lang}): {}", text(&output.stderr));
+    }
+    succeeded(&airlock(&home, &["sandbox", "rm", sandbox]));
+}

@@ -214,6 +214,13 @@ fn spawn_command(run: u32, spawn: Spawn, replies: &Replies, state: &State) -> Re
     if spawn.argv.is_empty() {
         return Err(Reply::SpawnFailed { code: 126, message: "no program".into() });
     }
+    // Every attached host shares this stdin: a run id still in use is
+    // another command's, which a new spawn must not take over.
+    let in_use = state.trees.lock().map_or(true, |trees| trees.contains_key(&run))
+        || state.inputs.lock().map_or(true, |inputs| inputs.contains_key(&run));
+    if in_use {
+        return Err(Reply::SpawnFailed { code: 126, message: format!("run id {run} is in use by another command") });
+    }
     let identity = shepherd::resolve(&spawn.user).map_err(|message| Reply::SpawnFailed { code: 126, message })?;
     let own_uid = rustix::process::geteuid();
     if !own_uid.is_root() && identity.uid != own_uid.as_raw() {

@@ -160,6 +160,17 @@ pub async fn settle_agent_links(within: Duration) -> bool {
     tokio::time::timeout(within, futures_util::future::join_all(pings)).await.is_ok()
 }
 
+/// Where a link's run ids start: at random. Every process that attaches to a
+/// container (each CLI command, a server, a test) shares the agent's one
+/// stdin, and the agent keys commands by run id alone; numbering each link
+/// from 1 made a new process's kernel take the id of a kernel an earlier
+/// process left running, and the agent replaced it (closing the old one's
+/// stdin, which then exited and its end reached the new process). The agent
+/// also refuses an id in use, so a collision is an error, never a takeover.
+fn first_run_id() -> u32 {
+    (uuid::Uuid::new_v4().as_u128() as u32).max(1)
+}
+
 /// One attached stream to a container's agent, shared by every command.
 pub(crate) struct AgentLink {
     /// Ordinary frames, written in order by the writer task.
@@ -260,7 +271,8 @@ impl AgentLink {
         let (requests, queued) = mpsc::channel(REQUEST_QUEUE);
         let (kills, queued_kills) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_requests(attached.input, queued, queued_kills));
-        let link = Arc::new(Self { requests, kills, runs, next_run: AtomicU32::new(1), closed, reader, writer });
+        let link =
+            Arc::new(Self { requests, kills, runs, next_run: AtomicU32::new(first_run_id()), closed, reader, writer });
         let mut handshake = link.open_run();
         handshake.send(&Request::Ping).await?;
         match tokio::time::timeout(AGENT_HANDSHAKE_TIMEOUT, handshake.recv()).await {
@@ -291,7 +303,10 @@ impl AgentLink {
     /// A new run: replies for it arrive on its receiver until it is dropped
     /// or the link ends.
     pub fn open_run(self: &Arc<Self>) -> Run {
-        let id = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let mut id = self.next_run.fetch_add(1, Ordering::Relaxed);
+        if id == 0 {
+            id = self.next_run.fetch_add(1, Ordering::Relaxed);
+        }
         let (sender, replies) = mpsc::channel(RUN_REPLY_BUFFER);
         if let Ok(mut runs) = self.runs.lock() {
             // A closed link drops the sender here, so the run sees its end at once.

@@ -62,6 +62,8 @@ pub const MARK_PREFIX: &str = "\x1eairlock:";
 /// `start_kernel` (and the restart before an evaluation) on a slow or
 /// overloaded sandbox.
 pub const KERNEL_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Kernel::stop`] waits for the agent to confirm the kill.
+pub const KERNEL_STOP_WAIT: Duration = Duration::from_secs(5);
 /// Largest frame the host reads from a kernel, in bytes; a longer one is
 /// dropped. Bounds host memory per kernel pipe while a frame arrives; room
 /// for one display bundle of the per-evaluation display budget, escaped.
@@ -203,6 +205,27 @@ impl Kernel {
     /// `None` while no kernel process runs (it died, and the next evaluation starts one).
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// Ends the kernel's process tree and waits (at most [`KERNEL_STOP_WAIT`])
+    /// until the agent has done it. Dropping a kernel also ends it, but only
+    /// queues the kill: a process that exits right after (each CLI command)
+    /// would leave its kernel running in the container.
+    pub async fn stop(mut self) {
+        let State::Idle { stop, task } = std::mem::replace(&mut self.state, State::Dead) else { return };
+        let _ = stop.send(());
+        let Ok(Reclaimed { mut pipes, ended, .. }) = task.await else { return };
+        if ended.is_some() || pipes.run.kill_tree().await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(KERNEL_STOP_WAIT, async {
+            while let Some(reply) = pipes.run.recv().await {
+                if matches!(reply, Reply::Signalled { .. } | Reply::Exited { .. }) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     /// How many times the kernel was started again after dying or hitting a limit.

@@ -47,7 +47,7 @@ pub use image::{
     RECIPE_LABEL, SANDBOX_UID, SANDBOX_USER, build_log_path, build_stages, ensure_base_image, ensure_base_image_with,
     image_exists,
 };
-pub use kernel::{IDLE_OUTPUT_BYTES, KERNEL_START_TIMEOUT, Kernel, MARK_PREFIX, MAX_CODE_BYTES, MAX_FRAME_BYTES};
+pub use kernel::{IDLE_OUTPUT_BYTES, KERNEL_START_TIMEOUT, KERNEL_STOP_WAIT, Kernel, MARK_PREFIX, MAX_CODE_BYTES, MAX_FRAME_BYTES};
 pub use layer::{LAYER_LABEL, LAYER_UNMOUNT_WAIT};
 pub use process::{PROCESS_LOG_BYTES, ProcessEvent, ProcessFollower, ProcessInfo, ProcessStatus};
 pub use pty::{PtySession, PtySize};

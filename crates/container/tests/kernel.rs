@@ -589,3 +589,24 @@ async fn output_written_between_evaluations_goes_to_the_next_and_never_stalls_th
     assert!(after.stdout.len() <= airlock_container::IDLE_OUTPUT_BYTES + 65536, "{} bytes", after.stdout.len());
     assert!(after.stdout_truncated, "what was dropped is flagged");
 }
+
+/// `stop` ends the kernel's whole tree before it returns (a child it started
+/// included), so a process that exits right after leaves nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_the_kernel_and_its_children_before_returning() {
+    let sandbox = TestSandbox::new().await;
+    for language in [Language::Python, Language::JavaScript] {
+        let mut kernel = sandbox.kernel(language).await;
+        let pid = kernel.pid().unwrap();
+        let code = match language {
+            Language::Python => "import subprocess\nsubprocess.Popen(['sleep', '600']).pid",
+            _ => "require('child_process').spawn('sleep', ['600']).pid",
+        };
+        let child: u32 = sandbox.value(&mut kernel, code).await.parse().unwrap();
+        assert!(process_exists(&sandbox.sandbox, pid).await && process_exists(&sandbox.sandbox, child).await);
+        kernel.stop().await;
+        // Gone now, not later: no waiting here.
+        assert!(!process_exists(&sandbox.sandbox, pid).await, "{language:?} kernel {pid} still runs");
+        assert!(!process_exists(&sandbox.sandbox, child).await, "{language:?} kernel's child {child} still runs");
+    }
+}

@@ -127,17 +127,17 @@ impl Sandbox {
         // first, by replaying its history where it lived.
         let restored = if matches!(*home, Home::Dormant) {
             let tier = lock(&handle.counts).tier;
-            let (entries, truncated) = {
-                let history = lock(&handle.history);
-                (history.entries().cloned().collect::<Vec<_>>(), history.truncated)
-            };
+            let (numbered, truncated) = self.kept_history(id, &handle, &home)?;
+            let entries: Vec<Replayable> = numbered.iter().map(|(_, entry)| entry.clone()).collect();
             let replay = handle.options.replay_on_escalation;
             let (live, isolate, report) = self.replay_into(handle.language, tier, &entries, truncated, replay).await?;
-            if !replay {
+            *lock(&handle.history) = if replay {
+                History::restored(numbered, truncated)
+            } else {
                 // It came back empty: its history no longer describes it.
-                lock(&handle.history).clear();
                 self.runtime.inner.store.clear_context_history(self.inner.id, id)?;
-            }
+                History::default()
+            };
             *lock(&handle.isolate) = isolate;
             *home = live;
             Some(report)
@@ -239,6 +239,16 @@ impl Sandbox {
         placement.escalated = Some(reason);
         placement.context_moved = Some(moved);
         Ok(CodeOutcome { outcome: escalated, placement })
+    }
+
+    /// A context's history, numbered, and whether it was cut: from memory
+    /// while it is live, from the registry while it is dormant.
+    fn kept_history(&self, id: &str, handle: &ContextHandle, home: &Home) -> Result<(Vec<(u64, Replayable)>, bool)> {
+        if matches!(home, Home::Dormant) {
+            return self.runtime.inner.store.context_history(self.inner.id, id);
+        }
+        let history = lock(&handle.history);
+        Ok((history.numbered().cloned().collect(), history.truncated))
     }
 
     /// Keeps a successful evaluation in the context's history, and in the
@@ -384,9 +394,9 @@ impl Sandbox {
         let slot = ContextSlot::take(&self.inner)?;
         // Between two evaluations of the source.
         let (numbered, truncated, tier) = {
-            let _between = handle.home.lock().await;
-            let history = lock(&handle.history);
-            (history.numbered().cloned().collect::<Vec<_>>(), history.truncated, lock(&handle.counts).tier)
+            let home = handle.home.lock().await;
+            let (numbered, truncated) = self.kept_history(id, &handle, &home)?;
+            (numbered, truncated, lock(&handle.counts).tier)
         };
         let entries: Vec<Replayable> = numbered.iter().map(|(_, entry)| entry.clone()).collect();
         let (home, isolate, replay) = self.replay_into(handle.language, tier, &entries, truncated, true).await?;

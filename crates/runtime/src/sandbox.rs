@@ -157,7 +157,8 @@ impl SandboxInner {
     }
 
     /// Takes in the contexts the registry kept for this sandbox (when it is
-    /// loaded): each dormant until its next evaluation. A stored
+    /// loaded): each dormant until its next evaluation, its history left in
+    /// the registry until then. A stored
     /// context the table cannot hold any more (a changed limit) stays stored.
     pub(crate) fn adopt_stored_contexts(&self, stored: Vec<crate::store::StoredContext>) {
         let mut contexts = lock(&self.contexts);
@@ -166,9 +167,14 @@ impl SandboxInner {
                 tracing::warn!(sandbox = %self.name, context = %context.id, "a stored context is past max_contexts; not loaded");
                 continue;
             }
-            let history = History::restored(context.history, context.truncated);
-            let handle =
-                ContextHandle::new(context.language, context.options, context.tier, Home::Dormant, None, history);
+            let handle = ContextHandle::new(
+                context.language,
+                context.options,
+                context.tier,
+                Home::Dormant,
+                None,
+                History::default(),
+            );
             contexts.insert(context.id, handle);
         }
     }
@@ -887,10 +893,12 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Lets go of every context's live state (isolate instances, kernels)
-    /// and keeps the contexts: each is dormant until its next evaluation
-    /// rebuilds it from its history (kept in the registry). Called with the
-    /// lifecycle lock held alone, so no evaluation holds a context's home.
+    /// Lets go of every context's live state (isolate instances, kernels, the
+    /// history in memory) and keeps the contexts: each is dormant until its
+    /// next evaluation rebuilds it from its history in the registry, so a
+    /// sleeping sandbox holds next to no host memory for its contexts.
+    /// Called with the lifecycle lock held alone, so no evaluation holds a
+    /// context's home.
     async fn suspend_contexts(&self) {
         let contexts: Vec<Arc<ContextHandle>> = lock(&self.inner.contexts).values().cloned().collect();
         for handle in contexts {
@@ -901,6 +909,7 @@ impl Sandbox {
             // A kernel is dropped here (its process tree killed, if the
             // container still ran it).
             *home = Home::Dormant;
+            *lock(&handle.history) = History::default();
         }
     }
 

@@ -595,7 +595,9 @@ impl Store {
         Ok(())
     }
 
-    /// The contexts of sandbox `sandbox`, oldest first, with their histories.
+    /// The contexts of sandbox `sandbox`, oldest first, without their
+    /// histories (read with [`context_history`](Self::context_history) when
+    /// one is rebuilt: a sleeping context holds no history in memory).
     pub(crate) fn contexts(&self, sandbox: SandboxId) -> Result<Vec<StoredContext>> {
         let sandbox = sandbox.to_string();
         let connection = self.lock();
@@ -617,37 +619,52 @@ impl Store {
             })
             .map_err(self.err())?;
         let rows = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(self.err())?;
-        let mut history = connection
+        let mut contexts = Vec::with_capacity(rows.len());
+        for (id, language, options, tier, truncated) in rows {
+            let language = language.parse().map_err(|e| bad_context("language", &id, format!("{e}")))?;
+            let options = serde_json::from_str(&options).map_err(|e| bad_context("options", &id, e.to_string()))?;
+            let tier = if tier == "container" { TierKind::Container } else { TierKind::Isolate };
+            contexts.push(StoredContext { id, language, options, tier, truncated, history: Vec::new() });
+        }
+        Ok(contexts)
+    }
+
+    /// A context's kept history, oldest first, and whether its caps dropped
+    /// earlier entries.
+    pub(crate) fn context_history(
+        &self,
+        sandbox: SandboxId,
+        context: &str,
+    ) -> Result<(Vec<(u64, crate::contexts::Replayable)>, bool)> {
+        let sandbox = sandbox.to_string();
+        let connection = self.lock();
+        let truncated: bool = connection
+            .prepare_cached("SELECT truncated FROM contexts WHERE sandbox_id = ?1 AND id = ?2")
+            .map_err(self.err())?
+            .query_row(params![sandbox, context], |row| row.get(0))
+            .optional()
+            .map_err(self.err())?
+            .unwrap_or(false);
+        let mut statement = connection
             .prepare_cached(
                 "SELECT seq, code, side_effects FROM context_history WHERE sandbox_id = ?1 AND context_id = ?2
                  ORDER BY seq",
             )
             .map_err(self.err())?;
-        let bad = |what: &str, id: &str, reason: String| Error::Invalid {
-            what: "registry row",
-            reason: format!("{what} of context {id}: {reason}"),
-        };
-        let mut contexts = Vec::with_capacity(rows.len());
-        for (id, language, options, tier, truncated) in rows {
-            let language = language.parse().map_err(|e| bad("language", &id, format!("{e}")))?;
-            let options = serde_json::from_str(&options).map_err(|e| bad("options", &id, e.to_string()))?;
-            let tier = if tier == "container" { TierKind::Container } else { TierKind::Isolate };
-            let entries = history
-                .query_map(params![sandbox, id], |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
-                })
-                .map_err(self.err())?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(self.err())?;
-            let mut kept = Vec::with_capacity(entries.len());
-            for (seq, code, effects) in entries {
-                let side_effects =
-                    serde_json::from_str(&effects).map_err(|e| bad("side effects", &id, e.to_string()))?;
-                kept.push((u64::try_from(seq).unwrap_or(0), crate::contexts::Replayable { code, side_effects }));
-            }
-            contexts.push(StoredContext { id, language, options, tier, truncated, history: kept });
+        let entries = statement
+            .query_map(params![sandbox, context], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+            })
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())?;
+        let mut kept = Vec::with_capacity(entries.len());
+        for (seq, code, effects) in entries {
+            let side_effects =
+                serde_json::from_str(&effects).map_err(|e| bad_context("side effects", context, e.to_string()))?;
+            kept.push((u64::try_from(seq).unwrap_or(0), crate::contexts::Replayable { code, side_effects }));
         }
-        Ok(contexts)
+        Ok((kept, truncated))
     }
 
     /// Records `port` of sandbox `id` as exposed, with the SHA-256 of its
@@ -1103,6 +1120,10 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String> {
 
 type Row = (String, String, i64, String, String, Option<String>, Option<String>, Option<String>);
 
+fn bad_context(what: &str, id: &str, reason: String) -> Error {
+    Error::Invalid { what: "registry row", reason: format!("{what} of context {id}: {reason}") }
+}
+
 fn insert_history(
     connection: &Connection,
     sandbox: &str,
@@ -1254,14 +1275,15 @@ mod tests {
         assert_eq!(kept[0].tier, TierKind::Container);
         assert!(kept[0].truncated);
         assert!(!kept[0].options.replay_on_escalation);
-        assert_eq!(kept[0].history, vec![(1, entry("b = 2"))]);
+        assert!(kept[0].history.is_empty(), "histories are read when a context is rebuilt");
+        assert_eq!(store.context_history(sandbox.id, "c1").unwrap(), (vec![(1, entry("b = 2"))], true));
         let orphans: i64 = store
             .lock()
             .query_row("SELECT COUNT(*) FROM context_history WHERE context_id = 'c2'", [], |row| row.get(0))
             .unwrap();
         assert_eq!(orphans, 0);
         store.clear_context_history(sandbox.id, "c1").unwrap();
-        assert!(store.contexts(sandbox.id).unwrap()[0].history.is_empty());
+        assert_eq!(store.context_history(sandbox.id, "c1").unwrap(), (Vec::new(), false));
         store.add_context_history(sandbox.id, "c1", 2, &entry("c = 3"), 2, false).unwrap();
         store.delete(sandbox.id).unwrap();
         let rows: i64 = store

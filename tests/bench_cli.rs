@@ -263,3 +263,96 @@ fn egress_pip_and_density_cases_pair_measure_and_clean_up() {
         assert_eq!(svg.matches("<rect").count(), bars, "{group}.svg: a rect per bar: {svg}");
     }
 }
+
+/// A user's workload file: a Python snippet timed on both tiers, a command
+/// in the container, a snippet the isolate cannot run (skipped with the
+/// reason, not failed), and a wrong `expect` that fails the run. Then
+/// `bench compare` of two runs: matched by name, with a verdict.
+#[test]
+fn a_workload_file_runs_on_both_tiers_and_two_runs_compare() {
+    let home = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let workload = out.path().join("work.toml");
+    std::fs::write(
+        &workload,
+        r#"
+[defaults]
+warmup = 1
+repetitions = 5
+
+[[task]]
+name = "squares"
+language = "python"
+code = "print(sum(i * i for i in range(1000)))"
+expect = "332833500"
+
+[[task]]
+name = "lines"
+command = ["bash", "-c", "seq 7 | wc -l"]
+expect = "7"
+
+[[task]]
+name = "shell-out"
+language = "python"
+code = "import subprocess\nprint(subprocess.run(['echo', 'hi'], capture_output=True, text=True).stdout.strip())"
+expect = "hi"
+"#,
+    )
+    .unwrap();
+    let run = |json: &std::path::Path| {
+        airlock()
+            .args(["bench", "--workload"])
+            .arg(&workload)
+            .arg("--json")
+            .arg(json)
+            .arg("--home")
+            .arg(home.path())
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (out.path().join("a.json"), out.path().join("b.json"));
+    for path in [&a, &b] {
+        let output = run(path);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}\n{}", String::from_utf8_lossy(&output.stdout));
+    }
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&a).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let by_name = |name: &str| results.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name}: {report}"));
+    for (name, tier) in [("squares-isolate", "isolate"), ("squares-container", "container/runc"), ("lines-container", "container/runc")] {
+        let result = by_name(name);
+        assert_eq!(result["status"], "ok", "{result}");
+        assert_eq!(result["tier"], tier, "{result}");
+        assert_eq!(result["samples_ms"].as_array().unwrap().len(), 5, "{result}");
+        assert_eq!(result["stats"]["samples"], 5, "{result}");
+        assert_eq!(result["group"], "user", "{result}");
+    }
+    let skipped = by_name("shell-out-isolate");
+    assert_eq!(skipped["status"], "skipped", "{skipped}");
+    assert!(skipped["reason"].as_str().unwrap().contains("cannot run it"), "{skipped}");
+    assert_eq!(by_name("shell-out-container")["status"], "ok");
+    assert_eq!(results.len(), 5, "only the file's tasks run: {report}");
+
+    let compare = airlock().args(["bench", "compare"]).arg(&a).arg(&b).output().unwrap();
+    let table = String::from_utf8_lossy(&compare.stdout);
+    assert!(compare.status.success(), "{table}\n{}", String::from_utf8_lossy(&compare.stderr));
+    for name in ["squares-isolate", "squares-container", "lines-container", "shell-out-container"] {
+        let line = table.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}: {table}"));
+        assert!(
+            ["faster", "SLOWER", "no difference"].iter().any(|v| line.contains(v)),
+            "a verdict for {name}: {line}"
+        );
+    }
+
+    // A wrong expectation is a failed result and a failed run, naming what it printed.
+    std::fs::write(&workload, "[[task]]\nname = \"wrong\"\nlanguage = \"python\"\ncode = \"print(1)\"\nexpect = \"2\"\ntiers = [\"isolate\"]\nrepetitions = 2\n").unwrap();
+    let failed = run(&out.path().join("c.json"));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert!(stderr.contains("wrong-isolate") && stderr.contains("expected \"2\""), "{stderr}");
+    // A bad file is refused before anything runs.
+    std::fs::write(&workload, "[[task]]\nname = \"x\"\ncode = \"1\"\n").unwrap();
+    let refused = run(&out.path().join("d.json"));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs a language"));
+}

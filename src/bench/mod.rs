@@ -4,6 +4,7 @@
 //! report with SVG charts. What each case measures: `airlock bench --list`
 //! and docs/BENCHMARKS.md ("airlock bench").
 
+mod compare;
 mod density;
 mod egress;
 mod http;
@@ -15,6 +16,7 @@ mod stats;
 mod suite;
 mod svg;
 mod upstream;
+mod workload_file;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -38,7 +40,14 @@ const ENGINE_PROBE_ATTEMPTS: usize = 3;
 const ENGINE_PROBE_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    /// Time the tasks of this TOML workload file on the tiers it names, instead of the
+    /// suite's cases (docs/BENCHMARKS.md, "Your own workload").
+    #[arg(long, value_name = "FILE")]
+    workload: Option<PathBuf>,
     /// Fewer repetitions and fewer cases (under two minutes on two cores).
     #[arg(long)]
     quick: bool,
@@ -79,6 +88,13 @@ pub struct BenchArgs {
     guest: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum BenchCommand {
+    /// Compare two runs' JSON reports (two versions or configurations): medians, their
+    /// ratio, and a Mann-Whitney U significance check per result.
+    Compare(compare::CompareArgs),
+}
+
 /// The cases a run takes, in suite order; an unknown name is an error naming the valid ones.
 fn select(args: &BenchArgs) -> Result<Vec<&'static Case>> {
     if !args.only.is_empty() {
@@ -96,6 +112,9 @@ fn select(args: &BenchArgs) -> Result<Vec<&'static Case>> {
 
 /// Runs `airlock bench` on its own multi-threaded async runtime.
 pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if let Some(BenchCommand::Compare(compare)) = &args.command {
+        return compare::compare(compare);
+    }
     if args.list {
         for case in CASES {
             let marks = match (case.quick, case.peer) {
@@ -110,7 +129,12 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let cases = select(&args)?;
+    // A workload file runs its own tasks, and the suite's cases only when --only names them.
+    let tasks = match &args.workload {
+        Some(path) => workload_file::load(path)?,
+        None => Vec::new(),
+    };
+    let cases = if args.workload.is_some() && args.only.is_empty() { Vec::new() } else { select(&args)? };
     if args.install_peers && !suite::wasmtime_cli().is_file() {
         let script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches").join("peers").join("install-wasmtime.sh");
@@ -128,7 +152,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args, cases))
+    runtime.block_on(run(args, cases, tasks))
 }
 
 fn default_guest() -> Option<PathBuf> {
@@ -182,7 +206,7 @@ async fn sweep(runtime: &Runtime, docker_peer: bool) {
     }
 }
 
-async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
+async fn run(args: BenchArgs, cases: Vec<&'static Case>, tasks: Vec<workload_file::Task>) -> Result<ExitCode> {
     let started = Instant::now();
     let started_at_unix_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
@@ -226,7 +250,8 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
     // What a home sets up once for its first container (the engine's
     // connection, the base image, the home's egress CA) is done here, untimed,
     // so that it lands in no case's first sample.
-    if cases.iter().any(|case| suite::needs_container(case)) {
+    let tasks_need_container = tasks.iter().any(|task| task.tiers.contains(&workload_file::Tier::Container));
+    if tasks_need_container || cases.iter().any(|case| suite::needs_container(case)) {
         eprintln!("airlock bench: preparing the container tier (one container sandbox, untimed)");
         let containers = airlock::runtime::SandboxConfig {
             tier: airlock::runtime::TierPreference::Container,
@@ -294,6 +319,16 @@ async fn run(args: BenchArgs, cases: Vec<&'static Case>) -> Result<ExitCode> {
                 case_started.elapsed().as_secs_f64()
             );
             results.push(result);
+        }
+    }
+    if !tasks.is_empty() && !interrupted {
+        eprintln!("airlock bench: the workload file's {} task(s)", tasks.len());
+        tokio::select! {
+            task_results = suite.workload_file(&tasks) => results.extend(task_results),
+            _ = &mut interrupt => {
+                eprintln!("airlock bench: interrupted: removing this run's sandboxes");
+                interrupted = true;
+            }
         }
     }
     if let Some(server) = suite.server.take() {

@@ -15,6 +15,7 @@
 //!                  "warmup", "repetitions",
 //!                  "stats"?: { "samples", "median_ms", "p90_ms", "p95_ms", "p99_ms",
 //!                              "min_ms", "max_ms", "mean_ms", "iqr_ms", "mad_ms" },
+//!                  "samples_ms"?: [ every timed sample, in order ],
 //!                  "extra": { ... per group ... } } ],
 //!   "comparisons": [ { "what", "a", "b", "ratio_median", "difference_median_ms" } ] }
 //! ```
@@ -83,6 +84,10 @@ pub struct CaseResult {
     pub repetitions: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<Stats>,
+    /// Every timed sample, in the order taken (what `airlock bench compare`
+    /// tests for significance); empty when nothing was measured.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples_ms: Vec<f64>,
     /// Group-specific figures (throughput per second, concurrency, trimmed
     /// statistics and published medians for TTI).
     pub extra: Map<String, Value>,

@@ -250,9 +250,9 @@ pub(super) struct Meta<'a> {
 }
 
 pub(super) fn finish(meta: Meta<'_>, counts: (usize, usize), samples: Result<Vec<f64>>, extra: Map<String, Value>) -> CaseResult {
-    let (status, reason, stats) = match samples {
-        Ok(samples) => (Status::Ok, None, Stats::of(&samples)),
-        Err(error) => (Status::Failed, Some(format!("{error:#}").replace('\n', " ")), None),
+    let (status, reason, stats, samples_ms) = match samples {
+        Ok(samples) => (Status::Ok, None, Stats::of(&samples), samples),
+        Err(error) => (Status::Failed, Some(format!("{error:#}").replace('\n', " ")), None, Vec::new()),
     };
     CaseResult {
         case: meta.case.name.to_string(),
@@ -266,6 +266,7 @@ pub(super) fn finish(meta: Meta<'_>, counts: (usize, usize), samples: Result<Vec
         warmup: counts.0,
         repetitions: counts.1,
         stats,
+        samples_ms,
         extra,
     }
 }
@@ -283,6 +284,7 @@ pub(super) fn skipped(meta: Meta<'_>, counts: (usize, usize), reason: String) ->
         warmup: counts.0,
         repetitions: counts.1,
         stats: None,
+        samples_ms: Vec::new(),
         extra: Map::new(),
     }
 }

@@ -267,8 +267,12 @@ impl Suite {
     }
 
     async fn workload_task(&mut self, task: &Task, tier: Tier) -> CaseResult {
+        // The command line's --warmup/--repetitions win, then the file's, then the suite's.
         let (plan_warmup, plan_repetitions) = self.plan.counts(super::suite::Kind::Workload);
-        let counts = (task.warmup.unwrap_or(plan_warmup), task.repetitions.unwrap_or(plan_repetitions));
+        let counts = (
+            self.plan.warmup.or(task.warmup).unwrap_or(plan_warmup),
+            self.plan.repetitions.or(task.repetitions).unwrap_or(plan_repetitions).max(1),
+        );
         let mut meta = Self::meta(&WORKLOAD_FILE_CASE, if tier == Tier::Isolate { "isolate" } else { "container/runc" }, "library");
         meta.name = format!("{}-{}", task.name, tier.label());
         let mut extra = Map::new();

@@ -2,8 +2,9 @@
 //! (issue 15, points 1, 2 and 6): restore brings back files and an installed
 //! program exactly, forks diverge independently, a damaged snapshot is
 //! refused and changes nothing, a snapshot of a sandbox writing in a loop is
-//! consistent, an open stream goes on across a snapshot, retention deletes
-//! the oldest.
+//! consistent, an open stream (a process's output, a streaming exec) goes on
+//! across a snapshot, retention deletes the oldest, a home without the btrfs
+//! disk refuses clearly.
 //!
 //! Each test's home gets its own small btrfs image (as in `disk_quota.rs`).
 //! Needs root, btrfs-progs, the guests and the engine; a missing one fails
@@ -308,4 +309,37 @@ async fn without_the_btrfs_disk_a_snapshot_is_refused_clearly_and_leaves_nothing
     assert!(sandbox.snapshots().unwrap().is_empty());
     assert!(!home.path().join("sandboxes/.snapshots").exists());
     assert_eq!(sandbox.read_file("a.txt").await.unwrap(), b"a");
+}
+
+/// An `exec` whose output streams to its caller as it runs (what the HTTP
+/// API's event stream carries) goes on across a snapshot: every line arrives,
+/// in order, some of them after the snapshot, and the command exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_exec_goes_on_across_a_snapshot() {
+    use std::sync::{Arc, Mutex};
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("exec-stream").await.unwrap();
+    let _cleanup = Cleanup(vec![sandbox.id().to_string()]);
+    sh(&sandbox, "true").await;
+    let received: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let sink = received.clone();
+    let request = bash("for i in $(seq 1 40); do echo line $i; sleep 0.05; done").output(Arc::new(
+        move |chunk: airlock::OutputChunk| sink.lock().unwrap().extend_from_slice(&chunk.bytes),
+    ));
+    let running = {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move { sandbox.exec(request).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = received.lock().unwrap().len();
+    assert!(before > 0, "nothing streamed before the snapshot");
+    let snapshot = sandbox.snapshot(None).await.unwrap();
+    assert!(snapshot.layer);
+    let ran = tokio::time::timeout(Duration::from_secs(30), running).await.unwrap().unwrap().unwrap();
+    assert_eq!(ran.outcome.exit_code(), Some(0), "{}", ran.outcome.stderr_text());
+    let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+    let streamed = String::from_utf8(received.lock().unwrap().clone()).unwrap();
+    assert_eq!(streamed, expected);
+    assert!(streamed.len() > before, "nothing streamed after the snapshot");
 }

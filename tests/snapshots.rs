@@ -343,3 +343,39 @@ async fn a_streaming_exec_goes_on_across_a_snapshot() {
     assert_eq!(streamed, expected);
     assert!(streamed.len() > before, "nothing streamed after the snapshot");
 }
+
+/// Hostile or careless input is refused before anything is made or read:
+/// names that are no names, a name twice, too many forks, no name, an id
+/// that would name a path, a label past its limit or with control characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_fork_and_snapshot_input_is_refused_before_anything_is_made() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_in(home.path()).await;
+    let sandbox = runtime.sandbox("hostile").await.unwrap();
+    sandbox.write_file("a.txt", b"a").await.unwrap();
+    let snapshot = sandbox.snapshot(None).await.unwrap();
+    let many: Vec<String> = (0..=airlock::runtime::MAX_FORKS).map(|i| format!("many-{i}")).collect();
+    let cases: Vec<Vec<String>> = vec![
+        vec!["../escape".into()],
+        vec!["a/b".into()],
+        vec!["twice".into(), "twice".into()],
+        vec!["hostile".into()],
+        Vec::new(),
+        many,
+    ];
+    for names in cases {
+        let refused = runtime.fork_snapshot(&snapshot.id, &names, None).await.unwrap_err();
+        assert!(matches!(refused, Error::Invalid { .. } | Error::InvalidName(_)), "{names:?}: {refused}");
+    }
+    for id in ["../../etc", "snap-", &format!("{}/..", snapshot.id), &snapshot.id.to_uppercase()] {
+        let refused = runtime.fork_snapshot(id, &["from-bad-id".to_string()], None).await.unwrap_err();
+        assert!(matches!(refused, Error::NoSuchSnapshot(_)), "{id}: {refused}");
+        assert!(matches!(sandbox.restore(id).await.unwrap_err(), Error::NoSuchSnapshot(_)), "{id}");
+    }
+    for label in ["x".repeat(airlock::runtime::MAX_SNAPSHOT_LABEL_BYTES + 1), "a\nb".to_string(), "\u{1b}[2J".to_string()] {
+        assert!(matches!(sandbox.snapshot(Some(&label)).await.unwrap_err(), Error::Invalid { .. }), "{label:?}");
+    }
+    let names: Vec<String> = runtime.list().unwrap().into_iter().map(|info| info.name.to_string()).collect();
+    assert_eq!(names, vec!["hostile".to_string()], "a refused fork left a sandbox");
+    assert_eq!(sandbox.snapshots().unwrap().len(), 1, "a refused snapshot was recorded");
+}

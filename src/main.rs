@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod carried;
+mod context_cli;
 mod git_cli;
 mod policy_cli;
 mod remote;
@@ -74,6 +75,10 @@ enum Command {
     Exec(sandbox_cli::ExecArgs),
     /// Run Python or JavaScript in a sandbox: in an isolate, or in its container when the code needs it.
     Code(sandbox_cli::CodeArgs),
+    /// Make, list, fork and remove a sandbox's interpreter contexts (kept in the home: a
+    /// context outlives sleep and restarts, rebuilt by replaying its history).
+    #[command(subcommand)]
+    Context(context_cli::ContextCommand),
     /// Read and write a sandbox's workspace files.
     Files(sandbox_cli::FilesArgs),
     /// Clone a repository into a sandbox's workspace, through its egress proxy (`git checkout NAME URL`).
@@ -211,6 +216,7 @@ fn main() -> ExitCode {
             Command::Snapshot(command) => snapshot_cli::snapshot(command).await,
             Command::Exec(args) => sandbox_cli::exec(args).await,
             Command::Code(args) => sandbox_cli::code(args).await,
+            Command::Context(command) => context_cli::context(command).await,
             Command::Files(args) => sandbox_cli::files(args).await,
             Command::Git(command) => git_cli::git(command).await,
             Command::Usage(args) => sandbox_cli::usage(args).await,

@@ -165,7 +165,7 @@ pub struct CodeArgs {
     /// The code.
     #[arg(short = 'c', long = "code", value_name = "CODE")]
     code: String,
-    /// Evaluate in this context (contexts live as long as the process that made them).
+    /// Evaluate in this context (`airlock context new` makes one; it is kept in the home).
     #[arg(long, value_name = "ID")]
     context: Option<String>,
     /// Write each display output (charts, HTML tables, ...) to files in DIR,
@@ -264,7 +264,7 @@ pub async fn sandbox(command: SandboxCommand) -> Result<ExitCode> {
 
 /// Creates the sandbox through the server unless it exists (as the runtime's
 /// `sandbox_with` does); its id.
-async fn create_remote(api: &ApiClient, name: &str, config: Option<&SandboxConfig>) -> Result<String> {
+pub(crate) async fn create_remote(api: &ApiClient, name: &str, config: Option<&SandboxConfig>) -> Result<String> {
     let mut body = json!({ "name": name });
     if let Some(config) = config {
         body["config"] = serde_json::to_value(config)?;

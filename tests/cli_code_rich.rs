@@ -183,3 +183,50 @@ fn kernels_of_successive_cli_processes_in_one_container_do_not_collide() {
     }
     succeeded(&airlock(&home, &["sandbox", "rm", sandbox]));
 }
+
+/// `airlock context`: a context made by one command keeps its variables,
+/// functions and imports for the next commands (it is kept in the home); a
+/// fork has them too and diverges; removing one leaves the other; unknown
+/// ids are clear errors.
+fn contexts_are_kept_forked_listed_and_removed(home: &Path, sandbox: &str) {
+    let _ = airlock(home, &["sandbox", "rm", sandbox]);
+    let id = succeeded(&airlock(home, &["context", "new", sandbox, "--lang", "python"])).trim().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    let code = |context: &str, code: &str| {
+        succeeded(&airlock(home, &["code", sandbox, "--lang", "python", "--context", context, "-c", code]))
+    };
+    code(&id, "import math\nx = 41\ndef f():\n    return x + 1");
+    assert_eq!(code(&id, "print(f(), math.floor(math.pi))").trim(), "42 3");
+
+    let forked = airlock(home, &["context", "fork", sandbox, &id]);
+    let fork = succeeded(&forked).trim().to_string();
+    assert_ne!(fork, id);
+    assert!(text(&forked.stderr).contains("\"replayed_evaluations\":2"), "{}", text(&forked.stderr));
+    assert_eq!(code(&fork, "print(f(), math.floor(math.pi))").trim(), "42 3", "the fork has them");
+    code(&fork, "x = 0");
+    assert_eq!(code(&fork, "print(f())").trim(), "1");
+    assert_eq!(code(&id, "print(f())").trim(), "42", "the source is unaffected");
+
+    let listed = succeeded(&airlock(home, &["context", "ls", sandbox]));
+    assert!(listed.contains(&id) && listed.contains(&fork) && listed.contains("python"), "{listed}");
+    succeeded(&airlock(home, &["context", "rm", sandbox, &fork]));
+    let listed = succeeded(&airlock(home, &["context", "ls", sandbox]));
+    assert!(listed.contains(&id) && !listed.contains(&fork), "{listed}");
+    let gone = airlock(home, &["code", sandbox, "--lang", "python", "--context", &fork, "-c", "1"]);
+    assert!(!gone.status.success() && text(&gone.stderr).contains(&fork), "{}", text(&gone.stderr));
+    let unknown = airlock(home, &["context", "fork", sandbox, "no-such-context"]);
+    assert!(!unknown.status.success() && text(&unknown.stderr).contains("no-such-context"), "{}", text(&unknown.stderr));
+    succeeded(&airlock(home, &["sandbox", "rm", sandbox]));
+}
+
+#[test]
+fn contexts_in_process() {
+    let (home, _one_at_a_time) = local_home();
+    contexts_are_kept_forked_listed_and_removed(&home, "cli-contexts");
+}
+
+#[test]
+fn contexts_through_the_server() {
+    let served = Served::start();
+    contexts_are_kept_forked_listed_and_removed(&served.home, "cli-contexts");
+}

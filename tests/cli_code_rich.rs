@@ -230,3 +230,23 @@ fn contexts_through_the_server() {
     let served = Served::start();
     contexts_are_kept_forked_listed_and_removed(&served.home, "cli-contexts");
 }
+
+/// A one-shot evaluation in a container ends its kernel before the command
+/// exits: after several `airlock code` commands, no kernel is left running.
+#[test]
+fn one_shot_commands_leave_no_kernel_running_in_the_container() {
+    let (home, _one_at_a_time) = local_home();
+    let sandbox = "cli-kernels-left";
+    let _ = airlock(&home, &["sandbox", "rm", sandbox]);
+    succeeded(&airlock(&home, &["sandbox", "create", sandbox, "--tier", "container"]));
+    for lang in ["python", "js", "python"] {
+        let code = if lang == "python" { "print(1)" } else { "console.log(1)" };
+        assert_eq!(succeeded(&airlock(&home, &["code", sandbox, "--lang", lang, "-c", code])).trim(), "1");
+    }
+    // The kernels' command lines start with these; `ps` itself does not match.
+    let ps = succeeded(&airlock(&home, &["exec", sandbox, "--", "ps", "-eo", "args"]));
+    let kernels: Vec<&str> =
+        ps.lines().filter(|line| line.starts_with("python3 -u -c") || line.starts_with("node -e")).collect();
+    assert!(kernels.is_empty(), "kernels left running: {kernels:?}\n{ps}");
+    succeeded(&airlock(&home, &["sandbox", "rm", sandbox]));
+}

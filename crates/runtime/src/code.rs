@@ -110,7 +110,11 @@ impl Sandbox {
     ) -> Result<EvalOutcome> {
         let container = self.container().await?;
         let mut kernel = container.start_kernel(language).await?;
-        Ok(kernel.eval(&container, code, &self.inner.config.limits, output).await?)
+        let outcome = kernel.eval(&container, code, &self.inner.config.limits, output).await;
+        // Ended before answering: a process that exits right after (a CLI
+        // command) would otherwise leave the kernel running in the container.
+        kernel.stop().await;
+        Ok(outcome?)
     }
 
     async fn in_context(&self, id: &str, code: &str, output: Option<OutputSender>) -> Result<CodeOutcome> {

@@ -24,6 +24,8 @@ pub const MAX_GIT_BRANCH_LEN: usize = 255;
 pub const MAX_GIT_DEPTH: u32 = 1_000_000;
 /// The longest target directory (relative to the workspace).
 pub const MAX_GIT_DIR_LEN: usize = 1024;
+/// The shortest deadline a checkout may be given (less cannot even connect).
+pub const MIN_GIT_CHECKOUT_DEADLINE: Duration = Duration::from_secs(1);
 /// How long a checkout may take when the caller gives no deadline.
 pub const DEFAULT_GIT_CHECKOUT_DEADLINE: Duration = Duration::from_secs(300);
 
@@ -97,6 +99,19 @@ impl GitCheckout {
             && !(1..=MAX_GIT_DEPTH).contains(&depth)
         {
             return Err(invalid("git depth", &format!("between 1 and {MAX_GIT_DEPTH} (MAX_GIT_DEPTH)")));
+        }
+        // Checked here, before anything runs: a zero or a day-long clone is a mistake.
+        if let Some(timeout) = self.timeout
+            && !(MIN_GIT_CHECKOUT_DEADLINE..=airlock_core::limits::MAX_DEADLINE).contains(&timeout)
+        {
+            return Err(invalid(
+                "git timeout",
+                &format!(
+                    "between {}s (MIN_GIT_CHECKOUT_DEADLINE) and {}s (MAX_DEADLINE)",
+                    MIN_GIT_CHECKOUT_DEADLINE.as_secs(),
+                    airlock_core::limits::MAX_DEADLINE.as_secs()
+                ),
+            ));
         }
         let dir = match &self.dir {
             Some(dir) => dir.trim_start_matches(&format!("{WORKSPACE_GUEST_PATH}/")).trim_end_matches('/').to_owned(),
@@ -211,6 +226,18 @@ mod tests {
         assert_eq!(checkout("http://git.test:8080/org/tool/").validate().unwrap(), "tool");
         let named = GitCheckout { dir: Some("/workspace/src/tool/".into()), ..checkout("https://git.test/a/b") };
         assert_eq!(named.validate().unwrap(), "src/tool");
+    }
+
+    #[test]
+    fn a_timeout_outside_its_bounds_is_refused_before_anything_runs() {
+        for timeout in [Duration::ZERO, Duration::from_millis(999), airlock_core::limits::MAX_DEADLINE + Duration::from_secs(1)] {
+            let asked = GitCheckout { timeout: Some(timeout), ..checkout("https://git.test/org/tool.git") };
+            assert!(matches!(asked.validate(), Err(Error::Invalid { what: "git timeout", .. })), "{timeout:?}");
+        }
+        for timeout in [Duration::from_secs(1), airlock_core::limits::MAX_DEADLINE] {
+            let asked = GitCheckout { timeout: Some(timeout), ..checkout("https://git.test/org/tool.git") };
+            assert_eq!(asked.validate().unwrap(), "tool", "{timeout:?}");
+        }
     }
 
     #[test]

@@ -379,3 +379,30 @@ async fn hostile_fork_and_snapshot_input_is_refused_before_anything_is_made() {
     assert_eq!(names, vec!["hostile".to_string()], "a refused fork left a sandbox");
     assert_eq!(sandbox.snapshots().unwrap().len(), 1, "a refused snapshot was recorded");
 }
+
+/// A snapshot that prunes (retention 1) and a restore of the same sandbox,
+/// at once, again and again: both finish (the restore may find its snapshot
+/// pruned: then it is no such snapshot, never a damaged one), nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pruning_snapshot_and_a_restore_at_once_never_deadlock() {
+    let home = tempfile::tempdir().unwrap();
+    let runtime = runtime_with(home.path(), 1).await;
+    let sandbox = runtime.sandbox("racing").await.unwrap();
+    sandbox.write_file("n.txt", b"0").await.unwrap();
+    let mut latest = sandbox.snapshot(None).await.unwrap().id;
+    for round in 1..=8 {
+        sandbox.write_file("n.txt", format!("{round}").as_bytes()).await.unwrap();
+        let (taken, restored) = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join(sandbox.snapshot(None), sandbox.restore(&latest)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: a snapshot and a restore at once hung"));
+        match restored {
+            Ok(()) | Err(Error::NoSuchSnapshot(_)) => {}
+            Err(other) => panic!("round {round}: {other}"),
+        }
+        latest = taken.unwrap().id;
+        assert_eq!(sandbox.snapshots().unwrap().len(), 1, "round {round}: retention kept more");
+    }
+}

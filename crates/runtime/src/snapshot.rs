@@ -251,8 +251,10 @@ impl Runtime {
             }
             parsed.push(name);
         }
-        let info = self.snapshot_info(id)?;
+        // Looked up under the lock: a snapshot deleted meanwhile is no such
+        // snapshot, not a damaged one.
         let _use = SNAPSHOT_USE.read().await;
+        let info = self.snapshot_info(id)?;
         self.verify_snapshot(&info).await?;
         self.check_image(&info, info.config.image.as_deref()).await?;
         let mut made: Vec<Sandbox> = Vec::new();
@@ -409,7 +411,7 @@ impl Sandbox {
                 reason: format!("at most {MAX_SNAPSHOT_LABEL_BYTES} bytes, no control characters"),
             });
         }
-        let _active = self.begin().await?;
+        let active = self.begin().await?;
         let runtime = self.runtime.clone();
         let id = new_id();
         let dir = runtime.sandbox_dir(self.inner.id);
@@ -488,6 +490,10 @@ impl Sandbox {
             let _ = runtime.remove_snapshot_now(&id).await;
             return Err(error);
         }
+        // Let go first: a restore holds the snapshots' lock shared while it
+        // waits for this sandbox's lifecycle lock alone, and pruning takes the
+        // snapshots' lock alone; holding both ways round would deadlock.
+        drop(active);
         runtime.prune_snapshots(self.inner.id).await?;
         Ok(info)
     }
@@ -557,6 +563,8 @@ impl Sandbox {
     /// swapped in one step, and a new container is started over the restored
     /// layer. Watchers of the workspace should subscribe again.
     pub async fn restore(&self, id: &str) -> Result<()> {
+        // Held before the lifecycle lock, and looked up under it (see `fork_snapshot`).
+        let _use = SNAPSHOT_USE.read().await;
         let info = self.runtime.snapshot_info(id)?;
         if info.sandbox_id != self.inner.id.to_string() {
             return Err(Error::Invalid {
@@ -567,7 +575,6 @@ impl Sandbox {
                 ),
             });
         }
-        let _use = SNAPSHOT_USE.read().await;
         self.runtime.verify_snapshot(&info).await?;
         self.runtime.check_image(&info, self.inner.config.image.as_deref()).await?;
         let _alone = self.inner.lifecycle.write().await;

@@ -5,6 +5,7 @@
 //! and docs/BENCHMARKS.md ("airlock bench").
 
 mod compare;
+mod context_fork;
 mod density;
 mod egress;
 mod http;

@@ -122,6 +122,12 @@ pub const CASES: &[Case] = &[
         "a pandas groupby on a 100000-row CSV in a container kernel, paired with plain `docker exec`",
     ),
     case(
+        "context-fork",
+        "snapshot",
+        true,
+        "forking a Python and a JavaScript context holding 3 evaluations (by replay), paired with a fresh context and the same evaluations sent again",
+    ),
+    case(
         "snapshot",
         "snapshot",
         false,
@@ -486,6 +492,7 @@ impl Suite {
             "kernel-escalation-replay" => self.kernel_escalation(case).await,
             "kernel-pandas" => self.kernel_pandas(case).await,
             "snapshot" => self.snapshots(case).await,
+            "context-fork" => self.context_fork(case).await,
             name if name.starts_with("workload-") => self.workload(case).await,
             "egress-latency" | "egress-download" => self.egress(case).await,
             "pip-install" => self.pip_install(case).await,

@@ -201,21 +201,25 @@ pub(crate) async fn signal_run(link: &Arc<AgentLink>, target: u32, signal: Signa
 }
 
 /// Captured output of one stream, up to a cap.
+/// One stream's output kept under a cap, each kept chunk also sent live.
+/// Shared by commands and kernel evaluations.
 #[derive(Debug)]
-struct Capture {
-    stream: OutputStream,
-    bytes: Vec<u8>,
+pub(crate) struct Capture {
+    pub(crate) stream: OutputStream,
+    pub(crate) bytes: Vec<u8>,
     cap: usize,
-    truncated: bool,
+    /// Something was cut: the output reached the cap.
+    pub(crate) truncated: bool,
 }
 
 impl Capture {
-    fn new(stream: OutputStream, cap: u64) -> Self {
+    pub(crate) fn new(stream: OutputStream, cap: u64) -> Self {
         Self { stream, bytes: Vec::new(), cap: usize::try_from(cap).unwrap_or(usize::MAX), truncated: false }
     }
 
-    /// Keeps what fits under the cap; returns whether anything was cut.
-    fn push(&mut self, chunk: &[u8], sender: Option<&OutputSender>) -> bool {
+    /// Keeps what fits under the cap and sends it on; returns whether this
+    /// chunk was cut.
+    pub(crate) fn push(&mut self, chunk: &[u8], sender: Option<&OutputSender>) -> bool {
         let room = self.cap.saturating_sub(self.bytes.len());
         let taken = &chunk[..chunk.len().min(room)];
         self.bytes.extend_from_slice(taken);
@@ -227,7 +231,7 @@ impl Capture {
         if taken.len() < chunk.len() {
             self.truncated = true;
         }
-        self.truncated
+        taken.len() < chunk.len()
     }
 }
 

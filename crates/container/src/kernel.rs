@@ -48,7 +48,7 @@ use tokio::task::JoinHandle;
 
 use crate::agent::Run;
 use crate::error::{Error, Result};
-use crate::exec::STDIN_CHUNK_BYTES;
+use crate::exec::{Capture, STDIN_CHUNK_BYTES};
 use crate::sandbox::ContainerSandbox;
 
 /// The Python kernel's source, run with `python3 -u -c`.
@@ -208,7 +208,7 @@ impl Kernel {
     }
 
     /// Ends the kernel's process tree and waits (at most [`KERNEL_STOP_WAIT`])
-    /// until the agent has done it. Dropping a kernel also ends it, but only
+    /// until the agent reports the kernel exited. Dropping a kernel also ends it, but only
     /// queues the kill: a process that exits right after (each CLI command)
     /// would leave its kernel running in the container.
     pub async fn stop(mut self) {
@@ -220,7 +220,8 @@ impl Kernel {
         }
         let _ = tokio::time::timeout(KERNEL_STOP_WAIT, async {
             while let Some(reply) = pipes.run.recv().await {
-                if matches!(reply, Reply::Signalled { .. } | Reply::Exited { .. }) {
+                // Not on `Signalled`: the kill is sent then, the tree not yet reaped.
+                if matches!(reply, Reply::Exited { .. }) {
                     break;
                 }
             }
@@ -552,36 +553,6 @@ async fn launch(container: &ContainerSandbox, language: Language) -> Result<Laun
 }
 
 /// Captured output of one stream, up to the evaluation's cap.
-#[derive(Debug)]
-struct Capture {
-    stream: OutputStream,
-    bytes: Vec<u8>,
-    cap: usize,
-    truncated: bool,
-}
-
-impl Capture {
-    fn new(stream: OutputStream, cap: u64) -> Self {
-        Self { stream, bytes: Vec::new(), cap: usize::try_from(cap).unwrap_or(usize::MAX), truncated: false }
-    }
-
-    /// Keeps what fits under the cap; returns whether this chunk was cut.
-    fn push(&mut self, chunk: &[u8], sender: Option<&OutputSender>) -> bool {
-        let room = self.cap.saturating_sub(self.bytes.len());
-        let taken = &chunk[..chunk.len().min(room)];
-        self.bytes.extend_from_slice(taken);
-        if !taken.is_empty()
-            && let Some(sender) = sender
-        {
-            sender(OutputChunk { stream: self.stream, bytes: taken.to_vec() });
-        }
-        if taken.len() < chunk.len() {
-            self.truncated = true;
-        }
-        taken.len() < chunk.len()
-    }
-}
-
 /// One evaluation's state on the host: output, displays, and the end frames seen.
 struct Evaluation<'a> {
     stdout: Capture,
